@@ -1,0 +1,1 @@
+//! tasker-test-support

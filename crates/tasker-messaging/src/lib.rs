@@ -1,1 +1,129 @@
-//! tasker-messaging
+//! Tasker's RabbitMQ layer: queue and exchange names (all derived from one prefix), their
+//! declaration, confirmed publishing and manual-ack consumers. Nothing outside this crate
+//! speaks AMQP; services see typed messages and ack handles.
+//!
+//! - `{prefix}.orchestrator.tasks` — task requests (task-api → orchestrator)
+//! - `{prefix}.orchestrator.results` — step reports (workers → orchestrator)
+//! - `{prefix}.steps.{namespace}` — step executions (orchestrator → workers)
+//! - `{prefix}.events` — topic exchange of lifecycle events
+//! - `{prefix}.dead` — where messages go after the delivery limit (via `{prefix}.dlx`)
+
+mod consumer;
+mod publisher;
+mod topology;
+
+use lapin::{Connection, ConnectionProperties};
+
+pub use consumer::{Ack, Consumer, EventStream, Incoming, ReceivedEvent};
+pub use publisher::{Command, Publisher};
+pub use topology::{QueueType, Topology};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("broker refused message for `{0}` (nack)")]
+    Nacked(String),
+    #[error("no queue for `{0}`: message returned unroutable")]
+    Unroutable(String),
+    #[error("consumer of `{0}` was cancelled or its channel closed")]
+    ConsumerClosed(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A connection to the broker plus the naming scheme.
+pub struct Broker {
+    connection: Connection,
+    topology: Topology,
+}
+
+impl Broker {
+    /// Connects; `name` shows in the broker's connection list.
+    pub async fn connect(url: &str, topology: Topology, name: &str) -> Result<Broker> {
+        let props = ConnectionProperties::default().with_connection_name(name.to_owned().into());
+        let connection = Connection::connect(url, props).await?;
+        Ok(Broker {
+            connection,
+            topology,
+        })
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Readiness: the connection is open.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    /// A channel in confirm mode for publishing.
+    pub async fn publisher(&self) -> Result<Publisher> {
+        Publisher::open(&self.connection, self.topology.clone()).await
+    }
+
+    /// Declares the orchestrator's input queues and the dead-letter path.
+    pub async fn declare_orchestrator(&self) -> Result<()> {
+        let channel = self.connection.create_channel().await?;
+        self.topology.declare_dead_letter(&channel).await?;
+        self.topology
+            .declare_queue(&channel, &self.topology.tasks_queue())
+            .await?;
+        self.topology
+            .declare_queue(&channel, &self.topology.results_queue())
+            .await?;
+        channel.close(200, "declared".into()).await?;
+        Ok(())
+    }
+
+    /// Declares the step queue of one namespace (idempotent).
+    pub async fn declare_steps(&self, namespace: &str) -> Result<()> {
+        let channel = self.connection.create_channel().await?;
+        self.topology.declare_dead_letter(&channel).await?;
+        self.topology
+            .declare_queue(&channel, &self.topology.steps_queue(namespace))
+            .await?;
+        channel.close(200, "declared".into()).await?;
+        Ok(())
+    }
+
+    /// Declares the events exchange (idempotent).
+    pub async fn declare_events(&self) -> Result<()> {
+        let channel = self.connection.create_channel().await?;
+        self.topology.declare_events(&channel).await?;
+        channel.close(200, "declared".into()).await?;
+        Ok(())
+    }
+
+    /// Consumes a queue with manual acks and at most `prefetch` unacked deliveries.
+    pub async fn consume<T: prost::Message + Default>(
+        &self,
+        queue: &str,
+        prefetch: u16,
+    ) -> Result<Consumer<T>> {
+        Consumer::open(&self.connection, queue, prefetch).await
+    }
+
+    /// Binds a private, auto-deleted queue to the events exchange with each pattern
+    /// (`payments.#`, `*.*.step.failed`, …) and streams what arrives.
+    pub async fn subscribe_events(&self, patterns: &[&str]) -> Result<EventStream> {
+        EventStream::open(&self.connection, &self.topology, patterns).await
+    }
+
+    /// Deletes every queue and exchange this prefix uses for the given namespaces (tests
+    /// and tear-downs).
+    pub async fn delete_topology(&self, namespaces: &[String]) -> Result<()> {
+        let channel = self.connection.create_channel().await?;
+        self.topology.delete(&channel, namespaces).await?;
+        channel.close(200, "deleted".into()).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) -> Result<()> {
+        if self.is_connected() {
+            self.connection.close(200, "bye".into()).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,1 +1,63 @@
-//! tasker-runtime
+//! What every Tasker service binary shares: configuration (figment: defaults → TOML file →
+//! `TASKER_*` environment), tracing, the HTTP admin endpoint (`/health/live`,
+//! `/health/ready`) and graceful shutdown on SIGINT/SIGTERM.
+
+mod admin;
+mod config;
+mod shutdown;
+mod telemetry;
+
+pub use admin::{Admin, ReadyCheck, ready_check};
+pub use config::{
+    AmqpConfig, ApiConfig, Config, DatabaseConfig, LogConfig, LogFormat, OrchestratorConfig,
+    PublisherConfig, WorkerConfig,
+};
+pub use shutdown::{shutdown_on_signal, wait_for_signal};
+pub use telemetry::init_tracing;
+
+use std::{future::Future, path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Flags every service binary takes.
+#[derive(Debug, Parser)]
+pub struct ServiceArgs {
+    /// TOML configuration file (also `TASKER_CONFIG`); `TASKER_*` variables override it.
+    #[arg(long, env = "TASKER_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// The body of every service's `main`, in a fixed order: flags → config (a readable error
+/// and exit 2) → tracing → signals → run until shut down → exit status.
+pub async fn service_main<F, Fut>(name: &'static str, run: F) -> ExitCode
+where
+    F: FnOnce(Config, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let args = ServiceArgs::parse();
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{name}: invalid configuration: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&config.log);
+    let shutdown = shutdown_on_signal();
+    tracing::info!(
+        service = name,
+        version = env!("CARGO_PKG_VERSION"),
+        "starting"
+    );
+    match run(config, shutdown).await {
+        Ok(()) => {
+            tracing::info!(service = name, "stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::error!(service = name, error = format!("{error:#}"), "failed");
+            ExitCode::FAILURE
+        }
+    }
+}

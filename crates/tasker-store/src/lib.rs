@@ -1,1 +1,95 @@
-//! tasker-store
+//! Tasker's Postgres store: the schema's migrations (sqlx's migrator, checksummed and
+//! advisory-locked) and every SQL statement the services run (deadpool-postgres, prepared
+//! statements). Nothing outside this crate writes SQL.
+//!
+//! State changes go through a [`Tx`]: it holds the task row locks, writes status columns
+//! immediately and buffers transition rows and outbox events, which it writes in a few
+//! batched statements just before it commits, so a change, its audit row and its event
+//! always commit together.
+
+mod error;
+mod operator;
+mod orchestration;
+mod outbox;
+mod rows;
+mod tasks;
+mod templates;
+mod tx;
+
+use std::{str::FromStr, time::Duration};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+pub use error::{Error, Result};
+pub use operator::Actor;
+pub use orchestration::{Dispatch, Progress, StepRow, TaskHead};
+pub use outbox::{OutboxBatch, OutboxListener, OutboxRow};
+pub use rows::{EdgeRow, StepView, TaskRow, TaskView, TransitionRow};
+pub use tasks::{CreateOutcome, NewTask, TaskFilter, TaskPage};
+pub use templates::{RegisterOutcome, TemplateRecord};
+pub use tx::{StepChange, Tx};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// Applies every pending migration. Safe to run from several processes at once: sqlx
+/// holds an advisory lock while it migrates.
+pub async fn migrate(database_url: &str) -> Result<()> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(database_url)
+        .await
+        .map_err(Error::migrate)?;
+    MIGRATOR.run(&mut conn).await.map_err(Error::migrate)?;
+    conn.close().await.map_err(Error::migrate)?;
+    Ok(())
+}
+
+/// A pool of connections to Tasker's database.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    url: String,
+}
+
+impl Store {
+    /// Builds the pool and checks that the database answers.
+    pub async fn connect(database_url: &str, pool_size: usize) -> Result<Store> {
+        let pg = tokio_postgres::Config::from_str(database_url).map_err(Error::config)?;
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(Error::config)?;
+        let store = Store {
+            pool,
+            url: database_url.to_owned(),
+        };
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// Readiness: a round trip to the database.
+    pub async fn ping(&self) -> Result<()> {
+        let client = self.pool.get().await?;
+        client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Starts a transaction.
+    pub async fn begin(&self) -> Result<Tx> {
+        Tx::begin(self.pool.get().await?).await
+    }
+
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
+        Ok(self.pool.get().await?)
+    }
+}

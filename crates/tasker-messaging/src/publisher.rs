@@ -1,0 +1,146 @@
+use std::collections::BTreeMap;
+
+use futures::future::try_join_all;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, PublisherConfirm,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    types::{AMQPValue, FieldTable, LongString},
+};
+use prost::Message;
+use tasker_proto::messages::{StepExecution, StepReport, TaskRequest};
+
+use crate::{Error, Result, Topology};
+
+const PERSISTENT: u8 = 2;
+
+/// A protobuf command and where it goes.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Task(TaskRequest),
+    Step(StepExecution),
+    Report(StepReport),
+}
+
+impl Command {
+    fn route(&self, topology: &Topology) -> (String, &'static str, Vec<u8>) {
+        match self {
+            Command::Task(m) => (
+                topology.tasks_queue(),
+                "tasker.messages.v1.TaskRequest",
+                m.encode_to_vec(),
+            ),
+            Command::Step(m) => (
+                topology.steps_queue(&m.namespace),
+                "tasker.messages.v1.StepExecution",
+                m.encode_to_vec(),
+            ),
+            Command::Report(m) => (
+                topology.results_queue(),
+                "tasker.messages.v1.StepReport",
+                m.encode_to_vec(),
+            ),
+        }
+    }
+
+    fn trace_context(&self) -> Option<&std::collections::HashMap<String, String>> {
+        match self {
+            Command::Step(m) => Some(&m.trace_context),
+            _ => None,
+        }
+    }
+}
+
+/// A channel in confirm mode. Cheap to clone; publishes from several tasks at once are
+/// safe, each awaiting only its own confirms.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+    topology: Topology,
+}
+
+impl Publisher {
+    pub(crate) async fn open(connection: &Connection, topology: Topology) -> Result<Publisher> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Publisher { channel, topology })
+    }
+
+    /// Publishes the commands (persistent, mandatory) back to back, then awaits every
+    /// confirm together: one round trip for the batch, not one per message. Fails if any
+    /// is nacked or unroutable; the caller then must not ack its input.
+    pub async fn send(&self, commands: &[Command]) -> Result<()> {
+        let mut pending = Vec::with_capacity(commands.len());
+        for command in commands {
+            let (queue, kind, payload) = command.route(&self.topology);
+            let mut props = BasicProperties::default()
+                .with_delivery_mode(PERSISTENT)
+                .with_content_type("application/x-protobuf".into())
+                .with_type(kind.into());
+            if let Some(trace) = command.trace_context().filter(|t| !t.is_empty()) {
+                let mut headers = FieldTable::default();
+                for (k, v) in trace.iter().collect::<BTreeMap<_, _>>() {
+                    headers.insert(
+                        k.as_str().into(),
+                        AMQPValue::LongString(LongString::from(v.as_str())),
+                    );
+                }
+                props = props.with_headers(headers);
+            }
+            let confirm = self
+                .channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &payload,
+                    props,
+                )
+                .await?;
+            pending.push(confirmed(confirm, queue));
+        }
+        try_join_all(pending).await?;
+        Ok(())
+    }
+
+    /// Publishes CloudEvents (structured JSON) on the events exchange, then awaits every
+    /// confirm. Not mandatory: an event nobody subscribed to is not an error.
+    pub async fn publish_events<'a>(
+        &self,
+        events: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+    ) -> Result<()> {
+        let exchange = self.topology.events_exchange();
+        let mut pending = Vec::new();
+        for (event_id, routing_key, payload) in events {
+            let props = BasicProperties::default()
+                .with_delivery_mode(PERSISTENT)
+                .with_content_type("application/cloudevents+json".into())
+                .with_message_id(event_id.into());
+            let confirm = self
+                .channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    payload.as_bytes(),
+                    props,
+                )
+                .await?;
+            pending.push(confirmed(confirm, routing_key.to_owned()));
+        }
+        try_join_all(pending).await?;
+        Ok(())
+    }
+}
+
+async fn confirmed(confirm: PublisherConfirm, target: String) -> Result<()> {
+    match confirm.await? {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(_returned)) => Err(Error::Unroutable(target)),
+        Confirmation::Nack(_) => Err(Error::Nacked(target)),
+    }
+}

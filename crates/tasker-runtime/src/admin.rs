@@ -1,0 +1,78 @@
+//! The HTTP admin endpoint each service serves: `/health/live` (the process answers) and
+//! `/health/ready` (every dependency check passes; 503 naming the failing ones otherwise).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use futures::future::{BoxFuture, join_all};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A named readiness check.
+pub type ReadyCheck = (
+    &'static str,
+    Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>,
+);
+
+/// Builds a [`ReadyCheck`] from an async closure.
+pub fn ready_check<F, Fut>(name: &'static str, check: F) -> ReadyCheck
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    (name, Arc::new(move || Box::pin(check())))
+}
+
+/// A bound admin listener (bind early, serve once the service is wired).
+pub struct Admin {
+    listener: TcpListener,
+}
+
+impl Admin {
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Admin> {
+        Ok(Admin {
+            listener: TcpListener::bind(addr).await?,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// Serves until `shutdown`.
+    pub async fn serve(
+        self,
+        checks: Vec<ReadyCheck>,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let app = Router::new()
+            .route("/health/live", get(|| async { "ok\n" }))
+            .route("/health/ready", get(ready))
+            .with_state(Arc::new(checks));
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+    }
+}
+
+async fn ready(State(checks): State<Arc<Vec<ReadyCheck>>>) -> (StatusCode, String) {
+    let results = join_all(checks.iter().map(|(name, check)| {
+        let fut = check();
+        async move { (*name, fut.await) }
+    }))
+    .await;
+    let failing: Vec<String> = results
+        .into_iter()
+        .filter_map(|(name, r)| r.err().map(|e| format!("{name}: {e}")))
+        .collect();
+    if failing.is_empty() {
+        (StatusCode::OK, "ready\n".into())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready\n{}\n", failing.join("\n")),
+        )
+    }
+}

@@ -1,0 +1,262 @@
+//! One configuration for every service; each reads its own section.
+//!
+//! Sources, later ones winning: built-in defaults → the TOML file (`--config` or
+//! `TASKER_CONFIG`) → `TASKER_*` environment variables, `__` separating sections
+//! (`TASKER_DATABASE__URL`, `TASKER_WORKER__NAMESPACES=[payments,shipping]`).
+//! Unknown keys and bad values fail at start with an error naming the key.
+
+use std::{net::SocketAddr, path::Path, path::PathBuf, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+use tasker_domain::{Backoff, Limits};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub amqp: AmqpConfig,
+    pub log: LogConfig,
+    pub limits: Limits,
+    pub api: ApiConfig,
+    pub orchestrator: OrchestratorConfig,
+    pub worker: WorkerConfig,
+    pub publisher: PublisherConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub pool_size: usize,
+    /// Apply pending migrations at start (advisory-locked, so safe from every replica).
+    pub migrate: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/tasker".into(),
+            pool_size: 16,
+            migrate: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpConfig {
+    pub url: String,
+    /// Every queue and exchange name starts with it.
+    pub prefix: String,
+    /// `quorum` or `classic`.
+    pub queue_type: String,
+    /// Deliveries of a message before it goes to `{prefix}.dead` (quorum queues).
+    pub delivery_limit: u32,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            prefix: "tasker".into(),
+            queue_type: "quorum".into(),
+            delivery_limit: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// YAML templates registered at start-up (`*.yaml`, `*.yml`).
+    pub templates_dir: Option<PathBuf>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([0, 0, 0, 0], 50051).into(),
+            admin_listen: ([0, 0, 0, 0], 9090).into(),
+            templates_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrchestratorConfig {
+    pub admin_listen: SocketAddr,
+    /// Most messages applied in one transaction.
+    pub batch_size: usize,
+    /// Unacked deliveries per input queue.
+    pub prefetch: u16,
+    pub backoff: Backoff,
+    /// How often the retry scheduler looks for due retries when none is known to be due.
+    #[serde(with = "humantime_serde")]
+    pub retry_poll_interval: Duration,
+    /// How often the sweeper looks for stuck work.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// A task still `pending` this long is requested again.
+    #[serde(with = "humantime_serde")]
+    pub pending_task_timeout: Duration,
+    /// A step `enqueued` this long and never started is published again (same attempt).
+    #[serde(with = "humantime_serde")]
+    pub enqueued_step_timeout: Duration,
+    /// A step `in_progress` past its timeout plus this grace fails as timed out.
+    #[serde(with = "humantime_serde")]
+    pub timeout_grace: Duration,
+}
+
+impl Default for OrchestratorConfig {
+    fn default() -> Self {
+        Self {
+            admin_listen: ([0, 0, 0, 0], 9091).into(),
+            batch_size: 64,
+            prefetch: 256,
+            backoff: Backoff::default(),
+            retry_poll_interval: Duration::from_secs(1),
+            sweep_interval: Duration::from_secs(5),
+            pending_task_timeout: Duration::from_secs(30),
+            enqueued_step_timeout: Duration::from_secs(300),
+            timeout_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    pub admin_listen: SocketAddr,
+    /// Namespaces whose steps this worker runs.
+    pub namespaces: Vec<String>,
+    /// Steps run at once (the prefetch of each namespace queue).
+    pub concurrency: u16,
+    /// Shown in step transitions; defaults to `{hostname}-{pid}`.
+    pub id: Option<String>,
+    /// How long in-flight steps may take to finish at shutdown.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            admin_listen: ([0, 0, 0, 0], 9092).into(),
+            namespaces: vec!["default".into()],
+            concurrency: 16,
+            id: None,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PublisherConfig {
+    pub admin_listen: SocketAddr,
+    /// Most events relayed per transaction.
+    pub batch_size: i64,
+    /// Polling fallback when no notification arrives.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        Self {
+            admin_listen: ([0, 0, 0, 0], 9093).into(),
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults → `file` → `TASKER_*` environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, Box<figment::Error>> {
+        Self::figment(file).extract().map_err(Box::new)
+    }
+
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment.merge(
+            Env::prefixed("TASKER_")
+                .split("__")
+                .filter(|key| key.as_str() != "config" && !key.as_str().starts_with("test_")),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_file_then_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("tasker.toml", "[database]\nurl = \"postgres://file/db\"\npool_size = 3\n[worker]\nnamespaces = [\"a\"]\n")?;
+            jail.set_env("TASKER_DATABASE__POOL_SIZE", "7");
+            jail.set_env("TASKER_WORKER__NAMESPACES", "[payments, shipping]");
+            jail.set_env("TASKER_ORCHESTRATOR__SWEEP_INTERVAL", "250ms");
+            let config = Config::load(Some(Path::new("tasker.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(config.database.url, "postgres://file/db");
+            assert_eq!(config.database.pool_size, 7);
+            assert_eq!(config.worker.namespaces, ["payments", "shipping"]);
+            assert_eq!(
+                config.orchestrator.sweep_interval,
+                Duration::from_millis(250)
+            );
+            assert_eq!(config.amqp.prefix, "tasker");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TASKER_ORCHESTRATOR__BATCH_SIZE", "many");
+            let error = Config::load(None).unwrap_err().to_string().to_lowercase();
+            assert!(error.contains("orchestrator.batch_size"), "{error}");
+            jail.set_env("TASKER_ORCHESTRATOR__BATCH_SIZE", "8");
+            jail.set_env("TASKER_DATABSE__URL", "x");
+            let error = Config::load(None).unwrap_err().to_string().to_lowercase();
+            assert!(error.contains("databse"), "{error}");
+            Ok(())
+        });
+    }
+}

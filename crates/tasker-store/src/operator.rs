@@ -1,0 +1,135 @@
+//! Operator actions: cancel a task, retry or resolve a failed step. Each checks the state
+//! machines under the task lock, records who asked and why in the transition metadata, and
+//! writes nothing when the action is illegal.
+
+use serde_json::{Value, json};
+use tasker_domain::{StepState, TaskState};
+use uuid::Uuid;
+
+use crate::{Error, Result, StepChange, Store};
+
+/// Who asked for an operator action, and why.
+#[derive(Debug, Clone, Default)]
+pub struct Actor {
+    pub who: String,
+    pub reason: String,
+}
+
+impl Actor {
+    fn metadata(&self, action: &str) -> Value {
+        json!({ "action": action, "actor": self.who, "reason": self.reason })
+    }
+}
+
+impl Store {
+    /// Cancels the task and every unfinished step.
+    pub async fn cancel_task(&self, task_id: Uuid, actor: &Actor) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let mut task = tx
+            .lock_tasks(&[task_id])
+            .await?
+            .remove(&task_id)
+            .ok_or_else(|| Error::NotFound(format!("task {task_id} not found")))?;
+        if !task.status.can_become(TaskState::Cancelled) {
+            return Err(Error::FailedPrecondition(format!(
+                "task {task_id} is {}; it cannot be cancelled",
+                task.status
+            )));
+        }
+        let metadata = actor.metadata("cancel");
+        let subject = task.subject();
+        let open = [
+            StepState::Pending,
+            StepState::Enqueued,
+            StepState::InProgress,
+            StepState::WaitingForRetry,
+        ];
+        for mut step in tx.steps_in(task_id, &open).await? {
+            tx.transition_step(
+                &subject,
+                &mut step,
+                StepState::Cancelled,
+                metadata.clone(),
+                StepChange::default(),
+            )?;
+        }
+        tx.transition_task(&mut task, TaskState::Cancelled, metadata)?;
+        tx.commit().await
+    }
+
+    /// Puts an `error` step back to `pending` with its attempts reset, and resumes the task.
+    /// Returns the task id; the orchestrator then dispatches the step.
+    pub async fn retry_step(&self, step_id: Uuid, actor: &Actor) -> Result<Uuid> {
+        self.repair_step(step_id, StepState::Pending, None, actor.metadata("retry"))
+            .await
+    }
+
+    /// Marks an `error` step `resolved_manually` with the given results (JSON text), counts
+    /// it as done for its children, and resumes the task. Returns the task id.
+    pub async fn resolve_step(&self, step_id: Uuid, results: &str, actor: &Actor) -> Result<Uuid> {
+        self.repair_step(
+            step_id,
+            StepState::ResolvedManually,
+            Some(results.to_owned()),
+            actor.metadata("resolve"),
+        )
+        .await
+    }
+
+    async fn repair_step(
+        &self,
+        step_id: Uuid,
+        to: StepState,
+        results: Option<String>,
+        metadata: Value,
+    ) -> Result<Uuid> {
+        let task_id = self.step(step_id, false).await?.task_id;
+        let mut tx = self.begin().await?;
+        let mut task = tx
+            .lock_tasks(&[task_id])
+            .await?
+            .remove(&task_id)
+            .ok_or_else(|| Error::NotFound(format!("task {task_id} not found")))?;
+        let mut step = tx
+            .steps(&[step_id])
+            .await?
+            .pop()
+            .ok_or_else(|| Error::NotFound(format!("step {step_id} not found")))?;
+        if step.status != StepState::Error {
+            return Err(Error::FailedPrecondition(format!(
+                "step {} is {}; only a step in error can be {}",
+                step.name,
+                step.status,
+                if to == StepState::Pending {
+                    "retried"
+                } else {
+                    "resolved"
+                }
+            )));
+        }
+        if !matches!(task.status, TaskState::InProgress | TaskState::Error) {
+            return Err(Error::FailedPrecondition(format!(
+                "task {task_id} is {}",
+                task.status
+            )));
+        }
+        tx.transition_step(
+            &task.subject(),
+            &mut step,
+            to,
+            metadata.clone(),
+            StepChange {
+                results,
+                ..Default::default()
+            },
+        )?;
+        if to == StepState::ResolvedManually {
+            tx.release_children(step_id).await?;
+        }
+        if task.status == TaskState::Error {
+            tx.transition_task(&mut task, TaskState::InProgress, metadata)?;
+        }
+        tx.commit().await?;
+        Ok(task_id)
+    }
+}

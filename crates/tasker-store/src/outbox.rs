@@ -1,0 +1,152 @@
+//! The transactional outbox: events written with their state change, relayed in order by
+//! the event-publisher and deleted once the broker confirmed them.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{Result, Store, Tx};
+
+/// One relay at a time holds this transaction-scoped advisory lock, so several
+/// event-publisher replicas never interleave and per-task order holds.
+const RELAY_LOCK: i64 = 0x7461_736b_6572; // "tasker"
+
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub event_id: Uuid,
+    pub routing_key: String,
+    /// The CloudEvent, JSON text.
+    pub payload: String,
+}
+
+/// Rows claimed for relaying. Call [`OutboxBatch::complete`] once every row is confirmed
+/// by the broker; dropping the batch releases the rows for another try.
+pub struct OutboxBatch {
+    tx: Tx,
+    pub rows: Vec<OutboxRow>,
+}
+
+impl OutboxBatch {
+    /// Deletes the relayed rows and commits.
+    pub async fn complete(mut self) -> Result<()> {
+        let ids: Vec<i64> = self.rows.iter().map(|r| r.id).collect();
+        self.tx
+            .execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids])
+            .await?;
+        self.tx.commit().await
+    }
+}
+
+impl Store {
+    /// Claims up to `limit` of the oldest events. `None` when another relay holds the
+    /// lock; an empty batch when there is nothing to relay.
+    pub async fn claim_outbox(&self, limit: i64) -> Result<Option<OutboxBatch>> {
+        let mut tx = self.begin().await?;
+        let locked: bool = tx
+            .query("SELECT pg_try_advisory_xact_lock($1)", &[&RELAY_LOCK])
+            .await?[0]
+            .get(0);
+        if !locked {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let rows = tx
+            .query(
+                "SELECT id, event_id, routing_key, payload FROM outbox ORDER BY id LIMIT $1",
+                &[&limit],
+            )
+            .await?
+            .iter()
+            .map(|r| OutboxRow {
+                id: r.get(0),
+                event_id: r.get(1),
+                routing_key: r.get(2),
+                payload: r.get(3),
+            })
+            .collect();
+        Ok(Some(OutboxBatch { tx, rows }))
+    }
+
+    /// Events waiting to be relayed (a gauge for the admin endpoint).
+    pub async fn outbox_depth(&self) -> Result<i64> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached("SELECT count(*) FROM outbox").await?;
+        Ok(client.query_one(&stmt, &[]).await?.get(0))
+    }
+
+    /// Listens for `tasker_outbox` notifications on a dedicated connection, reconnecting
+    /// when it drops, until `shutdown`.
+    pub fn listen_outbox(&self, shutdown: CancellationToken) -> OutboxListener {
+        let notify = Arc::new(Notify::new());
+        let url = self.url.clone();
+        let wake = notify.clone();
+        tokio::spawn(async move {
+            while !shutdown.is_cancelled() {
+                if let Err(error) = listen(&url, &wake, &shutdown).await {
+                    tracing::warn!(%error, "outbox listener lost its connection; polling until it is back");
+                }
+                // wake once in case something was written while not listening
+                wake.notify_one();
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+        OutboxListener { notify }
+    }
+}
+
+async fn listen(url: &str, wake: &Notify, shutdown: &CancellationToken) -> Result<()> {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let pump = tokio::spawn(async move {
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(_)) => {
+                    if tx.send(()).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    });
+    client.batch_execute("LISTEN tasker_outbox").await?;
+    wake.notify_one();
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            got = rx.recv() => match got {
+                Some(()) => wake.notify_one(),
+                None => break Ok(()),
+            },
+        }
+    };
+    drop(client);
+    match pump.await {
+        Ok(Err(e)) => Err(e.into()),
+        _ => result,
+    }
+}
+
+/// Wakes the relay when events are written.
+#[derive(Clone)]
+pub struct OutboxListener {
+    notify: Arc<Notify>,
+}
+
+impl OutboxListener {
+    /// Resolves at the next notification (or at once if one arrived since the last call).
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}

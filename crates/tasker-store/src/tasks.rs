@@ -1,0 +1,352 @@
+//! Task creation (task, steps, edges, first transition and event in one transaction) and
+//! the task read models.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use tasker_domain::{CloudEvent, TaskState, event::EventSubject};
+use uuid::Uuid;
+
+use crate::{
+    Error, Result, Store, TemplateRecord,
+    rows::{
+        EdgeRow, STEP_VIEW_COLUMNS, StepView, TASK_COLUMNS, TaskRow, TaskView, TransitionRow,
+        step_view, task_row, transition_row,
+    },
+};
+
+/// A validated CreateTask request.
+#[derive(Debug, Clone)]
+pub struct NewTask<'a> {
+    pub template: &'a TemplateRecord,
+    /// JSON text of an object, already checked against the input schema.
+    pub context: &'a str,
+    pub tags: &'a [String],
+    pub initiator: &'a str,
+    pub source_system: &'a str,
+    pub reason: &'a str,
+    pub priority: i32,
+    pub idempotency_key: Option<&'a str>,
+    /// A digest of the request, compared when the idempotency key is seen again.
+    pub request_hash: &'a str,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CreateOutcome {
+    pub task_id: Uuid,
+    /// The idempotency key matched an earlier, identical request.
+    pub deduplicated: bool,
+}
+
+/// ListTasks filters. `after` is the keyset cursor (created_at, id) of the last row seen.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub status: Option<TaskState>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TaskPage {
+    pub tasks: Vec<TaskRow>,
+    /// Cursor for the next page, when there may be one.
+    pub next: Option<(DateTime<Utc>, Uuid)>,
+}
+
+impl Store {
+    /// Writes the task, its steps and edges, its first transition and `task.created` in
+    /// one transaction. With an idempotency key already used: the original task when the
+    /// request is the same, `AlreadyExists` when it differs; nothing is written either way.
+    pub async fn create_task(&self, new: &NewTask<'_>) -> Result<CreateOutcome> {
+        let template = &new.template.template;
+        let task_id = tasker_domain::new_id();
+        let mut tx = self.begin().await?;
+        let inserted = tx
+            .query(
+                "INSERT INTO tasks (id, named_task_id, namespace, name, version, status, context, tags, initiator, \
+                   source_system, reason, priority, idempotency_key, request_hash) \
+                 VALUES ($1, $2, $3, $4, $5, 'pending', $6::text::jsonb, $7, $8, $9, $10, $11, $12, $13) \
+                 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
+                &[
+                    &task_id,
+                    &new.template.id,
+                    &template.namespace,
+                    &template.name,
+                    &template.version.to_string(),
+                    &new.context,
+                    &new.tags,
+                    &new.initiator,
+                    &new.source_system,
+                    &new.reason,
+                    &new.priority,
+                    &new.idempotency_key,
+                    &new.request_hash,
+                ],
+            )
+            .await?;
+        if inserted.is_empty() {
+            tx.rollback().await?;
+            return self.deduplicate(new).await;
+        }
+
+        let ids: Vec<Uuid> = template
+            .steps
+            .iter()
+            .map(|_| tasker_domain::new_id())
+            .collect();
+        let by_name: HashMap<&str, Uuid> = template
+            .steps
+            .iter()
+            .zip(&ids)
+            .map(|(s, id)| (s.name.as_str(), *id))
+            .collect();
+        let names: Vec<&str> = template.steps.iter().map(|s| s.name.as_str()).collect();
+        let handlers: Vec<&str> = template.steps.iter().map(|s| s.handler.as_str()).collect();
+        let configs: Vec<String> = template
+            .steps
+            .iter()
+            .map(|s| s.config.to_string())
+            .collect();
+        let retryable: Vec<bool> = template.steps.iter().map(|s| s.retryable).collect();
+        let max_attempts: Vec<i32> = template
+            .steps
+            .iter()
+            .map(|s| s.max_attempts as i32)
+            .collect();
+        let timeouts: Vec<i64> = template.steps.iter().map(|s| s.timeout_ms as i64).collect();
+        let parents: Vec<i32> = template
+            .steps
+            .iter()
+            .map(|s| s.depends_on.len() as i32)
+            .collect();
+        let levels: Vec<i32> = template
+            .steps
+            .iter()
+            .map(|s| s.dependency_level as i32)
+            .collect();
+        tx.execute(
+            "INSERT INTO workflow_steps (id, task_id, name, handler, handler_config, retryable, max_attempts, \
+               timeout_ms, status, pending_parents, dependency_level) \
+             SELECT u.id, $1, u.name, u.handler, u.config::jsonb, u.retryable, u.max_attempts, u.timeout_ms, \
+               'pending', u.parents, u.level \
+             FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::int4[], $8::int8[], \
+                         $9::int4[], $10::int4[]) \
+               AS u(id, name, handler, config, retryable, max_attempts, timeout_ms, parents, level)",
+            &[&task_id, &ids, &names, &handlers, &configs, &retryable, &max_attempts, &timeouts, &parents, &levels],
+        )
+        .await?;
+        let (from, to): (Vec<Uuid>, Vec<Uuid>) = template
+            .steps
+            .iter()
+            .flat_map(|s| {
+                s.depends_on
+                    .iter()
+                    .map(|d| (by_name[d.as_str()], by_name[s.name.as_str()]))
+            })
+            .unzip();
+        if !from.is_empty() {
+            tx.execute(
+                "INSERT INTO workflow_step_edges (task_id, from_step_id, to_step_id) \
+                 SELECT $1, f, t FROM unnest($2::uuid[], $3::uuid[]) AS u(f, t)",
+                &[&task_id, &from, &to],
+            )
+            .await?;
+        }
+        let metadata = json!({ "initiator": new.initiator, "reason": new.reason });
+        let now = Utc::now();
+        tx.execute(
+            "INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at) \
+             VALUES ($1, $2, NULL, 'pending', 1, true, $3, $4)",
+            &[&tasker_domain::new_id(), &task_id, &metadata, &now],
+        )
+        .await?;
+        let subject = EventSubject {
+            task_id,
+            namespace: template.namespace.clone(),
+            task_name: template.name.clone(),
+            task_version: template.version.to_string(),
+        };
+        tx.push_event(
+            task_id,
+            &CloudEvent::task(&subject, None, TaskState::Pending, &metadata, now),
+        );
+        tx.commit().await?;
+        Ok(CreateOutcome {
+            task_id,
+            deduplicated: false,
+        })
+    }
+
+    async fn deduplicate(&self, new: &NewTask<'_>) -> Result<CreateOutcome> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT id, request_hash FROM tasks WHERE idempotency_key = $1")
+            .await?;
+        let row = client
+            .query_opt(&stmt, &[&new.idempotency_key])
+            .await?
+            .ok_or_else(|| Error::Corrupt("idempotency key conflict without a task".into()))?;
+        if row.get::<_, Option<&str>>(1) == Some(new.request_hash) {
+            Ok(CreateOutcome {
+                task_id: row.get(0),
+                deduplicated: true,
+            })
+        } else {
+            Err(Error::AlreadyExists(format!(
+                "idempotency_key `{}` was already used for a different request",
+                new.idempotency_key.unwrap_or_default()
+            )))
+        }
+    }
+
+    /// A task with its steps and edges, and transitions when asked for.
+    pub async fn task(&self, id: Uuid, include_transitions: bool) -> Result<TaskView> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {TASK_COLUMNS} FROM tasks t WHERE t.id = $1"
+            ))
+            .await?;
+        let row = client
+            .query_opt(&stmt, &[&id])
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("task {id} not found")))?;
+        let task = task_row(&row)?;
+        let steps_stmt = client
+            .prepare_cached(&format!(
+                "SELECT {STEP_VIEW_COLUMNS} FROM workflow_steps s WHERE s.task_id = $1 ORDER BY s.dependency_level, s.id"
+            ))
+            .await?;
+        let edges_stmt = client
+            .prepare_cached(
+                "SELECT f.name, t.name FROM workflow_step_edges e \
+                 JOIN workflow_steps f ON f.id = e.from_step_id JOIN workflow_steps t ON t.id = e.to_step_id \
+                 WHERE e.task_id = $1 ORDER BY f.dependency_level, f.name, t.name",
+            )
+            .await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+        let (steps, edges) = futures::try_join!(
+            client.query(&steps_stmt, &params),
+            client.query(&edges_stmt, &params)
+        )?;
+        let mut steps: Vec<StepView> = steps.iter().map(step_view).collect::<Result<_>>()?;
+        let edges = edges
+            .iter()
+            .map(|r| EdgeRow {
+                from_step: r.get(0),
+                to_step: r.get(1),
+            })
+            .collect();
+        let mut transitions = Vec::new();
+        if include_transitions {
+            let task_stmt = client
+                .prepare_cached(
+                    "SELECT task_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at \
+                     FROM task_transitions WHERE task_id = $1 ORDER BY sort_key",
+                )
+                .await?;
+            let step_stmt = client
+                .prepare_cached(
+                    "SELECT workflow_step_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at \
+                     FROM workflow_step_transitions WHERE task_id = $1 ORDER BY workflow_step_id, sort_key",
+                )
+                .await?;
+            let (own, of_steps) = futures::try_join!(
+                client.query(&task_stmt, &params),
+                client.query(&step_stmt, &params)
+            )?;
+            transitions = own.iter().map(transition_row).collect();
+            let mut by_step: HashMap<Uuid, Vec<TransitionRow>> = HashMap::new();
+            for row in &of_steps {
+                let t = transition_row(row);
+                by_step.entry(t.owner).or_default().push(t);
+            }
+            for step in &mut steps {
+                step.transitions = by_step.remove(&step.id).unwrap_or_default();
+            }
+        }
+        Ok(TaskView {
+            task,
+            steps,
+            edges,
+            transitions,
+        })
+    }
+
+    /// One step, with its transitions when asked for.
+    pub async fn step(&self, id: Uuid, include_transitions: bool) -> Result<StepView> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {STEP_VIEW_COLUMNS} FROM workflow_steps s WHERE s.id = $1"
+            ))
+            .await?;
+        let row = client
+            .query_opt(&stmt, &[&id])
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("step {id} not found")))?;
+        let mut step = step_view(&row)?;
+        if include_transitions {
+            let stmt = client
+                .prepare_cached(
+                    "SELECT workflow_step_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at \
+                     FROM workflow_step_transitions WHERE workflow_step_id = $1 ORDER BY sort_key",
+                )
+                .await?;
+            step.transitions = client
+                .query(&stmt, &[&id])
+                .await?
+                .iter()
+                .map(transition_row)
+                .collect();
+        }
+        Ok(step)
+    }
+
+    /// Tasks matching the filter, newest first, one page.
+    pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<TaskPage> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {TASK_COLUMNS} FROM tasks t \
+                 WHERE ($1::text IS NULL OR t.namespace = $1) AND ($2::text IS NULL OR t.name = $2) \
+                   AND ($3::text IS NULL OR t.status = $3) \
+                   AND ($4::timestamptz IS NULL OR t.created_at >= $4) AND ($5::timestamptz IS NULL OR t.created_at < $5) \
+                   AND ($6::timestamptz IS NULL OR (t.created_at, t.id) < ($6, $7::uuid)) \
+                 ORDER BY t.created_at DESC, t.id DESC LIMIT $8"
+            ))
+            .await?;
+        let (after_at, after_id) = filter.after.unzip();
+        let status = filter.status.map(|s| s.as_str());
+        let limit = filter.limit.max(1);
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &filter.namespace,
+                    &filter.name,
+                    &status,
+                    &filter.created_after,
+                    &filter.created_before,
+                    &after_at,
+                    &after_id,
+                    &(limit + 1),
+                ],
+            )
+            .await?;
+        let mut tasks: Vec<TaskRow> = rows.iter().map(task_row).collect::<Result<_>>()?;
+        let more = tasks.len() as i64 > limit;
+        tasks.truncate(limit as usize);
+        let next = if more {
+            tasks.last().map(|t| (t.created_at, t.id))
+        } else {
+            None
+        };
+        Ok(TaskPage { tasks, next })
+    }
+}

@@ -27,12 +27,7 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self {
-            base: Duration::from_secs(1),
-            multiplier: 2.0,
-            max: Duration::from_secs(60),
-            jitter: 0.1,
-        }
+        Self { base: Duration::from_secs(1), multiplier: 2.0, max: Duration::from_secs(60), jitter: 0.1 }
     }
 }
 
@@ -100,9 +95,7 @@ pub fn decide(
     if kind == FailureKind::Permanent || !retryable || attempts >= max_attempts {
         FailureDecision::Fail
     } else {
-        FailureDecision::Retry {
-            delay: backoff.delay(attempts, retry_after),
-        }
+        FailureDecision::Retry { delay: backoff.delay(attempts, retry_after) }
     }
 }
 
@@ -124,43 +117,19 @@ mod tests {
     #[test]
     fn retry_after_wins_but_is_capped() {
         let b = Backoff::default();
-        assert_eq!(
-            b.delay_with(1, Some(Duration::from_secs(7)), 1.0),
-            Duration::from_secs(7)
-        );
-        assert_eq!(
-            b.delay_with(1, Some(Duration::from_secs(600)), 0.0),
-            Duration::from_secs(60)
-        );
+        assert_eq!(b.delay_with(1, Some(Duration::from_secs(7)), 1.0), Duration::from_secs(7));
+        assert_eq!(b.delay_with(1, Some(Duration::from_secs(600)), 0.0), Duration::from_secs(60));
     }
 
     #[test]
     fn decisions_follow_the_rule() {
         let b = Backoff::default();
-        assert!(matches!(
-            decide(FailureKind::Retryable, 1, 3, true, &b, None),
-            FailureDecision::Retry { .. }
-        ));
-        assert!(matches!(
-            decide(FailureKind::TimedOut, 2, 3, true, &b, None),
-            FailureDecision::Retry { .. }
-        ));
-        assert_eq!(
-            decide(FailureKind::Retryable, 3, 3, true, &b, None),
-            FailureDecision::Fail
-        );
-        assert_eq!(
-            decide(FailureKind::Permanent, 1, 3, true, &b, None),
-            FailureDecision::Fail
-        );
-        assert_eq!(
-            decide(FailureKind::Retryable, 1, 3, false, &b, None),
-            FailureDecision::Fail
-        );
-        assert_eq!(
-            decide(FailureKind::Retryable, 1, 1, true, &b, None),
-            FailureDecision::Fail
-        );
+        assert!(matches!(decide(FailureKind::Retryable, 1, 3, true, &b, None), FailureDecision::Retry { .. }));
+        assert!(matches!(decide(FailureKind::TimedOut, 2, 3, true, &b, None), FailureDecision::Retry { .. }));
+        assert_eq!(decide(FailureKind::Retryable, 3, 3, true, &b, None), FailureDecision::Fail);
+        assert_eq!(decide(FailureKind::Permanent, 1, 3, true, &b, None), FailureDecision::Fail);
+        assert_eq!(decide(FailureKind::Retryable, 1, 3, false, &b, None), FailureDecision::Fail);
+        assert_eq!(decide(FailureKind::Retryable, 1, 1, true, &b, None), FailureDecision::Fail);
     }
 
     proptest! {

@@ -161,8 +161,10 @@ pub struct CloudEvent {
 impl CloudEvent {
     pub const CONTENT_TYPE: &'static str = "application/cloudevents+json";
 
-    /// The event for a task transition. `metadata` is the transition's metadata.
+    /// The event for a task transition; `id` is the transition's id, so the audit row and
+    /// the event name each other. `metadata` is the transition's metadata.
     pub fn task(
+        id: Uuid,
         subject: &EventSubject,
         from: Option<TaskState>,
         to: TaskState,
@@ -179,11 +181,12 @@ impl CloudEvent {
             "to": to.as_str(),
             "metadata": metadata,
         });
-        Self::build(kind, subject, format!("task/{}", subject.task_id), data, at)
+        Self::build(id, kind, subject, format!("task/{}", subject.task_id), data, at)
     }
 
-    /// The event for a step transition.
+    /// The event for a step transition; `id` is the transition's id.
     pub fn step(
+        id: Uuid,
         subject: &EventSubject,
         step: StepRef<'_>,
         from: StepState,
@@ -204,16 +207,11 @@ impl CloudEvent {
             "to": to.as_str(),
             "metadata": metadata,
         });
-        Self::build(
-            kind,
-            subject,
-            format!("task/{}/step/{}", subject.task_id, step.id),
-            data,
-            at,
-        )
+        Self::build(id, kind, subject, format!("task/{}/step/{}", subject.task_id, step.id), data, at)
     }
 
     fn build(
+        id: Uuid,
         kind: EventKind,
         subject: &EventSubject,
         subject_path: String,
@@ -222,7 +220,7 @@ impl CloudEvent {
     ) -> Self {
         CloudEvent {
             specversion: "1.0".into(),
-            id: crate::new_id(),
+            id,
             source: format!("/tasker/{}/{}", subject.namespace, subject.task_name),
             kind: kind.type_name(),
             subject: subject_path,
@@ -257,64 +255,26 @@ mod tests {
                 }
             }
         }
-        assert_eq!(
-            EventKind::for_task(None, TaskState::Pending),
-            EventKind::TaskCreated
-        );
-        assert_eq!(
-            EventKind::for_task(Some(TaskState::Pending), TaskState::InProgress),
-            EventKind::TaskStarted
-        );
-        assert_eq!(
-            EventKind::for_task(Some(TaskState::Error), TaskState::InProgress),
-            EventKind::TaskResumed
-        );
-        assert_eq!(
-            EventKind::for_task(Some(TaskState::InProgress), TaskState::Error),
-            EventKind::TaskFailed
-        );
+        assert_eq!(EventKind::for_task(None, TaskState::Pending), EventKind::TaskCreated);
+        assert_eq!(EventKind::for_task(Some(TaskState::Pending), TaskState::InProgress), EventKind::TaskStarted);
+        assert_eq!(EventKind::for_task(Some(TaskState::Error), TaskState::InProgress), EventKind::TaskResumed);
+        assert_eq!(EventKind::for_task(Some(TaskState::InProgress), TaskState::Error), EventKind::TaskFailed);
     }
 
     #[test]
     fn routing_keys_and_types() {
-        assert_eq!(
-            EventKind::TaskCompleted.routing_key("payments", "refund"),
-            "payments.refund.task.completed"
-        );
-        assert_eq!(
-            EventKind::StepRetrying.routing_key("a", "b"),
-            "a.b.step.retrying"
-        );
+        assert_eq!(EventKind::TaskCompleted.routing_key("payments", "refund"), "payments.refund.task.completed");
+        assert_eq!(EventKind::StepRetrying.routing_key("a", "b"), "a.b.step.retrying");
         assert_eq!(EventKind::StepFailed.type_name(), "dev.tasker.step.failed");
-        let names: std::collections::HashSet<_> = EventKind::ALL
-            .iter()
-            .map(|k| k.routing_key("n", "t"))
-            .collect();
-        assert_eq!(
-            names.len(),
-            EventKind::ALL.len(),
-            "routing keys are distinct"
-        );
+        let names: std::collections::HashSet<_> = EventKind::ALL.iter().map(|k| k.routing_key("n", "t")).collect();
+        assert_eq!(names.len(), EventKind::ALL.len(), "routing keys are distinct");
     }
 
     #[test]
     fn cloud_event_is_structured_json() {
-        let at = DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        let step = StepRef {
-            id: Uuid::max(),
-            name: "refund",
-            attempt: 2,
-        };
-        let ev = CloudEvent::step(
-            &subject(),
-            step,
-            StepState::InProgress,
-            StepState::Complete,
-            &json!({}),
-            at,
-        );
+        let at = DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z").unwrap().with_timezone(&Utc);
+        let step = StepRef { id: Uuid::max(), name: "refund", attempt: 2 };
+        let ev = CloudEvent::step(&subject(), step, StepState::InProgress, StepState::Complete, &json!({}), at);
         let v = serde_json::to_value(&ev).unwrap();
         assert_eq!(v["specversion"], "1.0");
         assert_eq!(v["type"], "dev.tasker.step.completed");

@@ -17,11 +17,6 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_context_bytes: 1 << 20,
-            max_results_bytes: 1 << 20,
-            max_template_bytes: 256 << 10,
-            max_steps: 2_000,
-        }
+        Self { max_context_bytes: 1 << 20, max_results_bytes: 1 << 20, max_template_bytes: 256 << 10, max_steps: 2_000 }
     }
 }

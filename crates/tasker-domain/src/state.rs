@@ -95,10 +95,7 @@ impl TaskState {
     /// No further transition happens on its own. `error` can still be resumed by an
     /// operator, but it is final for watchers: nothing more runs without one.
     pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            TaskState::Complete | TaskState::Error | TaskState::Cancelled
-        )
+        matches!(self, TaskState::Complete | TaskState::Error | TaskState::Cancelled)
     }
 }
 
@@ -130,21 +127,12 @@ impl StepState {
 
     /// Will not change without an operator.
     pub fn is_settled(self) -> bool {
-        matches!(
-            self,
-            StepState::Complete
-                | StepState::Error
-                | StepState::ResolvedManually
-                | StepState::Cancelled
-        )
+        matches!(self, StepState::Complete | StepState::Error | StepState::ResolvedManually | StepState::Cancelled)
     }
 
     /// Work is in flight or scheduled for it.
     pub fn is_active(self) -> bool {
-        matches!(
-            self,
-            StepState::Enqueued | StepState::InProgress | StepState::WaitingForRetry
-        )
+        matches!(self, StepState::Enqueued | StepState::InProgress | StepState::WaitingForRetry)
     }
 }
 
@@ -157,15 +145,7 @@ mod tests {
         use StepState::*;
         for path in [
             &[Pending, Enqueued, InProgress, Complete][..],
-            &[
-                Pending,
-                Enqueued,
-                InProgress,
-                WaitingForRetry,
-                Enqueued,
-                InProgress,
-                Complete,
-            ],
+            &[Pending, Enqueued, InProgress, WaitingForRetry, Enqueued, InProgress, Complete],
             &[Pending, Enqueued, InProgress, Error, ResolvedManually],
             &[Pending, Enqueued, InProgress, Error, Pending, Enqueued],
         ] {
@@ -195,10 +175,7 @@ mod tests {
     #[test]
     fn skipping_a_state_is_illegal() {
         let err = StepState::Pending.check(StepState::Complete).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "illegal step transition from pending to complete"
-        );
+        assert_eq!(err.to_string(), "illegal step transition from pending to complete");
         assert!(StepState::Enqueued.check(StepState::Complete).is_err());
         assert!(StepState::Error.check(StepState::Complete).is_err());
         assert!(TaskState::Pending.check(TaskState::Complete).is_err());

@@ -138,9 +138,7 @@ fn is_valid_handler(s: &str) -> bool {
         && s.len() <= 128
         && s.split('.').all(|part| {
             part.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-                && part
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         })
 }
 
@@ -148,13 +146,9 @@ impl Template {
     /// Parses and validates a YAML template.
     pub fn from_yaml(text: &str, limits: &Limits) -> Result<Template, TemplateError> {
         if text.len() > limits.max_template_bytes {
-            return Err(TemplateError::TooLarge {
-                size: text.len(),
-                max: limits.max_template_bytes,
-            });
+            return Err(TemplateError::TooLarge { size: text.len(), max: limits.max_template_bytes });
         }
-        let raw: RawTemplate =
-            serde_yaml_ng::from_str(text).map_err(|e| TemplateError::Yaml(e.to_string()))?;
+        let raw: RawTemplate = serde_yaml_ng::from_str(text).map_err(|e| TemplateError::Yaml(e.to_string()))?;
         Self::validate(raw, limits)
     }
 
@@ -165,45 +159,31 @@ impl Template {
         }
         for (field, value) in [("namespace", &raw.namespace), ("name", &raw.name)] {
             if !is_valid_name(value) {
-                return Err(TemplateError::InvalidName {
-                    field: field.into(),
-                    value: value.clone(),
-                });
+                return Err(TemplateError::InvalidName { field: field.into(), value: value.clone() });
             }
         }
-        let version = semver::Version::parse(&raw.version)
-            .map_err(|_| TemplateError::InvalidVersion(raw.version.clone()))?;
+        let version =
+            semver::Version::parse(&raw.version).map_err(|_| TemplateError::InvalidVersion(raw.version.clone()))?;
         if raw.steps.is_empty() {
             return Err(TemplateError::NoSteps);
         }
         if raw.steps.len() > limits.max_steps {
-            return Err(TemplateError::TooManySteps {
-                count: raw.steps.len(),
-                max: limits.max_steps,
-            });
+            return Err(TemplateError::TooManySteps { count: raw.steps.len(), max: limits.max_steps });
         }
         if let Some(schema) = &raw.input_schema {
-            jsonschema::validator_for(schema)
-                .map_err(|e| TemplateError::InvalidSchema(e.to_string()))?;
+            jsonschema::validator_for(schema).map_err(|e| TemplateError::InvalidSchema(e.to_string()))?;
         }
         if raw.defaults.max_attempts == Some(0) {
-            return Err(TemplateError::InvalidMaxAttempts {
-                field: "defaults".into(),
-            });
+            return Err(TemplateError::InvalidMaxAttempts { field: "defaults".into() });
         }
         if raw.defaults.timeout == Some(Duration::ZERO) {
-            return Err(TemplateError::InvalidTimeout {
-                field: "defaults".into(),
-            });
+            return Err(TemplateError::InvalidTimeout { field: "defaults".into() });
         }
 
         let mut index = HashMap::with_capacity(raw.steps.len());
         for (i, step) in raw.steps.iter().enumerate() {
             if !is_valid_name(&step.name) {
-                return Err(TemplateError::InvalidName {
-                    field: format!("steps[{i}].name"),
-                    value: step.name.clone(),
-                });
+                return Err(TemplateError::InvalidName { field: format!("steps[{i}].name"), value: step.name.clone() });
             }
             if index.insert(step.name.as_str(), i).is_some() {
                 return Err(TemplateError::DuplicateStep(step.name.clone()));
@@ -211,50 +191,27 @@ impl Template {
         }
         for step in &raw.steps {
             if !is_valid_handler(&step.handler) {
-                return Err(TemplateError::InvalidHandler {
-                    step: step.name.clone(),
-                    value: step.handler.clone(),
-                });
+                return Err(TemplateError::InvalidHandler { step: step.name.clone(), value: step.handler.clone() });
             }
             for dep in &step.depends_on {
                 if !index.contains_key(dep.as_str()) {
-                    return Err(TemplateError::UnknownDependency {
-                        step: step.name.clone(),
-                        dependency: dep.clone(),
-                    });
+                    return Err(TemplateError::UnknownDependency { step: step.name.clone(), dependency: dep.clone() });
                 }
             }
             if step.max_attempts == Some(0) {
-                return Err(TemplateError::InvalidMaxAttempts {
-                    field: format!("step `{}`", step.name),
-                });
+                return Err(TemplateError::InvalidMaxAttempts { field: format!("step `{}`", step.name) });
             }
             if step.timeout == Some(Duration::ZERO) {
-                return Err(TemplateError::InvalidTimeout {
-                    field: format!("step `{}`", step.name),
-                });
+                return Err(TemplateError::InvalidTimeout { field: format!("step `{}`", step.name) });
             }
-            if step
-                .config
-                .as_ref()
-                .is_some_and(|c| !c.is_object() && !c.is_null())
-            {
+            if step.config.as_ref().is_some_and(|c| !c.is_object() && !c.is_null()) {
                 return Err(TemplateError::InvalidConfig(step.name.clone()));
             }
         }
-        let parents: Vec<Vec<usize>> = raw
-            .steps
-            .iter()
-            .map(|s| s.depends_on.iter().map(|d| index[d.as_str()]).collect())
-            .collect();
-        let (order, levels) = topological_order(&parents).map_err(|cycle| {
-            TemplateError::Cycle(
-                cycle
-                    .into_iter()
-                    .map(|i| raw.steps[i].name.clone())
-                    .collect(),
-            )
-        })?;
+        let parents: Vec<Vec<usize>> =
+            raw.steps.iter().map(|s| s.depends_on.iter().map(|d| index[d.as_str()]).collect()).collect();
+        let (order, levels) = topological_order(&parents)
+            .map_err(|cycle| TemplateError::Cycle(cycle.into_iter().map(|i| raw.steps[i].name.clone()).collect()))?;
 
         let defaults = &raw.defaults;
         let mut steps_by_index: Vec<Option<RawStep>> = raw.steps.into_iter().map(Some).collect();
@@ -266,16 +223,9 @@ impl Template {
                     name: raw.name,
                     handler: raw.handler,
                     depends_on: raw.depends_on,
-                    max_attempts: raw
-                        .max_attempts
-                        .or(defaults.max_attempts)
-                        .unwrap_or(DEFAULT_MAX_ATTEMPTS),
+                    max_attempts: raw.max_attempts.or(defaults.max_attempts).unwrap_or(DEFAULT_MAX_ATTEMPTS),
                     retryable: raw.retryable.or(defaults.retryable).unwrap_or(true),
-                    timeout_ms: raw
-                        .timeout
-                        .or(defaults.timeout)
-                        .unwrap_or(DEFAULT_TIMEOUT)
-                        .as_millis() as u64,
+                    timeout_ms: raw.timeout.or(defaults.timeout).unwrap_or(DEFAULT_TIMEOUT).as_millis() as u64,
                     config: match raw.config {
                         Some(Value::Object(map)) => Value::Object(map),
                         _ => Value::Object(Default::default()),
@@ -297,14 +247,9 @@ impl Template {
     /// A digest of the validated content: equal for templates that mean the same thing,
     /// whatever their YAML formatting.
     pub fn content_hash(&self) -> String {
-        let canonical = serde_json::to_vec(&canonical(
-            serde_json::to_value(self).expect("template serializes"),
-        ))
-        .expect("value serializes");
-        Sha256::digest(&canonical)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        let canonical = serde_json::to_vec(&canonical(serde_json::to_value(self).expect("template serializes")))
+            .expect("value serializes");
+        Sha256::digest(&canonical).iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Checks a task context against the input schema, if the template has one.
@@ -312,16 +257,11 @@ impl Template {
         let Some(schema) = &self.input_schema else {
             return Ok(());
         };
-        let validator = jsonschema::validator_for(schema).map_err(|e| ContextError {
-            path: String::new(),
-            message: format!("input schema: {e}"),
-        })?;
+        let validator = jsonschema::validator_for(schema)
+            .map_err(|e| ContextError { path: String::new(), message: format!("input schema: {e}") })?;
         match validator.iter_errors(context).next() {
             None => Ok(()),
-            Some(err) => Err(ContextError {
-                path: err.instance_path().to_string(),
-                message: err.to_string(),
-            }),
+            Some(err) => Err(ContextError { path: err.instance_path().to_string(), message: err.to_string() }),
         }
     }
 
@@ -334,8 +274,7 @@ impl Template {
 fn canonical(value: Value) -> Value {
     match value {
         Value::Object(map) => {
-            let sorted: BTreeMap<String, Value> =
-                map.into_iter().map(|(k, v)| (k, canonical(v))).collect();
+            let sorted: BTreeMap<String, Value> = map.into_iter().map(|(k, v)| (k, canonical(v))).collect();
             Value::Object(sorted.into_iter().collect())
         }
         Value::Array(items) => Value::Array(items.into_iter().map(canonical).collect()),
@@ -357,8 +296,7 @@ fn topological_order(parents: &[Vec<usize>]) -> Result<(Vec<usize>, Vec<u32>), V
     }
     let mut levels = vec![0u32; n];
     let mut order = Vec::with_capacity(n);
-    let mut ready: std::collections::VecDeque<usize> =
-        (0..n).filter(|&i| pending[i] == 0).collect();
+    let mut ready: std::collections::VecDeque<usize> = (0..n).filter(|&i| pending[i] == 0).collect();
     while let Some(i) = ready.pop_front() {
         order.push(i);
         for &c in &children[i] {
@@ -385,10 +323,7 @@ fn topological_order(parents: &[Vec<usize>]) -> Result<(Vec<usize>, Vec<u32>), V
         }
         seen[at] = path.len();
         path.push(at);
-        at = *parents[at]
-            .iter()
-            .find(|&&p| pending[p] > 0)
-            .expect("an unplaced parent");
+        at = *parents[at].iter().find(|&&p| pending[p] > 0).expect("an unplaced parent");
     }
 }
 

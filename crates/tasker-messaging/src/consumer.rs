@@ -4,8 +4,7 @@ use futures::{FutureExt, StreamExt};
 use lapin::{
     Acker, Channel, Connection,
     options::{
-        BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
-        QueueDeclareOptions,
+        BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable},
 };
@@ -27,23 +26,13 @@ impl Ack {
     /// Returns the delivery to the queue for another try (counts toward the delivery
     /// limit on quorum queues).
     pub async fn retry(&self) -> Result<()> {
-        self.acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
-            .await?;
+        self.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
         Ok(())
     }
 
     /// Refuses the delivery for good: it goes to the dead-letter queue.
     pub async fn reject(&self) -> Result<()> {
-        self.acker
-            .nack(BasicNackOptions {
-                requeue: false,
-                ..Default::default()
-            })
-            .await?;
+        self.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?;
         Ok(())
     }
 }
@@ -67,29 +56,13 @@ pub struct Consumer<T> {
 }
 
 impl<T: prost::Message + Default> Consumer<T> {
-    pub(crate) async fn open(
-        connection: &Connection,
-        queue: &str,
-        prefetch: u16,
-    ) -> Result<Consumer<T>> {
+    pub(crate) async fn open(connection: &Connection, queue: &str, prefetch: u16) -> Result<Consumer<T>> {
         let channel = connection.create_channel().await?;
-        channel
-            .basic_qos(prefetch.max(1), BasicQosOptions::default())
-            .await?;
+        channel.basic_qos(prefetch.max(1), BasicQosOptions::default()).await?;
         let inner = channel
-            .basic_consume(
-                queue.into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+            .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await?;
-        Ok(Consumer {
-            queue: queue.to_owned(),
-            inner,
-            _channel: channel,
-            _kind: PhantomData,
-        })
+        Ok(Consumer { queue: queue.to_owned(), inner, _channel: channel, _kind: PhantomData })
     }
 
     /// The next delivery; an error when the consumer is gone.
@@ -135,9 +108,7 @@ fn decode<T: prost::Message + Default>(delivery: lapin::message::Delivery) -> In
         message: T::decode(delivery.data.as_slice()).ok(),
         redelivered: delivery.redelivered,
         headers,
-        ack: Ack {
-            acker: delivery.acker,
-        },
+        ack: Ack { acker: delivery.acker },
     }
 }
 
@@ -156,21 +127,11 @@ pub struct EventStream {
 }
 
 impl EventStream {
-    pub(crate) async fn open(
-        connection: &Connection,
-        topology: &Topology,
-        patterns: &[&str],
-    ) -> Result<EventStream> {
+    pub(crate) async fn open(connection: &Connection, topology: &Topology, patterns: &[&str]) -> Result<EventStream> {
         let channel = connection.create_channel().await?;
         topology.declare_events(&channel).await?;
-        let options = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        };
-        let queue = channel
-            .queue_declare("".into(), options, FieldTable::default())
-            .await?;
+        let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        let queue = channel.queue_declare("".into(), options, FieldTable::default()).await?;
         for pattern in patterns {
             channel
                 .queue_bind(
@@ -182,22 +143,9 @@ impl EventStream {
                 )
                 .await?;
         }
-        let options = BasicConsumeOptions {
-            no_ack: true,
-            ..Default::default()
-        };
-        let inner = channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                options,
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(EventStream {
-            inner,
-            _channel: channel,
-        })
+        let options = BasicConsumeOptions { no_ack: true, ..Default::default() };
+        let inner = channel.basic_consume(queue.name().clone(), "".into(), options, FieldTable::default()).await?;
+        Ok(EventStream { inner, _channel: channel })
     }
 
     /// The next event; `None` when the subscription ended.

@@ -43,10 +43,7 @@ impl Broker {
     pub async fn connect(url: &str, topology: Topology, name: &str) -> Result<Broker> {
         let props = ConnectionProperties::default().with_connection_name(name.to_owned().into());
         let connection = Connection::connect(url, props).await?;
-        Ok(Broker {
-            connection,
-            topology,
-        })
+        Ok(Broker { connection, topology })
     }
 
     pub fn topology(&self) -> &Topology {
@@ -67,12 +64,8 @@ impl Broker {
     pub async fn declare_orchestrator(&self) -> Result<()> {
         let channel = self.connection.create_channel().await?;
         self.topology.declare_dead_letter(&channel).await?;
-        self.topology
-            .declare_queue(&channel, &self.topology.tasks_queue())
-            .await?;
-        self.topology
-            .declare_queue(&channel, &self.topology.results_queue())
-            .await?;
+        self.topology.declare_queue(&channel, &self.topology.tasks_queue()).await?;
+        self.topology.declare_queue(&channel, &self.topology.results_queue()).await?;
         channel.close(200, "declared".into()).await?;
         Ok(())
     }
@@ -81,9 +74,7 @@ impl Broker {
     pub async fn declare_steps(&self, namespace: &str) -> Result<()> {
         let channel = self.connection.create_channel().await?;
         self.topology.declare_dead_letter(&channel).await?;
-        self.topology
-            .declare_queue(&channel, &self.topology.steps_queue(namespace))
-            .await?;
+        self.topology.declare_queue(&channel, &self.topology.steps_queue(namespace)).await?;
         channel.close(200, "declared".into()).await?;
         Ok(())
     }
@@ -97,11 +88,7 @@ impl Broker {
     }
 
     /// Consumes a queue with manual acks and at most `prefetch` unacked deliveries.
-    pub async fn consume<T: prost::Message + Default>(
-        &self,
-        queue: &str,
-        prefetch: u16,
-    ) -> Result<Consumer<T>> {
+    pub async fn consume<T: prost::Message + Default>(&self, queue: &str, prefetch: u16) -> Result<Consumer<T>> {
         Consumer::open(&self.connection, queue, prefetch).await
     }
 

@@ -24,21 +24,11 @@ pub enum Command {
 impl Command {
     fn route(&self, topology: &Topology) -> (String, &'static str, Vec<u8>) {
         match self {
-            Command::Task(m) => (
-                topology.tasks_queue(),
-                "tasker.messages.v1.TaskRequest",
-                m.encode_to_vec(),
-            ),
-            Command::Step(m) => (
-                topology.steps_queue(&m.namespace),
-                "tasker.messages.v1.StepExecution",
-                m.encode_to_vec(),
-            ),
-            Command::Report(m) => (
-                topology.results_queue(),
-                "tasker.messages.v1.StepReport",
-                m.encode_to_vec(),
-            ),
+            Command::Task(m) => (topology.tasks_queue(), "tasker.messages.v1.TaskRequest", m.encode_to_vec()),
+            Command::Step(m) => {
+                (topology.steps_queue(&m.namespace), "tasker.messages.v1.StepExecution", m.encode_to_vec())
+            }
+            Command::Report(m) => (topology.results_queue(), "tasker.messages.v1.StepReport", m.encode_to_vec()),
         }
     }
 
@@ -61,9 +51,7 @@ pub struct Publisher {
 impl Publisher {
     pub(crate) async fn open(connection: &Connection, topology: Topology) -> Result<Publisher> {
         let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok(Publisher { channel, topology })
     }
 
@@ -81,10 +69,7 @@ impl Publisher {
             if let Some(trace) = command.trace_context().filter(|t| !t.is_empty()) {
                 let mut headers = FieldTable::default();
                 for (k, v) in trace.iter().collect::<BTreeMap<_, _>>() {
-                    headers.insert(
-                        k.as_str().into(),
-                        AMQPValue::LongString(LongString::from(v.as_str())),
-                    );
+                    headers.insert(k.as_str().into(), AMQPValue::LongString(LongString::from(v.as_str())));
                 }
                 props = props.with_headers(headers);
             }
@@ -93,10 +78,7 @@ impl Publisher {
                 .basic_publish(
                     "".into(),
                     queue.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
                     &payload,
                     props,
                 )

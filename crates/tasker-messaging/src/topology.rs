@@ -2,8 +2,7 @@ use crate::Result;
 use lapin::{
     Channel, ExchangeKind,
     options::{
-        ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-        QueueDeleteOptions,
+        ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
     },
     types::{AMQPValue, FieldTable, LongString},
 };
@@ -47,11 +46,7 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(prefix: impl Into<String>, queue_type: QueueType, delivery_limit: u32) -> Topology {
-        Topology {
-            prefix: prefix.into(),
-            queue_type,
-            delivery_limit,
-        }
+        Topology { prefix: prefix.into(), queue_type, delivery_limit }
     }
 
     pub fn prefix(&self) -> &str {
@@ -84,49 +79,24 @@ impl Topology {
 
     pub(crate) async fn declare_queue(&self, channel: &Channel, name: &str) -> Result<()> {
         let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(LongString::from(self.queue_type.name())),
-        );
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(self.dead_letter_exchange().into()),
-        );
+        args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from(self.queue_type.name())));
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_letter_exchange().into()));
         if self.queue_type == QueueType::Quorum {
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongInt(self.delivery_limit as i32),
-            );
+            args.insert("x-delivery-limit".into(), AMQPValue::LongInt(self.delivery_limit as i32));
         }
-        let options = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
+        let options = QueueDeclareOptions { durable: true, ..Default::default() };
         channel.queue_declare(name.into(), options, args).await?;
         Ok(())
     }
 
     pub(crate) async fn declare_dead_letter(&self, channel: &Channel) -> Result<()> {
-        let options = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
+        let options = ExchangeDeclareOptions { durable: true, ..Default::default() };
         channel
-            .exchange_declare(
-                self.dead_letter_exchange().into(),
-                ExchangeKind::Fanout,
-                options,
-                FieldTable::default(),
-            )
+            .exchange_declare(self.dead_letter_exchange().into(), ExchangeKind::Fanout, options, FieldTable::default())
             .await?;
         let queue = self.dead_letter_queue();
-        let options = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        channel
-            .queue_declare(queue.as_str().into(), options, FieldTable::default())
-            .await?;
+        let options = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(queue.as_str().into(), options, FieldTable::default()).await?;
         channel
             .queue_bind(
                 queue.into(),
@@ -140,37 +110,21 @@ impl Topology {
     }
 
     pub(crate) async fn declare_events(&self, channel: &Channel) -> Result<()> {
-        let options = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
+        let options = ExchangeDeclareOptions { durable: true, ..Default::default() };
         channel
-            .exchange_declare(
-                self.events_exchange().into(),
-                ExchangeKind::Topic,
-                options,
-                FieldTable::default(),
-            )
+            .exchange_declare(self.events_exchange().into(), ExchangeKind::Topic, options, FieldTable::default())
             .await?;
         Ok(())
     }
 
     pub(crate) async fn delete(&self, channel: &Channel, namespaces: &[String]) -> Result<()> {
-        let mut queues = vec![
-            self.tasks_queue(),
-            self.results_queue(),
-            self.dead_letter_queue(),
-        ];
+        let mut queues = vec![self.tasks_queue(), self.results_queue(), self.dead_letter_queue()];
         queues.extend(namespaces.iter().map(|ns| self.steps_queue(ns)));
         for queue in queues {
-            channel
-                .queue_delete(queue.into(), QueueDeleteOptions::default())
-                .await?;
+            channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
         }
         for exchange in [self.events_exchange(), self.dead_letter_exchange()] {
-            channel
-                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-                .await?;
+            channel.exchange_delete(exchange.into(), ExchangeDeleteOptions::default()).await?;
         }
         Ok(())
     }

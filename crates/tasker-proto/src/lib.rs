@@ -14,5 +14,4 @@ pub mod messages {
 }
 
 /// The encoded file descriptor set of every proto, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/tasker_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tasker_descriptor.bin"));

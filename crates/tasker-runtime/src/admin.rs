@@ -9,10 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// A named readiness check.
-pub type ReadyCheck = (
-    &'static str,
-    Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>,
-);
+pub type ReadyCheck = (&'static str, Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>);
 
 /// Builds a [`ReadyCheck`] from an async closure.
 pub fn ready_check<F, Fut>(name: &'static str, check: F) -> ReadyCheck
@@ -30,30 +27,20 @@ pub struct Admin {
 
 impl Admin {
     pub async fn bind(addr: SocketAddr) -> std::io::Result<Admin> {
-        Ok(Admin {
-            listener: TcpListener::bind(addr).await?,
-        })
+        Ok(Admin { listener: TcpListener::bind(addr).await? })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.listener.local_addr().expect("bound listener has an address")
     }
 
     /// Serves until `shutdown`.
-    pub async fn serve(
-        self,
-        checks: Vec<ReadyCheck>,
-        shutdown: CancellationToken,
-    ) -> std::io::Result<()> {
+    pub async fn serve(self, checks: Vec<ReadyCheck>, shutdown: CancellationToken) -> std::io::Result<()> {
         let app = Router::new()
             .route("/health/live", get(|| async { "ok\n" }))
             .route("/health/ready", get(ready))
             .with_state(Arc::new(checks));
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
+        axum::serve(self.listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
     }
 }
 
@@ -63,16 +50,11 @@ async fn ready(State(checks): State<Arc<Vec<ReadyCheck>>>) -> (StatusCode, Strin
         async move { (*name, fut.await) }
     }))
     .await;
-    let failing: Vec<String> = results
-        .into_iter()
-        .filter_map(|(name, r)| r.err().map(|e| format!("{name}: {e}")))
-        .collect();
+    let failing: Vec<String> =
+        results.into_iter().filter_map(|(name, r)| r.err().map(|e| format!("{name}: {e}"))).collect();
     if failing.is_empty() {
         (StatusCode::OK, "ready\n".into())
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready\n{}\n", failing.join("\n")),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready\n{}\n", failing.join("\n")))
     }
 }

@@ -38,11 +38,7 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self {
-            url: "postgres://postgres@127.0.0.1:5432/tasker".into(),
-            pool_size: 16,
-            migrate: true,
-        }
+        Self { url: "postgres://postgres@127.0.0.1:5432/tasker".into(), pool_size: 16, migrate: true }
     }
 }
 
@@ -87,10 +83,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            format: LogFormat::Pretty,
-            filter: "info".into(),
-        }
+        Self { format: LogFormat::Pretty, filter: "info".into() }
     }
 }
 
@@ -105,11 +98,7 @@ pub struct ApiConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self {
-            listen: ([0, 0, 0, 0], 50051).into(),
-            admin_listen: ([0, 0, 0, 0], 9090).into(),
-            templates_dir: None,
-        }
+        Self { listen: ([0, 0, 0, 0], 50051).into(), admin_listen: ([0, 0, 0, 0], 9090).into(), templates_dir: None }
     }
 }
 
@@ -195,11 +184,7 @@ pub struct PublisherConfig {
 
 impl Default for PublisherConfig {
     fn default() -> Self {
-        Self {
-            admin_listen: ([0, 0, 0, 0], 9093).into(),
-            batch_size: 500,
-            poll_interval: Duration::from_secs(1),
-        }
+        Self { admin_listen: ([0, 0, 0, 0], 9093).into(), batch_size: 500, poll_interval: Duration::from_secs(1) }
     }
 }
 
@@ -229,7 +214,10 @@ mod tests {
     #[test]
     fn defaults_file_then_environment() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("tasker.toml", "[database]\nurl = \"postgres://file/db\"\npool_size = 3\n[worker]\nnamespaces = [\"a\"]\n")?;
+            jail.create_file(
+                "tasker.toml",
+                "[database]\nurl = \"postgres://file/db\"\npool_size = 3\n[worker]\nnamespaces = [\"a\"]\n",
+            )?;
             jail.set_env("TASKER_DATABASE__POOL_SIZE", "7");
             jail.set_env("TASKER_WORKER__NAMESPACES", "[payments, shipping]");
             jail.set_env("TASKER_ORCHESTRATOR__SWEEP_INTERVAL", "250ms");
@@ -237,10 +225,7 @@ mod tests {
             assert_eq!(config.database.url, "postgres://file/db");
             assert_eq!(config.database.pool_size, 7);
             assert_eq!(config.worker.namespaces, ["payments", "shipping"]);
-            assert_eq!(
-                config.orchestrator.sweep_interval,
-                Duration::from_millis(250)
-            );
+            assert_eq!(config.orchestrator.sweep_interval, Duration::from_millis(250));
             assert_eq!(config.amqp.prefix, "tasker");
             Ok(())
         });

@@ -9,8 +9,8 @@ mod telemetry;
 
 pub use admin::{Admin, ReadyCheck, ready_check};
 pub use config::{
-    AmqpConfig, ApiConfig, Config, DatabaseConfig, LogConfig, LogFormat, OrchestratorConfig,
-    PublisherConfig, WorkerConfig,
+    AmqpConfig, ApiConfig, Config, DatabaseConfig, LogConfig, LogFormat, OrchestratorConfig, PublisherConfig,
+    WorkerConfig,
 };
 pub use shutdown::{shutdown_on_signal, wait_for_signal};
 pub use telemetry::init_tracing;
@@ -45,11 +45,7 @@ where
     };
     init_tracing(&config.log);
     let shutdown = shutdown_on_signal();
-    tracing::info!(
-        service = name,
-        version = env!("CARGO_PKG_VERSION"),
-        "starting"
-    );
+    tracing::info!(service = name, version = env!("CARGO_PKG_VERSION"), "starting");
     match run(config, shutdown).await {
         Ok(()) => {
             tracing::info!(service = name, "stopped");

@@ -40,10 +40,7 @@ impl Error {
     /// `true` when the database could not be reached or failed, rather than the request
     /// being wrong: worth retrying later.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            Error::Database(_) | Error::Pool(_) | Error::Migrate(_)
-        )
+        matches!(self, Error::Database(_) | Error::Pool(_) | Error::Migrate(_))
     }
 }
 

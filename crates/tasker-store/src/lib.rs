@@ -36,9 +36,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 /// holds an advisory lock while it migrates.
 pub async fn migrate(database_url: &str) -> Result<()> {
     use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(database_url)
-        .await
-        .map_err(Error::migrate)?;
+    let mut conn = sqlx::PgConnection::connect(database_url).await.map_err(Error::migrate)?;
     MIGRATOR.run(&mut conn).await.map_err(Error::migrate)?;
     conn.close().await.map_err(Error::migrate)?;
     Ok(())
@@ -55,13 +53,7 @@ impl Store {
     /// Builds the pool and checks that the database answers.
     pub async fn connect(database_url: &str, pool_size: usize) -> Result<Store> {
         let pg = tokio_postgres::Config::from_str(database_url).map_err(Error::config)?;
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
             .wait_timeout(Some(Duration::from_secs(10)))
@@ -69,10 +61,7 @@ impl Store {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(Error::config)?;
-        let store = Store {
-            pool,
-            url: database_url.to_owned(),
-        };
+        let store = Store { pool, url: database_url.to_owned() };
         store.ping().await?;
         Ok(store)
     }

@@ -38,20 +38,9 @@ impl Store {
         }
         let metadata = actor.metadata("cancel");
         let subject = task.subject();
-        let open = [
-            StepState::Pending,
-            StepState::Enqueued,
-            StepState::InProgress,
-            StepState::WaitingForRetry,
-        ];
+        let open = [StepState::Pending, StepState::Enqueued, StepState::InProgress, StepState::WaitingForRetry];
         for mut step in tx.steps_in(task_id, &open).await? {
-            tx.transition_step(
-                &subject,
-                &mut step,
-                StepState::Cancelled,
-                metadata.clone(),
-                StepChange::default(),
-            )?;
+            tx.transition_step(&subject, &mut step, StepState::Cancelled, metadata.clone(), StepChange::default())?;
         }
         tx.transition_task(&mut task, TaskState::Cancelled, metadata)?;
         tx.commit().await
@@ -60,20 +49,14 @@ impl Store {
     /// Puts an `error` step back to `pending` with its attempts reset, and resumes the task.
     /// Returns the task id; the orchestrator then dispatches the step.
     pub async fn retry_step(&self, step_id: Uuid, actor: &Actor) -> Result<Uuid> {
-        self.repair_step(step_id, StepState::Pending, None, actor.metadata("retry"))
-            .await
+        self.repair_step(step_id, StepState::Pending, None, actor.metadata("retry")).await
     }
 
     /// Marks an `error` step `resolved_manually` with the given results (JSON text), counts
     /// it as done for its children, and resumes the task. Returns the task id.
     pub async fn resolve_step(&self, step_id: Uuid, results: &str, actor: &Actor) -> Result<Uuid> {
-        self.repair_step(
-            step_id,
-            StepState::ResolvedManually,
-            Some(results.to_owned()),
-            actor.metadata("resolve"),
-        )
-        .await
+        self.repair_step(step_id, StepState::ResolvedManually, Some(results.to_owned()), actor.metadata("resolve"))
+            .await
     }
 
     async fn repair_step(
@@ -90,38 +73,25 @@ impl Store {
             .await?
             .remove(&task_id)
             .ok_or_else(|| Error::NotFound(format!("task {task_id} not found")))?;
-        let mut step = tx
-            .steps(&[step_id])
-            .await?
-            .pop()
-            .ok_or_else(|| Error::NotFound(format!("step {step_id} not found")))?;
+        let mut step =
+            tx.steps(&[step_id]).await?.pop().ok_or_else(|| Error::NotFound(format!("step {step_id} not found")))?;
         if step.status != StepState::Error {
             return Err(Error::FailedPrecondition(format!(
                 "step {} is {}; only a step in error can be {}",
                 step.name,
                 step.status,
-                if to == StepState::Pending {
-                    "retried"
-                } else {
-                    "resolved"
-                }
+                if to == StepState::Pending { "retried" } else { "resolved" }
             )));
         }
         if !matches!(task.status, TaskState::InProgress | TaskState::Error) {
-            return Err(Error::FailedPrecondition(format!(
-                "task {task_id} is {}",
-                task.status
-            )));
+            return Err(Error::FailedPrecondition(format!("task {task_id} is {}", task.status)));
         }
         tx.transition_step(
             &task.subject(),
             &mut step,
             to,
             metadata.clone(),
-            StepChange {
-                results,
-                ..Default::default()
-            },
+            StepChange { results, ..Default::default() },
         )?;
         if to == StepState::ResolvedManually {
             tx.release_children(step_id).await?;

@@ -200,9 +200,7 @@ impl Tx {
             .await?;
         let ready: Vec<Uuid> = released
             .iter()
-            .filter(|r| {
-                r.get::<_, i32>(1) == 0 && r.get::<_, &str>(2) == StepState::Pending.as_str()
-            })
+            .filter(|r| r.get::<_, i32>(1) == 0 && r.get::<_, &str>(2) == StepState::Pending.as_str())
             .map(|r| r.get(0))
             .collect();
         if ready.is_empty() {
@@ -223,28 +221,17 @@ impl Tx {
             )
             .await?;
         let row = &rows[0];
-        Ok(Progress {
-            unfinished: row.get(0),
-            active: row.get(1),
-            ready: row.get(2),
-        })
+        Ok(Progress { unfinished: row.get(0), active: row.get(1), ready: row.get(2) })
     }
 
     /// Builds the executions for steps just enqueued: the task context and each step's
     /// parents' results by name.
-    pub async fn dispatches(
-        &mut self,
-        task: &TaskHead,
-        steps: &[StepRow],
-    ) -> Result<Vec<Dispatch>> {
+    pub async fn dispatches(&mut self, task: &TaskHead, steps: &[StepRow]) -> Result<Vec<Dispatch>> {
         if steps.is_empty() {
             return Ok(Vec::new());
         }
         let ids: Vec<Uuid> = steps.iter().map(|s| s.id).collect();
-        let context: String = self
-            .query("SELECT context::text FROM tasks WHERE id = $1", &[&task.id])
-            .await?[0]
-            .get(0);
+        let context: String = self.query("SELECT context::text FROM tasks WHERE id = $1", &[&task.id]).await?[0].get(0);
         let parents = self
             .query(
                 "SELECT e.to_step_id, p.name, COALESCE(p.results::text, 'null') \
@@ -255,10 +242,7 @@ impl Tx {
             .await?;
         let mut by_child: HashMap<Uuid, HashMap<String, String>> = HashMap::new();
         for row in &parents {
-            by_child
-                .entry(row.get(0))
-                .or_default()
-                .insert(row.get(1), row.get(2));
+            by_child.entry(row.get(0)).or_default().insert(row.get(1), row.get(2));
         }
         Ok(steps
             .iter()
@@ -284,11 +268,7 @@ impl Tx {
 /// finding under the task lock.
 impl Store {
     /// Tasks still `pending` after `older_than` (their request may have been lost).
-    pub async fn stale_pending_tasks(
-        &self,
-        older_than: std::time::Duration,
-        limit: i64,
-    ) -> Result<Vec<Uuid>> {
+    pub async fn stale_pending_tasks(&self, older_than: std::time::Duration, limit: i64) -> Result<Vec<Uuid>> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
@@ -296,9 +276,7 @@ impl Store {
                  AND updated_at < now() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2",
             )
             .await?;
-        let rows = client
-            .query(&stmt, &[&older_than.as_secs_f64(), &limit])
-            .await?;
+        let rows = client.query(&stmt, &[&older_than.as_secs_f64(), &limit]).await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
@@ -325,11 +303,7 @@ impl Store {
     }
 
     /// `(task, step)` of attempts enqueued longer than `older_than` ago and never started.
-    pub async fn stale_enqueued_steps(
-        &self,
-        older_than: std::time::Duration,
-        limit: i64,
-    ) -> Result<Vec<(Uuid, Uuid)>> {
+    pub async fn stale_enqueued_steps(&self, older_than: std::time::Duration, limit: i64) -> Result<Vec<(Uuid, Uuid)>> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
@@ -337,18 +311,12 @@ impl Store {
                  AND updated_at < now() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2",
             )
             .await?;
-        let rows = client
-            .query(&stmt, &[&older_than.as_secs_f64(), &limit])
-            .await?;
+        let rows = client.query(&stmt, &[&older_than.as_secs_f64(), &limit]).await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// `(task, step)` of attempts in progress past their timeout plus `grace`.
-    pub async fn overdue_steps(
-        &self,
-        grace: std::time::Duration,
-        limit: i64,
-    ) -> Result<Vec<(Uuid, Uuid)>> {
+    pub async fn overdue_steps(&self, grace: std::time::Duration, limit: i64) -> Result<Vec<(Uuid, Uuid)>> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(

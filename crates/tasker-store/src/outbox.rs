@@ -35,9 +35,7 @@ impl OutboxBatch {
     /// Deletes the relayed rows and commits.
     pub async fn complete(mut self) -> Result<()> {
         let ids: Vec<i64> = self.rows.iter().map(|r| r.id).collect();
-        self.tx
-            .execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids])
-            .await?;
+        self.tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids]).await?;
         self.tx.commit().await
     }
 }
@@ -47,27 +45,16 @@ impl Store {
     /// lock; an empty batch when there is nothing to relay.
     pub async fn claim_outbox(&self, limit: i64) -> Result<Option<OutboxBatch>> {
         let mut tx = self.begin().await?;
-        let locked: bool = tx
-            .query("SELECT pg_try_advisory_xact_lock($1)", &[&RELAY_LOCK])
-            .await?[0]
-            .get(0);
+        let locked: bool = tx.query("SELECT pg_try_advisory_xact_lock($1)", &[&RELAY_LOCK]).await?[0].get(0);
         if !locked {
             tx.rollback().await?;
             return Ok(None);
         }
         let rows = tx
-            .query(
-                "SELECT id, event_id, routing_key, payload FROM outbox ORDER BY id LIMIT $1",
-                &[&limit],
-            )
+            .query("SELECT id, event_id, routing_key, payload FROM outbox ORDER BY id LIMIT $1", &[&limit])
             .await?
             .iter()
-            .map(|r| OutboxRow {
-                id: r.get(0),
-                event_id: r.get(1),
-                routing_key: r.get(2),
-                payload: r.get(3),
-            })
+            .map(|r| OutboxRow { id: r.get(0), event_id: r.get(1), routing_key: r.get(2), payload: r.get(3) })
             .collect();
         Ok(Some(OutboxBatch { tx, rows }))
     }

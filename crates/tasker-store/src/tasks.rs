@@ -11,8 +11,8 @@ use uuid::Uuid;
 use crate::{
     Error, Result, Store, TemplateRecord,
     rows::{
-        EdgeRow, STEP_VIEW_COLUMNS, StepView, TASK_COLUMNS, TaskRow, TaskView, TransitionRow,
-        step_view, task_row, transition_row,
+        EdgeRow, STEP_VIEW_COLUMNS, StepView, TASK_COLUMNS, TaskRow, TaskView, TransitionRow, step_view, task_row,
+        transition_row,
     },
 };
 
@@ -94,41 +94,17 @@ impl Store {
             return self.deduplicate(new).await;
         }
 
-        let ids: Vec<Uuid> = template
-            .steps
-            .iter()
-            .map(|_| tasker_domain::new_id())
-            .collect();
-        let by_name: HashMap<&str, Uuid> = template
-            .steps
-            .iter()
-            .zip(&ids)
-            .map(|(s, id)| (s.name.as_str(), *id))
-            .collect();
+        let ids: Vec<Uuid> = template.steps.iter().map(|_| tasker_domain::new_id()).collect();
+        let by_name: HashMap<&str, Uuid> =
+            template.steps.iter().zip(&ids).map(|(s, id)| (s.name.as_str(), *id)).collect();
         let names: Vec<&str> = template.steps.iter().map(|s| s.name.as_str()).collect();
         let handlers: Vec<&str> = template.steps.iter().map(|s| s.handler.as_str()).collect();
-        let configs: Vec<String> = template
-            .steps
-            .iter()
-            .map(|s| s.config.to_string())
-            .collect();
+        let configs: Vec<String> = template.steps.iter().map(|s| s.config.to_string()).collect();
         let retryable: Vec<bool> = template.steps.iter().map(|s| s.retryable).collect();
-        let max_attempts: Vec<i32> = template
-            .steps
-            .iter()
-            .map(|s| s.max_attempts as i32)
-            .collect();
+        let max_attempts: Vec<i32> = template.steps.iter().map(|s| s.max_attempts as i32).collect();
         let timeouts: Vec<i64> = template.steps.iter().map(|s| s.timeout_ms as i64).collect();
-        let parents: Vec<i32> = template
-            .steps
-            .iter()
-            .map(|s| s.depends_on.len() as i32)
-            .collect();
-        let levels: Vec<i32> = template
-            .steps
-            .iter()
-            .map(|s| s.dependency_level as i32)
-            .collect();
+        let parents: Vec<i32> = template.steps.iter().map(|s| s.depends_on.len() as i32).collect();
+        let levels: Vec<i32> = template.steps.iter().map(|s| s.dependency_level as i32).collect();
         tx.execute(
             "INSERT INTO workflow_steps (id, task_id, name, handler, handler_config, retryable, max_attempts, \
                timeout_ms, status, pending_parents, dependency_level) \
@@ -143,11 +119,7 @@ impl Store {
         let (from, to): (Vec<Uuid>, Vec<Uuid>) = template
             .steps
             .iter()
-            .flat_map(|s| {
-                s.depends_on
-                    .iter()
-                    .map(|d| (by_name[d.as_str()], by_name[s.name.as_str()]))
-            })
+            .flat_map(|s| s.depends_on.iter().map(|d| (by_name[d.as_str()], by_name[s.name.as_str()])))
             .unzip();
         if !from.is_empty() {
             tx.execute(
@@ -159,10 +131,11 @@ impl Store {
         }
         let metadata = json!({ "initiator": new.initiator, "reason": new.reason });
         let now = Utc::now();
+        let transition_id = tasker_domain::new_id();
         tx.execute(
             "INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at) \
              VALUES ($1, $2, NULL, 'pending', 1, true, $3, $4)",
-            &[&tasker_domain::new_id(), &task_id, &metadata, &now],
+            &[&transition_id, &task_id, &metadata, &now],
         )
         .await?;
         let subject = EventSubject {
@@ -171,31 +144,20 @@ impl Store {
             task_name: template.name.clone(),
             task_version: template.version.to_string(),
         };
-        tx.push_event(
-            task_id,
-            &CloudEvent::task(&subject, None, TaskState::Pending, &metadata, now),
-        );
+        tx.push_event(task_id, &CloudEvent::task(transition_id, &subject, None, TaskState::Pending, &metadata, now));
         tx.commit().await?;
-        Ok(CreateOutcome {
-            task_id,
-            deduplicated: false,
-        })
+        Ok(CreateOutcome { task_id, deduplicated: false })
     }
 
     async fn deduplicate(&self, new: &NewTask<'_>) -> Result<CreateOutcome> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("SELECT id, request_hash FROM tasks WHERE idempotency_key = $1")
-            .await?;
+        let stmt = client.prepare_cached("SELECT id, request_hash FROM tasks WHERE idempotency_key = $1").await?;
         let row = client
             .query_opt(&stmt, &[&new.idempotency_key])
             .await?
             .ok_or_else(|| Error::Corrupt("idempotency key conflict without a task".into()))?;
         if row.get::<_, Option<&str>>(1) == Some(new.request_hash) {
-            Ok(CreateOutcome {
-                task_id: row.get(0),
-                deduplicated: true,
-            })
+            Ok(CreateOutcome { task_id: row.get(0), deduplicated: true })
         } else {
             Err(Error::AlreadyExists(format!(
                 "idempotency_key `{}` was already used for a different request",
@@ -207,15 +169,9 @@ impl Store {
     /// A task with its steps and edges, and transitions when asked for.
     pub async fn task(&self, id: Uuid, include_transitions: bool) -> Result<TaskView> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT {TASK_COLUMNS} FROM tasks t WHERE t.id = $1"
-            ))
-            .await?;
-        let row = client
-            .query_opt(&stmt, &[&id])
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("task {id} not found")))?;
+        let stmt = client.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.id = $1")).await?;
+        let row =
+            client.query_opt(&stmt, &[&id]).await?.ok_or_else(|| Error::NotFound(format!("task {id} not found")))?;
         let task = task_row(&row)?;
         let steps_stmt = client
             .prepare_cached(&format!(
@@ -230,18 +186,10 @@ impl Store {
             )
             .await?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
-        let (steps, edges) = futures::try_join!(
-            client.query(&steps_stmt, &params),
-            client.query(&edges_stmt, &params)
-        )?;
+        let (steps, edges) =
+            futures::try_join!(client.query(&steps_stmt, &params), client.query(&edges_stmt, &params))?;
         let mut steps: Vec<StepView> = steps.iter().map(step_view).collect::<Result<_>>()?;
-        let edges = edges
-            .iter()
-            .map(|r| EdgeRow {
-                from_step: r.get(0),
-                to_step: r.get(1),
-            })
-            .collect();
+        let edges = edges.iter().map(|r| EdgeRow { from_step: r.get(0), to_step: r.get(1) }).collect();
         let mut transitions = Vec::new();
         if include_transitions {
             let task_stmt = client
@@ -256,10 +204,8 @@ impl Store {
                      FROM workflow_step_transitions WHERE task_id = $1 ORDER BY workflow_step_id, sort_key",
                 )
                 .await?;
-            let (own, of_steps) = futures::try_join!(
-                client.query(&task_stmt, &params),
-                client.query(&step_stmt, &params)
-            )?;
+            let (own, of_steps) =
+                futures::try_join!(client.query(&task_stmt, &params), client.query(&step_stmt, &params))?;
             transitions = own.iter().map(transition_row).collect();
             let mut by_step: HashMap<Uuid, Vec<TransitionRow>> = HashMap::new();
             for row in &of_steps {
@@ -270,26 +216,16 @@ impl Store {
                 step.transitions = by_step.remove(&step.id).unwrap_or_default();
             }
         }
-        Ok(TaskView {
-            task,
-            steps,
-            edges,
-            transitions,
-        })
+        Ok(TaskView { task, steps, edges, transitions })
     }
 
     /// One step, with its transitions when asked for.
     pub async fn step(&self, id: Uuid, include_transitions: bool) -> Result<StepView> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT {STEP_VIEW_COLUMNS} FROM workflow_steps s WHERE s.id = $1"
-            ))
-            .await?;
-        let row = client
-            .query_opt(&stmt, &[&id])
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("step {id} not found")))?;
+        let stmt =
+            client.prepare_cached(&format!("SELECT {STEP_VIEW_COLUMNS} FROM workflow_steps s WHERE s.id = $1")).await?;
+        let row =
+            client.query_opt(&stmt, &[&id]).await?.ok_or_else(|| Error::NotFound(format!("step {id} not found")))?;
         let mut step = step_view(&row)?;
         if include_transitions {
             let stmt = client
@@ -298,12 +234,7 @@ impl Store {
                      FROM workflow_step_transitions WHERE workflow_step_id = $1 ORDER BY sort_key",
                 )
                 .await?;
-            step.transitions = client
-                .query(&stmt, &[&id])
-                .await?
-                .iter()
-                .map(transition_row)
-                .collect();
+            step.transitions = client.query(&stmt, &[&id]).await?.iter().map(transition_row).collect();
         }
         Ok(step)
     }
@@ -342,11 +273,7 @@ impl Store {
         let mut tasks: Vec<TaskRow> = rows.iter().map(task_row).collect::<Result<_>>()?;
         let more = tasks.len() as i64 > limit;
         tasks.truncate(limit as usize);
-        let next = if more {
-            tasks.last().map(|t| (t.created_at, t.id))
-        } else {
-            None
-        };
+        let next = if more { tasks.last().map(|t| (t.created_at, t.id)) } else { None };
         Ok(TaskPage { tasks, next })
     }
 }

@@ -24,11 +24,7 @@ pub struct RegisterOutcome {
 
 fn record(row: &Row) -> TemplateRecord {
     let Json(template): Json<Template> = row.get(1);
-    TemplateRecord {
-        id: row.get(0),
-        template,
-        created_at: row.get(2),
-    }
+    TemplateRecord { id: row.get(0), template, created_at: row.get(2) }
 }
 
 const COLUMNS: &str = "n.id, n.template, n.created_at";
@@ -72,10 +68,7 @@ impl Store {
         if let Some(row) = inserted.first() {
             let record = record(row);
             tx.commit().await?;
-            return Ok(RegisterOutcome {
-                record,
-                created: true,
-            });
+            return Ok(RegisterOutcome { record, created: true });
         }
         let existing = tx
             .query(
@@ -87,28 +80,18 @@ impl Store {
             )
             .await?;
         tx.rollback().await?;
-        let row = existing
-            .first()
-            .ok_or_else(|| Error::Corrupt("registered template vanished".into()))?;
+        let row = existing.first().ok_or_else(|| Error::Corrupt("registered template vanished".into()))?;
         if row.get::<_, &str>(3) != hash {
             return Err(Error::AlreadyExists(format!(
                 "template {}/{} {} is already registered with different content; register a new version",
                 template.namespace, template.name, v
             )));
         }
-        Ok(RegisterOutcome {
-            record: record(row),
-            created: false,
-        })
+        Ok(RegisterOutcome { record: record(row), created: false })
     }
 
     /// One template: the given version, or the latest (highest semver) when `None`.
-    pub async fn template(
-        &self,
-        namespace: &str,
-        name: &str,
-        version: Option<&str>,
-    ) -> Result<TemplateRecord> {
+    pub async fn template(&self, namespace: &str, name: &str, version: Option<&str>) -> Result<TemplateRecord> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
@@ -136,12 +119,7 @@ impl Store {
                  ORDER BY ns.name, n.name, n.major DESC, n.minor DESC, n.patch DESC, n.pre DESC"
             ))
             .await?;
-        Ok(client
-            .query(&stmt, &[&namespace])
-            .await?
-            .iter()
-            .map(record)
-            .collect())
+        Ok(client.query(&stmt, &[&namespace]).await?.iter().map(record).collect())
     }
 
     /// Every namespace with its number of registered templates.
@@ -153,11 +131,6 @@ impl Store {
                  LEFT JOIN named_tasks n ON n.namespace_id = ns.id GROUP BY ns.name ORDER BY ns.name",
             )
             .await?;
-        Ok(client
-            .query(&stmt, &[])
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect())
+        Ok(client.query(&stmt, &[]).await?.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 }

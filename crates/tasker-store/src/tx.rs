@@ -75,12 +75,7 @@ pub struct StepChange {
 pub struct Tx {
     client: Option<Object>,
     steps: Vec<StepWrite>,
-    tasks: Vec<(
-        Uuid,
-        &'static str,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-    )>,
+    tasks: Vec<(Uuid, &'static str, Option<DateTime<Utc>>, Option<DateTime<Utc>>)>,
     step_transitions: Vec<TransitionWrite>,
     task_transitions: Vec<TransitionWrite>,
     events: Vec<(Uuid, Uuid, String, String)>,
@@ -109,11 +104,7 @@ impl Tx {
         self.client.as_ref().expect("transaction is open")
     }
 
-    pub(crate) async fn execute(
-        &mut self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64> {
+    pub(crate) async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         let client = self.reader().await?;
         let stmt = client.prepare_cached(sql).await?;
         Ok(client.execute(&stmt, params).await?)
@@ -131,12 +122,7 @@ impl Tx {
 
     /// Moves a task to `to`: checks the transition is legal, then buffers the status
     /// change, its transition row and its event.
-    pub fn transition_task(
-        &mut self,
-        task: &mut TaskHead,
-        to: TaskState,
-        metadata: Value,
-    ) -> Result<()> {
+    pub fn transition_task(&mut self, task: &mut TaskHead, to: TaskState, metadata: Value) -> Result<()> {
         task.status.check(to)?;
         let now = Utc::now();
         let from = task.status;
@@ -145,18 +131,16 @@ impl Tx {
         match to {
             TaskState::InProgress if task.started_at.is_none() => task.started_at = Some(now),
             TaskState::InProgress => task.completed_at = None,
-            TaskState::Complete | TaskState::Error | TaskState::Cancelled => {
-                task.completed_at = Some(now)
-            }
+            TaskState::Complete | TaskState::Error | TaskState::Cancelled => task.completed_at = Some(now),
             TaskState::Pending => {}
         }
         self.tasks.retain(|t| t.0 != task.id);
-        self.tasks
-            .push((task.id, to.as_str(), task.started_at, task.completed_at));
-        let event = CloudEvent::task(&task.subject(), Some(from), to, &metadata, now);
+        self.tasks.push((task.id, to.as_str(), task.started_at, task.completed_at));
+        let id = tasker_domain::new_id();
+        let event = CloudEvent::task(id, &task.subject(), Some(from), to, &metadata, now);
         self.push_event(task.id, &event);
         self.task_transitions.push(TransitionWrite {
-            id: tasker_domain::new_id(),
+            id,
             owner: task.id,
             task_id: task.id,
             from: Some(from.as_str()),
@@ -199,10 +183,9 @@ impl Tx {
             }
             StepState::InProgress => step.started_at = Some(now),
             StepState::WaitingForRetry => step.next_attempt_at = change.next_attempt_at,
-            StepState::Complete
-            | StepState::Error
-            | StepState::ResolvedManually
-            | StepState::Cancelled => step.completed_at = Some(now),
+            StepState::Complete | StepState::Error | StepState::ResolvedManually | StepState::Cancelled => {
+                step.completed_at = Some(now)
+            }
         }
         if change.error.is_some() {
             step.last_error = change.error;
@@ -214,15 +197,16 @@ impl Tx {
         } else {
             self.steps.push(step.snapshot(results));
         }
-        let step_ref = StepRef {
-            id: step.id,
-            name: &step.name,
-            attempt: step.attempts as u32,
-        };
-        let event = CloudEvent::step(subject, step_ref, from, to, &metadata, now);
+        let mut metadata = metadata;
+        if let Value::Object(map) = &mut metadata {
+            map.insert("attempt".into(), step.attempts.into());
+        }
+        let id = tasker_domain::new_id();
+        let step_ref = StepRef { id: step.id, name: &step.name, attempt: step.attempts as u32 };
+        let event = CloudEvent::step(id, subject, step_ref, from, to, &metadata, now);
         self.push_event(step.task_id, &event);
         self.step_transitions.push(TransitionWrite {
-            id: tasker_domain::new_id(),
+            id,
             owner: step.id,
             task_id: step.task_id,
             from: Some(from.as_str()),
@@ -236,8 +220,7 @@ impl Tx {
 
     pub(crate) fn push_event(&mut self, task_id: Uuid, event: &CloudEvent) {
         let payload = serde_json::to_string(event).expect("events serialize");
-        self.events
-            .push((event.id, task_id, event.routingkey.clone(), payload));
+        self.events.push((event.id, task_id, event.routingkey.clone(), payload));
     }
 
     /// Writes everything buffered.
@@ -248,16 +231,13 @@ impl Tx {
             let ids: Vec<Uuid> = steps.iter().map(|s| s.id).collect();
             let status: Vec<&str> = steps.iter().map(|s| s.status).collect();
             let attempts: Vec<i32> = steps.iter().map(|s| s.attempts).collect();
-            let next: Vec<Option<DateTime<Utc>>> =
-                steps.iter().map(|s| s.next_attempt_at).collect();
+            let next: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.next_attempt_at).collect();
             let error: Vec<Option<&str>> = steps.iter().map(|s| s.last_error.as_deref()).collect();
             let set_results: Vec<bool> = steps.iter().map(|s| s.results.is_some()).collect();
             let results: Vec<Option<&str>> = steps.iter().map(|s| s.results.as_deref()).collect();
-            let enqueued: Vec<Option<DateTime<Utc>>> =
-                steps.iter().map(|s| s.enqueued_at).collect();
+            let enqueued: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.enqueued_at).collect();
             let started: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.started_at).collect();
-            let completed: Vec<Option<DateTime<Utc>>> =
-                steps.iter().map(|s| s.completed_at).collect();
+            let completed: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.completed_at).collect();
             let stmt = client
                 .prepare_cached(
                     "UPDATE workflow_steps s SET status = u.status, attempts = u.attempts, \
@@ -275,18 +255,7 @@ impl Tx {
             client
                 .execute(
                     &stmt,
-                    &[
-                        &ids,
-                        &status,
-                        &attempts,
-                        &next,
-                        &error,
-                        &set_results,
-                        &results,
-                        &enqueued,
-                        &started,
-                        &completed,
-                    ],
+                    &[&ids, &status, &attempts, &next, &error, &set_results, &results, &enqueued, &started, &completed],
                 )
                 .await?;
         }
@@ -305,24 +274,10 @@ impl Tx {
                      WHERE t.id = u.id",
                 )
                 .await?;
-            client
-                .execute(&stmt, &[&ids, &status, &started, &completed])
-                .await?;
+            client.execute(&stmt, &[&ids, &status, &started, &completed]).await?;
         }
-        write_transitions(
-            client,
-            "workflow_step_transitions",
-            "workflow_step_id",
-            &mut self.step_transitions,
-        )
-        .await?;
-        write_transitions(
-            client,
-            "task_transitions",
-            "task_id",
-            &mut self.task_transitions,
-        )
-        .await?;
+        write_transitions(client, "workflow_step_transitions", "workflow_step_id", &mut self.step_transitions).await?;
+        write_transitions(client, "task_transitions", "task_id", &mut self.task_transitions).await?;
         if !self.events.is_empty() {
             let events = std::mem::take(&mut self.events);
             let ids: Vec<Uuid> = events.iter().map(|e| e.0).collect();
@@ -337,9 +292,7 @@ impl Tx {
                        AS e(event_id, task_id, routing_key, payload, n) ORDER BY e.n",
                 )
                 .await?;
-            client
-                .execute(&stmt, &[&ids, &tasks, &keys, &payloads])
-                .await?;
+            client.execute(&stmt, &[&ids, &tasks, &keys, &payloads]).await?;
         }
         Ok(())
     }
@@ -398,11 +351,8 @@ async fn write_transitions(
     let from: Vec<Option<&str>> = rows.iter().map(|r| r.from).collect();
     let to: Vec<&str> = rows.iter().map(|r| r.to).collect();
     let sort: Vec<i32> = rows.iter().map(|r| r.sort_key).collect();
-    let most_recent: Vec<bool> = rows
-        .iter()
-        .enumerate()
-        .map(|(i, r)| !rows[i + 1..].iter().any(|later| later.owner == r.owner))
-        .collect();
+    let most_recent: Vec<bool> =
+        rows.iter().enumerate().map(|(i, r)| !rows[i + 1..].iter().any(|later| later.owner == r.owner)).collect();
     let metadata: Vec<&Value> = rows.iter().map(|r| &r.metadata).collect();
     let at: Vec<DateTime<Utc>> = rows.iter().map(|r| r.at).collect();
     let sql = if table == "task_transitions" {
@@ -418,21 +368,6 @@ async fn write_transitions(
                               $8::jsonb[], $9::timestamptz[])"
     };
     let insert = client.prepare_cached(sql).await?;
-    client
-        .execute(
-            &insert,
-            &[
-                &ids,
-                &owner,
-                &task,
-                &from,
-                &to,
-                &sort,
-                &most_recent,
-                &metadata,
-                &at,
-            ],
-        )
-        .await?;
+    client.execute(&insert, &[&ids, &owner, &task, &from, &to, &sort, &most_recent, &metadata, &at]).await?;
     Ok(())
 }

@@ -27,21 +27,9 @@ fn diamond_is_ordered_and_levelled() {
     let names: Vec<_> = t.steps.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["start", "b1", "b2", "c1", "c2", "merge", "end"]);
     let level = |n| t.step(n).unwrap().dependency_level;
-    assert_eq!(
-        (
-            level("start"),
-            level("b2"),
-            level("c1"),
-            level("merge"),
-            level("end")
-        ),
-        (0, 1, 2, 3, 4)
-    );
+    assert_eq!((level("start"), level("b2"), level("c1"), level("merge"), level("end")), (0, 1, 2, 3, 4));
     let b2 = t.step("b2").unwrap();
-    assert_eq!(
-        (b2.max_attempts, b2.retryable, b2.timeout_ms),
-        (4, false, 5_000)
-    );
+    assert_eq!((b2.max_attempts, b2.retryable, b2.timeout_ms), (4, false, 5_000));
     let c2 = t.step("c2").unwrap();
     assert_eq!((c2.max_attempts, c2.timeout_ms), (2, 250));
     assert_eq!(c2.config, serde_json::json!({ "ms": 5 }));
@@ -50,63 +38,34 @@ fn diamond_is_ordered_and_levelled() {
 
 #[test]
 fn defaults_apply_when_nothing_is_said() {
-    let t = parse("namespace: a\nname: b\nversion: 0.1.0\nsteps: [{ name: s, handler: noop }]")
-        .unwrap();
+    let t = parse("namespace: a\nname: b\nversion: 0.1.0\nsteps: [{ name: s, handler: noop }]").unwrap();
     let s = &t.steps[0];
-    assert_eq!(
-        (s.max_attempts, s.retryable, s.timeout_ms),
-        (3, true, 30_000)
-    );
+    assert_eq!((s.max_attempts, s.retryable, s.timeout_ms), (3, true, 30_000));
     assert_eq!(s.config, serde_json::json!({}));
 }
 
 #[test]
 fn cycles_are_refused_with_their_path() {
-    let direct = parse(
-        "namespace: a\nname: b\nversion: 1.0.0\nsteps: [{ name: s, handler: noop, depends_on: [s] }]",
-    );
-    assert_eq!(
-        direct.unwrap_err(),
-        TemplateError::Cycle(vec!["s".into(), "s".into()])
-    );
+    let direct = parse("namespace: a\nname: b\nversion: 1.0.0\nsteps: [{ name: s, handler: noop, depends_on: [s] }]");
+    assert_eq!(direct.unwrap_err(), TemplateError::Cycle(vec!["s".into(), "s".into()]));
     let indirect = parse(
         "namespace: a\nname: b\nversion: 1.0.0\nsteps:\n - { name: root, handler: noop }\n - { name: x, handler: noop, depends_on: [root, z] }\n - { name: y, handler: noop, depends_on: [x] }\n - { name: z, handler: noop, depends_on: [y] }",
     )
     .unwrap_err();
-    let TemplateError::Cycle(path) = &indirect else {
-        panic!("{indirect:?}")
-    };
+    let TemplateError::Cycle(path) = &indirect else { panic!("{indirect:?}") };
     assert_eq!(path.first(), path.last());
     assert_eq!(path.len(), 4, "{path:?}");
-    assert!(
-        indirect.to_string().contains("dependency cycle"),
-        "{indirect}"
-    );
+    assert!(indirect.to_string().contains("dependency cycle"), "{indirect}");
 }
 
 #[test]
 fn each_problem_is_named() {
     let cases = [
-        (
-            "namespace: A-b\nname: b\nversion: 1.0.0\nsteps: [{ name: s, handler: noop }]",
-            "namespace: `A-b`",
-        ),
-        (
-            "namespace: a\nname: b.c\nversion: 1.0.0\nsteps: [{ name: s, handler: noop }]",
-            "name: `b.c`",
-        ),
-        (
-            "namespace: a\nname: b\nversion: one\nsteps: [{ name: s, handler: noop }]",
-            "version: `one`",
-        ),
-        (
-            "namespace: a\nname: b\nversion: 1.0\nsteps: [{ name: s, handler: noop }]",
-            "version: `1.0`",
-        ),
-        (
-            "namespace: a\nname: b\nversion: 1.0.0\nsteps: []",
-            "at least one step",
-        ),
+        ("namespace: A-b\nname: b\nversion: 1.0.0\nsteps: [{ name: s, handler: noop }]", "namespace: `A-b`"),
+        ("namespace: a\nname: b.c\nversion: 1.0.0\nsteps: [{ name: s, handler: noop }]", "name: `b.c`"),
+        ("namespace: a\nname: b\nversion: one\nsteps: [{ name: s, handler: noop }]", "version: `one`"),
+        ("namespace: a\nname: b\nversion: 1.0\nsteps: [{ name: s, handler: noop }]", "version: `1.0`"),
+        ("namespace: a\nname: b\nversion: 1.0.0\nsteps: []", "at least one step"),
         (
             "namespace: a\nname: b\nversion: 1.0.0\nsteps: [{ name: s, handler: noop }, { name: s, handler: noop }]",
             "duplicate step name `s`",
@@ -115,14 +74,8 @@ fn each_problem_is_named() {
             "namespace: a\nname: b\nversion: 1.0.0\nsteps: [{ name: s, handler: noop, depends_on: [t] }]",
             "depends on unknown step `t`",
         ),
-        (
-            "namespace: a\nname: b\nversion: 1.0.0\nsteps: [{ name: Bad, handler: noop }]",
-            "steps[0].name: `Bad`",
-        ),
-        (
-            "namespace: a\nname: b\nversion: 1.0.0\nsteps: [{ name: s, handler: noop, max_attempts: 0 }]",
-            "max_attempts",
-        ),
+        ("namespace: a\nname: b\nversion: 1.0.0\nsteps: [{ name: Bad, handler: noop }]", "steps[0].name: `Bad`"),
+        ("namespace: a\nname: b\nversion: 1.0.0\nsteps: [{ name: s, handler: noop, max_attempts: 0 }]", "max_attempts"),
         (
             "namespace: a\nname: b\nversion: 1.0.0\ninput_schema: { type: 12 }\nsteps: [{ name: s, handler: noop }]",
             "input_schema",
@@ -131,45 +84,29 @@ fn each_problem_is_named() {
             "namespace: a\nname: b\nversion: 1.0.0\nsteps: [{ name: s, handler: noop, colour: red }]",
             "unknown field `colour`",
         ),
-        (
-            "namespace: a\nname: b\nversion: 1.0.0\nsteps: [{ name: s, handler: 'no pe' }]",
-            "handler of step `s`",
-        ),
+        ("namespace: a\nname: b\nversion: 1.0.0\nsteps: [{ name: s, handler: 'no pe' }]", "handler of step `s`"),
     ];
     for (yaml, expected) in cases {
         let err = parse(yaml).expect_err(yaml).to_string();
-        assert!(
-            err.contains(expected),
-            "{yaml}\n  gave: {err}\n  want: {expected}"
-        );
+        assert!(err.contains(expected), "{yaml}\n  gave: {err}\n  want: {expected}");
     }
 }
 
 #[test]
 fn step_and_size_limits_hold() {
-    let limits = Limits {
-        max_steps: 2,
-        max_template_bytes: 200,
-        ..Limits::default()
-    };
+    let limits = Limits { max_steps: 2, max_template_bytes: 200, ..Limits::default() };
     let three = "namespace: a\nname: b\nversion: 1.0.0\nsteps: [{name: s, handler: noop}, {name: t, handler: noop}, {name: u, handler: noop}]";
-    assert_eq!(
-        Template::from_yaml(three, &limits).unwrap_err(),
-        TemplateError::TooManySteps { count: 3, max: 2 }
-    );
+    assert_eq!(Template::from_yaml(three, &limits).unwrap_err(), TemplateError::TooManySteps { count: 3, max: 2 });
     let big = format!("{three}\ndescription: {}", "x".repeat(300));
-    assert!(matches!(
-        Template::from_yaml(&big, &limits),
-        Err(TemplateError::TooLarge { .. })
-    ));
+    assert!(matches!(Template::from_yaml(&big, &limits), Err(TemplateError::TooLarge { .. })));
 }
 
 #[test]
 fn content_hash_ignores_formatting_but_not_meaning() {
-    let a = parse("namespace: a\nname: b\nversion: 1.0.0\nsteps: [{ name: s, handler: noop, config: {x: 1, y: 2} }]").unwrap();
-    let b = parse("namespace: a\nname: b\nversion: 1.0.0\nsteps:\n  - name: s\n    handler: noop\n    config:\n      y: 2\n      x: 1\n").unwrap();
-    let c = parse("namespace: a\nname: b\nversion: 1.0.0\nsteps: [{ name: s, handler: sleep }]")
+    let a = parse("namespace: a\nname: b\nversion: 1.0.0\nsteps: [{ name: s, handler: noop, config: {x: 1, y: 2} }]")
         .unwrap();
+    let b = parse("namespace: a\nname: b\nversion: 1.0.0\nsteps:\n  - name: s\n    handler: noop\n    config:\n      y: 2\n      x: 1\n").unwrap();
+    let c = parse("namespace: a\nname: b\nversion: 1.0.0\nsteps: [{ name: s, handler: sleep }]").unwrap();
     assert_eq!(a.content_hash(), b.content_hash());
     assert_ne!(a.content_hash(), c.content_hash());
 }
@@ -180,17 +117,10 @@ fn context_is_checked_against_the_schema() {
         "namespace: a\nname: b\nversion: 1.0.0\ninput_schema: { type: object, required: [payment_id], properties: { amount: { type: number } } }\nsteps: [{ name: s, handler: noop }]",
     )
     .unwrap();
-    assert!(
-        t.validate_context(&serde_json::json!({ "payment_id": 1, "amount": 2.5 }))
-            .is_ok()
-    );
-    let missing = t
-        .validate_context(&serde_json::json!({ "amount": 2 }))
-        .unwrap_err();
+    assert!(t.validate_context(&serde_json::json!({ "payment_id": 1, "amount": 2.5 })).is_ok());
+    let missing = t.validate_context(&serde_json::json!({ "amount": 2 })).unwrap_err();
     assert!(missing.to_string().contains("payment_id"), "{missing}");
-    let wrong = t
-        .validate_context(&serde_json::json!({ "payment_id": 1, "amount": "x" }))
-        .unwrap_err();
+    let wrong = t.validate_context(&serde_json::json!({ "payment_id": 1, "amount": "x" })).unwrap_err();
     assert_eq!(wrong.path, "/amount");
 }
 

@@ -1,1 +1,192 @@
-//! orchestrator
+//! The orchestrator: the only component that advances tasks. It consumes task requests and
+//! step reports, applies them in batched transactions under the task row locks (readiness
+//! by pending-parents count, fencing by attempt, finalization), publishes the step
+//! executions that became ready, and only then acks its input. A retry scheduler and a
+//! sweeper repair what crashes leave behind. Stateless: run any number of replicas.
+
+mod dispatch;
+mod engine;
+mod metrics;
+mod sweeper;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tasker_messaging::{Consumer, Incoming};
+use tasker_proto::messages::{StepReport, TaskRequest};
+use tasker_runtime::{Admin, Config, prometheus_client::registry::Registry};
+use tokio::{sync::mpsc, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use engine::{Engine, Work};
+
+use crate::{dispatch::Dispatcher, metrics::Metrics};
+
+/// Binds the admin listener, then runs until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    Orchestrator::bind(config).await?.run(shutdown).await
+}
+
+/// An orchestrator with its listener bound (so callers learn the port before it runs).
+pub struct Orchestrator {
+    config: Config,
+    admin: Admin,
+}
+
+impl Orchestrator {
+    pub async fn bind(config: Config) -> anyhow::Result<Orchestrator> {
+        let admin = Admin::bind(config.orchestrator.admin_listen).await.context("binding the admin listener")?;
+        Ok(Orchestrator { config, admin })
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr()
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Orchestrator { config, admin } = self;
+        let settings = config.orchestrator.clone();
+        let store = tasker_runtime::connect_store(&config.database).await?;
+        let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "orchestrator").await?);
+        broker.declare_orchestrator().await.context("declaring the orchestrator's queues")?;
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let engine = Engine::new(store.clone(), settings.backoff, config.limits, metrics.clone());
+        let dispatcher = Dispatcher::new(broker.clone()).await?;
+        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
+        let topology = broker.topology().clone();
+        let tasks: Consumer<TaskRequest> = broker.consume(&topology.tasks_queue(), settings.prefetch).await?;
+        let results: Consumer<StepReport> = broker.consume(&topology.results_queue(), settings.prefetch).await?;
+
+        let stop = shutdown.child_token();
+        let mut set = JoinSet::new();
+        let pipeline = Pipeline { engine: engine.clone(), dispatcher: dispatcher.clone(), retries: retry_tx, metrics };
+        set.spawn(pipeline.clone().consume(tasks, task_work, settings.batch_size, stop.clone()));
+        set.spawn(pipeline.clone().consume(results, report_work, settings.batch_size, stop.clone()));
+        set.spawn(sweeper::retry_scheduler(
+            pipeline.clone(),
+            store.clone(),
+            retry_rx,
+            settings.retry_poll_interval,
+            stop.clone(),
+        ));
+        set.spawn(sweeper::sweeper(pipeline, store.clone(), settings.clone(), stop.clone()));
+        let checks = vec![tasker_runtime::store_check(&store), tasker_runtime::broker_check(&broker)];
+        let admin_stop = stop.clone();
+        set.spawn(async move { admin.serve(checks, registry, admin_stop).await.context("admin endpoint") });
+        tracing::info!(prefix = topology.prefix(), "orchestrator running");
+
+        let mut result = Ok(());
+        while let Some(done) = set.join_next().await {
+            let outcome = done.context("orchestrator task panicked").and_then(|r| r);
+            if let Err(error) = outcome {
+                if result.is_ok() {
+                    result = Err(error);
+                }
+                stop.cancel();
+            } else if !stop.is_cancelled() {
+                // a loop ended on its own (e.g. the broker closed the consumer)
+                stop.cancel();
+                result = Err(anyhow::anyhow!("an orchestrator loop stopped unexpectedly"));
+            }
+        }
+        let _ = broker.close().await;
+        result
+    }
+}
+
+fn task_work(request: TaskRequest) -> Option<(Uuid, Work)> {
+    Some((request.task_id.parse().ok()?, Work::Evaluate))
+}
+
+fn report_work(report: StepReport) -> Option<(Uuid, Work)> {
+    Some((report.task_id.parse().ok()?, Work::Report(report)))
+}
+
+/// Applies work and publishes what it dispatches; shared by the consumers, the retry
+/// scheduler and the sweeper.
+#[derive(Clone)]
+pub(crate) struct Pipeline {
+    engine: Engine,
+    dispatcher: Dispatcher,
+    retries: mpsc::UnboundedSender<chrono::DateTime<chrono::Utc>>,
+    metrics: Metrics,
+}
+
+impl Pipeline {
+    /// Applies the items in one transaction, then publishes the dispatches (confirmed).
+    pub(crate) async fn process(&self, items: Vec<(Uuid, Work)>) -> anyhow::Result<()> {
+        let outcome = self.engine.apply(items).await?;
+        self.metrics.batch();
+        if let Some(due) = outcome.next_retry_at {
+            let _ = self.retries.send(due);
+        }
+        self.dispatcher.send(outcome.dispatches).await?;
+        Ok(())
+    }
+
+    /// Consumes a queue in batches: apply in one transaction, publish, then ack. A batch
+    /// that fails is split to isolate a poison message; messages that fail are requeued
+    /// (and dead-lettered by the broker after the delivery limit).
+    async fn consume<T: prost::Message + Default>(
+        self,
+        mut consumer: Consumer<T>,
+        to_work: fn(T) -> Option<(Uuid, Work)>,
+        batch_size: usize,
+        stop: CancellationToken,
+    ) -> anyhow::Result<()> {
+        loop {
+            let batch = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                batch = consumer.next_batch(batch_size.max(1)) => batch?,
+            };
+            let mut items = Vec::with_capacity(batch.len());
+            let mut acks = Vec::with_capacity(batch.len());
+            for Incoming { message, ack, .. } in batch {
+                match message.and_then(to_work) {
+                    Some(item) => {
+                        items.push(item);
+                        acks.push(ack);
+                    }
+                    None => {
+                        tracing::warn!("undecodable message rejected to the dead-letter queue");
+                        ack.reject().await?;
+                    }
+                }
+            }
+            if items.is_empty() {
+                continue;
+            }
+            match self.process(items.clone()).await {
+                Ok(()) => {
+                    for ack in acks {
+                        ack.ack().await?;
+                    }
+                }
+                Err(error) if items.len() == 1 => {
+                    tracing::error!(error = format!("{error:#}"), "message failed; requeued");
+                    acks[0].retry().await?;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        size = items.len(),
+                        "batch failed; applying one by one"
+                    );
+                    for (item, ack) in items.into_iter().zip(acks) {
+                        match self.process(vec![item]).await {
+                            Ok(()) => ack.ack().await?,
+                            Err(error) => {
+                                tracing::error!(error = format!("{error:#}"), "message failed; requeued");
+                                ack.retry().await?;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}

@@ -1,10 +1,12 @@
 //! The HTTP admin endpoint each service serves: `/health/live` (the process answers) and
-//! `/health/ready` (every dependency check passes; 503 naming the failing ones otherwise).
+//! `/health/ready` (every dependency check passes; 503 naming the failing ones otherwise)
+//! and `/metrics` (Prometheus text).
 
 use std::{net::SocketAddr, sync::Arc};
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
+use axum::{Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get};
 use futures::future::{BoxFuture, join_all};
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -35,11 +37,18 @@ impl Admin {
     }
 
     /// Serves until `shutdown`.
-    pub async fn serve(self, checks: Vec<ReadyCheck>, shutdown: CancellationToken) -> std::io::Result<()> {
+    pub async fn serve(
+        self,
+        checks: Vec<ReadyCheck>,
+        registry: Registry,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let registry = Arc::new(registry);
         let app = Router::new()
             .route("/health/live", get(|| async { "ok\n" }))
             .route("/health/ready", get(ready))
-            .with_state(Arc::new(checks));
+            .with_state(Arc::new(checks))
+            .route("/metrics", get(move || metrics(registry.clone())));
         axum::serve(self.listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
     }
 }
@@ -56,5 +65,17 @@ async fn ready(State(checks): State<Arc<Vec<ReadyCheck>>>) -> (StatusCode, Strin
         (StatusCode::OK, "ready\n".into())
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, format!("not ready\n{}\n", failing.join("\n")))
+    }
+}
+
+async fn metrics(registry: Arc<Registry>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            body,
+        ),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], e.to_string()),
     }
 }

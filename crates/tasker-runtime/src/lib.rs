@@ -4,6 +4,7 @@
 
 mod admin;
 mod config;
+mod connect;
 mod shutdown;
 mod telemetry;
 
@@ -12,6 +13,8 @@ pub use config::{
     AmqpConfig, ApiConfig, Config, DatabaseConfig, LogConfig, LogFormat, OrchestratorConfig, PublisherConfig,
     WorkerConfig,
 };
+pub use connect::{broker_check, connect_broker, connect_store, store_check, topology};
+pub use prometheus_client;
 pub use shutdown::{shutdown_on_signal, wait_for_signal};
 pub use telemetry::init_tracing;
 

@@ -209,6 +209,13 @@ impl Tx {
         self.steps(&ready).await
     }
 
+    /// Marks an enqueued step as published again now (the sweeper's re-publish).
+    pub async fn touch_step(&mut self, step_id: Uuid) -> Result<()> {
+        self.execute("UPDATE workflow_steps SET enqueued_at = now(), updated_at = now() WHERE id = $1", &[&step_id])
+            .await?;
+        Ok(())
+    }
+
     /// Counts over the task's unfinished steps.
     pub async fn progress(&mut self, task_id: Uuid) -> Result<Progress> {
         let rows = self

@@ -1,0 +1,74 @@
+//! Publishing step executions: one confirmed, pipelined publish per batch, declaring each
+//! namespace's step queue the first time it is used.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use tasker_messaging::{Broker, Command, Publisher};
+use tasker_proto::messages::StepExecution;
+use tasker_store::Dispatch;
+use tokio::sync::Mutex;
+
+#[derive(Clone)]
+pub struct Dispatcher {
+    broker: Arc<Broker>,
+    publisher: Publisher,
+    declared: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Dispatcher {
+    pub async fn new(broker: Arc<Broker>) -> tasker_messaging::Result<Dispatcher> {
+        let publisher = broker.publisher().await?;
+        Ok(Dispatcher { broker, publisher, declared: Default::default() })
+    }
+
+    /// Publishes the executions and awaits their confirms, retrying a few times; the
+    /// sweeper re-publishes whatever still fails.
+    pub async fn send(&self, dispatches: Vec<Dispatch>) -> tasker_messaging::Result<()> {
+        if dispatches.is_empty() {
+            return Ok(());
+        }
+        self.declare(&dispatches).await?;
+        let commands: Vec<Command> = dispatches.into_iter().map(|d| Command::Step(execution(d))).collect();
+        let mut attempt = 0;
+        loop {
+            match self.publisher.send(&commands).await {
+                Ok(()) => return Ok(()),
+                Err(error) if attempt < 3 => {
+                    attempt += 1;
+                    tracing::warn!(%error, attempt, "publishing step executions failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn declare(&self, dispatches: &[Dispatch]) -> tasker_messaging::Result<()> {
+        let mut declared = self.declared.lock().await;
+        for d in dispatches {
+            if !declared.contains(&d.namespace) {
+                self.broker.declare_steps(&d.namespace).await?;
+                declared.insert(d.namespace.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn execution(d: Dispatch) -> StepExecution {
+    StepExecution {
+        task_id: d.task_id.to_string(),
+        step_id: d.step_id.to_string(),
+        attempt: d.attempt,
+        namespace: d.namespace,
+        task_name: d.task_name,
+        task_version: d.task_version,
+        step_name: d.step_name,
+        handler: d.handler,
+        config_json: d.config,
+        context_json: d.context,
+        parent_results_json: d.parent_results,
+        timeout_ms: d.timeout_ms,
+        trace_context: Default::default(),
+    }
+}

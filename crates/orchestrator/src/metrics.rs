@@ -1,0 +1,45 @@
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
+
+/// The orchestrator's counters, exposed on `/metrics`.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    dispatched: Counter,
+    completed: Counter,
+    failed: Counter,
+    retried: Counter,
+    dropped: Counter,
+    batches: Counter,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Metrics {
+        let m = Metrics::default();
+        let r = registry.sub_registry_with_prefix("tasker_orchestrator");
+        r.register("steps_dispatched", "Step attempts dispatched to workers", m.dispatched.clone());
+        r.register("steps_completed", "Step attempts that completed", m.completed.clone());
+        r.register("steps_failed", "Steps that failed for good", m.failed.clone());
+        r.register("steps_retried", "Failed attempts scheduled for a retry", m.retried.clone());
+        r.register("reports_dropped", "Duplicate, stale or late reports dropped", m.dropped.clone());
+        r.register("batches", "Transactions applied", m.batches.clone());
+        m
+    }
+
+    pub fn dispatched(&self, n: usize) {
+        self.dispatched.inc_by(n as u64);
+    }
+    pub fn completed(&self) {
+        self.completed.inc();
+    }
+    pub fn failed(&self) {
+        self.failed.inc();
+    }
+    pub fn retried(&self) {
+        self.retried.inc();
+    }
+    pub fn dropped(&self, n: usize) {
+        self.dropped.inc_by(n as u64);
+    }
+    pub fn batch(&self) {
+        self.batches.inc();
+    }
+}

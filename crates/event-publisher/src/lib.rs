@@ -1,1 +1,130 @@
-//! event-publisher
+//! The event publisher: relays the transactional outbox to the `{prefix}.events` topic
+//! exchange, oldest first, as CloudEvents JSON with publisher confirms, deleting rows only
+//! once the broker confirmed them. Woken by LISTEN/NOTIFY, with a polling fallback. Safe
+//! in several replicas: one relays at a time (advisory lock), so per-task order holds.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
+use tasker_messaging::Publisher;
+use tasker_runtime::{Admin, Config, PublisherConfig};
+use tasker_store::Store;
+use tokio_util::sync::CancellationToken;
+
+/// Binds the admin listener, then relays until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    EventPublisher::bind(config).await?.run(shutdown).await
+}
+
+pub struct EventPublisher {
+    config: Config,
+    admin: Admin,
+}
+
+#[derive(Clone, Default)]
+struct Metrics {
+    published: Counter,
+    lag_ms: Gauge,
+}
+
+impl EventPublisher {
+    pub async fn bind(config: Config) -> anyhow::Result<EventPublisher> {
+        let admin = Admin::bind(config.publisher.admin_listen).await.context("binding the admin listener")?;
+        Ok(EventPublisher { config, admin })
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr()
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let EventPublisher { config, admin } = self;
+        let store = tasker_runtime::connect_store(&config.database).await?;
+        let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "event-publisher").await?);
+        broker.declare_events().await.context("declaring the events exchange")?;
+        let publisher = broker.publisher().await?;
+        let mut registry = Registry::default();
+        let metrics = Metrics::default();
+        let sub = registry.sub_registry_with_prefix("tasker_events");
+        sub.register("published", "Events relayed to the exchange", metrics.published.clone());
+        sub.register("outbox_lag_ms", "Age of the oldest event in the last relayed batch", metrics.lag_ms.clone());
+
+        let stop = shutdown.child_token();
+        let checks = vec![tasker_runtime::store_check(&store), tasker_runtime::broker_check(&broker)];
+        let admin_task = tokio::spawn(admin.serve(checks, registry, stop.clone()));
+        tracing::info!(exchange = broker.topology().events_exchange(), "event publisher running");
+        let result = relay(&store, &publisher, &config.publisher, &metrics, stop.clone()).await;
+        stop.cancel();
+        let _ = admin_task.await;
+        let _ = broker.close().await;
+        result
+    }
+}
+
+async fn relay(
+    store: &Store,
+    publisher: &Publisher,
+    config: &PublisherConfig,
+    metrics: &Metrics,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = store.listen_outbox(stop.clone());
+    let mut failures = 0u32;
+    while !stop.is_cancelled() {
+        match relay_batch(store, publisher, config.batch_size, metrics).await {
+            Ok(Some(n)) if n > 0 => {
+                failures = 0;
+                continue;
+            }
+            Ok(_) => failures = 0,
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(error = format!("{error:#}"), failures, "relaying events failed; will try again");
+                anyhow::ensure!(failures < 30, "relaying events keeps failing: {error:#}");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(10)))) => {}
+                }
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = listener.notified() => {}
+            _ = tokio::time::sleep(config.poll_interval) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Relays one batch; `None` when another replica holds the relay lock.
+async fn relay_batch(
+    store: &Store,
+    publisher: &Publisher,
+    limit: i64,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<usize>> {
+    let Some(batch) = store.claim_outbox(limit).await? else { return Ok(None) };
+    let n = batch.rows.len();
+    if n == 0 {
+        return Ok(Some(0));
+    }
+    if let Some(oldest) = batch.rows.first() {
+        let at = oldest.event_id.get_timestamp().map(|ts| ts.to_unix());
+        if let Some((secs, nanos)) = at {
+            let created = std::time::UNIX_EPOCH + Duration::new(secs, nanos);
+            let lag = std::time::SystemTime::now().duration_since(created).unwrap_or_default();
+            metrics.lag_ms.set(lag.as_millis() as i64);
+        }
+    }
+    let ids: Vec<String> = batch.rows.iter().map(|r| r.event_id.to_string()).collect();
+    let events = batch.rows.iter().zip(&ids).map(|(r, id)| (id.as_str(), r.routing_key.as_str(), r.payload.as_str()));
+    publisher.publish_events(events).await?;
+    batch.complete().await?;
+    metrics.published.inc_by(n as u64);
+    Ok(Some(n))
+}

@@ -1,0 +1,225 @@
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use prometheus_client::{metrics::counter::Counter, registry::Registry as MetricsRegistry};
+use serde_json::Value;
+use tasker_messaging::{Command, Consumer, Incoming, Publisher};
+use tasker_proto::messages::{
+    Completed, Failed, FailureKind, Started, StepExecution, StepReport, step_report::Outcome,
+};
+use tasker_runtime::{Admin, Config};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Registry, StepError, StepInput};
+
+/// A worker with its admin listener bound.
+pub struct Worker {
+    config: Config,
+    registry: Registry,
+    admin: Admin,
+}
+
+#[derive(Clone, Default)]
+struct Metrics {
+    executed: Counter,
+    failed: Counter,
+}
+
+#[derive(Clone)]
+struct Runner {
+    registry: Registry,
+    publisher: Publisher,
+    worker_id: String,
+    metrics: Metrics,
+}
+
+impl Worker {
+    pub async fn bind(config: Config, registry: Registry) -> anyhow::Result<Worker> {
+        for ns in &config.worker.namespaces {
+            anyhow::ensure!(
+                tasker_domain::template::is_valid_name(ns),
+                "worker.namespaces: `{ns}` is not a valid namespace name"
+            );
+        }
+        anyhow::ensure!(!config.worker.namespaces.is_empty(), "worker.namespaces: serve at least one namespace");
+        let admin = Admin::bind(config.worker.admin_listen).await.context("binding the admin listener")?;
+        Ok(Worker { config, registry, admin })
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr()
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Worker { config, registry, admin } = self;
+        let settings = config.worker.clone();
+        let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "step-worker").await?);
+        let worker_id = settings.id.clone().unwrap_or_else(default_worker_id);
+        let mut metrics_registry = MetricsRegistry::default();
+        let metrics = Metrics::default();
+        let sub = metrics_registry.sub_registry_with_prefix("tasker_worker");
+        sub.register("steps_executed", "Step attempts run", metrics.executed.clone());
+        sub.register("steps_failed", "Step attempts that failed", metrics.failed.clone());
+        let runner = Runner { registry, publisher: broker.publisher().await?, worker_id: worker_id.clone(), metrics };
+
+        let stop = shutdown.child_token();
+        let mut set = JoinSet::new();
+        for ns in &settings.namespaces {
+            broker.declare_steps(ns).await.with_context(|| format!("declaring the step queue of `{ns}`"))?;
+            let queue = broker.topology().steps_queue(ns);
+            let consumer: Consumer<StepExecution> = broker.consume(&queue, settings.concurrency).await?;
+            set.spawn(runner.clone().consume(consumer, settings.drain_timeout, stop.clone()));
+        }
+        let checks = vec![tasker_runtime::broker_check(&broker)];
+        let admin_stop = stop.clone();
+        set.spawn(async move { admin.serve(checks, metrics_registry, admin_stop).await.context("admin endpoint") });
+        tracing::info!(worker_id, namespaces = ?settings.namespaces, handlers = ?runner.registry.names(), "step worker running");
+
+        let mut result = Ok(());
+        while let Some(done) = set.join_next().await {
+            let outcome = done.context("worker task panicked").and_then(|r| r);
+            if let Err(error) = outcome {
+                if result.is_ok() {
+                    result = Err(error);
+                }
+            } else if !stop.is_cancelled() {
+                result = Err(anyhow::anyhow!("a worker loop stopped unexpectedly"));
+            }
+            stop.cancel();
+        }
+        // closing the connection returns any prefetched, unstarted executions to the queue
+        let _ = broker.close().await;
+        result
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+impl Runner {
+    /// Takes executions as they come (the prefetch bounds how many run at once); at
+    /// shutdown stops taking new ones and waits for those running, up to `drain`.
+    async fn consume(
+        self,
+        mut consumer: Consumer<StepExecution>,
+        drain: Duration,
+        stop: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut running = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+                incoming = consumer.next() => {
+                    let incoming = incoming?;
+                    running.spawn(self.clone().execute(incoming));
+                }
+            }
+        }
+        let drained = tokio::time::timeout(drain, async { while running.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(
+                left = running.len(),
+                "drain deadline passed; abandoning running steps (they will be redelivered)"
+            );
+            running.abort_all();
+        }
+        Ok(())
+    }
+
+    async fn execute(self, incoming: Incoming<StepExecution>) {
+        let Incoming { message, ack, .. } = incoming;
+        let Some(exec) = message else {
+            tracing::warn!("undecodable step execution rejected to the dead-letter queue");
+            let _ = ack.reject().await;
+            return;
+        };
+        let report = |outcome| StepReport {
+            task_id: exec.task_id.clone(),
+            step_id: exec.step_id.clone(),
+            attempt: exec.attempt,
+            worker_id: self.worker_id.clone(),
+            outcome: Some(outcome),
+        };
+        let started = [Command::Report(report(Outcome::Started(Started {})))];
+        let (started, outcome) = tokio::join!(self.publisher.send(&started), self.run_handler(&exec));
+        if let Err(error) = started {
+            tracing::warn!(%error, step_id = exec.step_id, "could not report the start of a step");
+        }
+        self.metrics.executed.inc();
+        if matches!(outcome, Outcome::Failed(_)) {
+            self.metrics.failed.inc();
+        }
+        let settled = match self.publisher.send(&[Command::Report(report(outcome))]).await {
+            Ok(()) => ack.ack().await,
+            Err(error) => {
+                tracing::warn!(%error, step_id = exec.step_id, "could not report a step outcome; requeueing it");
+                ack.retry().await
+            }
+        };
+        if let Err(error) = settled {
+            tracing::warn!(%error, "could not settle a step execution");
+        }
+    }
+
+    async fn run_handler(&self, exec: &StepExecution) -> Outcome {
+        let timeout = Duration::from_millis(exec.timeout_ms.max(1));
+        let input = match self.input(exec, tokio::time::Instant::now() + timeout) {
+            Ok(input) => input,
+            Err(message) => return failed(message, FailureKind::Permanent, None),
+        };
+        let Some(handler) = self.registry.get(&exec.handler) else {
+            let message = format!("no handler `{}` on worker {}", exec.handler, self.worker_id);
+            return failed(message, FailureKind::Permanent, None);
+        };
+        tracing::debug!(step = exec.step_name, attempt = exec.attempt, handler = exec.handler, "running step");
+        match tokio::time::timeout(timeout, handler.call(input)).await {
+            Ok(Ok(results)) => Outcome::Completed(Completed { results_json: results.to_string() }),
+            Ok(Err(StepError::Retryable(message))) => failed(message, FailureKind::Retryable, None),
+            Ok(Err(StepError::Permanent(message))) => failed(message, FailureKind::Permanent, None),
+            Ok(Err(StepError::RetryAfter { message, after })) => {
+                failed(message, FailureKind::Retryable, Some(after.as_millis() as u64))
+            }
+            Err(_) => failed(format!("timed out after {} ms", timeout.as_millis()), FailureKind::TimedOut, None),
+        }
+    }
+
+    fn input(&self, exec: &StepExecution, deadline: tokio::time::Instant) -> Result<StepInput, String> {
+        let json = |field: &str, text: &str| -> Result<Value, String> {
+            if text.is_empty() {
+                return Ok(Value::Null);
+            }
+            serde_json::from_str(text).map_err(|e| format!("{field} is not valid JSON: {e}"))
+        };
+        let id = |field: &str, text: &str| text.parse().map_err(|_| format!("{field} `{text}` is not a UUID"));
+        let parent_results = exec
+            .parent_results_json
+            .iter()
+            .map(|(name, text)| Ok((name.clone(), json("parent results", text)?)))
+            .collect::<Result<HashMap<_, _>, String>>()?;
+        Ok(StepInput {
+            task_id: id("task_id", &exec.task_id)?,
+            step_id: id("step_id", &exec.step_id)?,
+            step_name: exec.step_name.clone(),
+            namespace: exec.namespace.clone(),
+            task_name: exec.task_name.clone(),
+            task_version: exec.task_version.clone(),
+            attempt: exec.attempt,
+            context: json("context", &exec.context_json)?,
+            parent_results,
+            config: json("config", &exec.config_json)?,
+            deadline,
+        })
+    }
+}
+
+fn failed(message: String, kind: FailureKind, retry_after_ms: Option<u64>) -> Outcome {
+    Outcome::Failed(Failed { message, kind: kind as i32, retry_after_ms })
+}

@@ -1,1 +1,104 @@
-//! task-api
+//! task-api: Tasker's public gRPC API (tonic). Templates (register, read, list), tasks
+//! (create, read, list, cancel, watch) and steps (read, retry, resolve), plus gRPC health
+//! (NOT_SERVING until the database and broker are reached) and server reflection, and the
+//! HTTP admin endpoint. It never advances a task itself beyond operator actions: after
+//! writing, it asks the orchestrator to look at the task.
+
+mod convert;
+mod error;
+mod steps;
+mod tasks;
+mod templates;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use tasker_proto::v1::{
+    step_service_server::StepServiceServer, task_service_server::TaskServiceServer,
+    template_service_server::TemplateServiceServer,
+};
+use tasker_runtime::{Admin, Config};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use error::ApiError;
+
+use crate::{steps::Steps, tasks::Tasks, templates::Templates};
+
+/// Binds both listeners, then serves until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    TaskApi::bind(config).await?.run(shutdown).await
+}
+
+/// The API with its gRPC and admin listeners bound.
+pub struct TaskApi {
+    config: Config,
+    grpc: TcpListener,
+    admin: Admin,
+}
+
+impl TaskApi {
+    pub async fn bind(config: Config) -> anyhow::Result<TaskApi> {
+        let grpc = TcpListener::bind(config.api.listen)
+            .await
+            .with_context(|| format!("binding the gRPC listener on {}", config.api.listen))?;
+        let admin = Admin::bind(config.api.admin_listen).await.context("binding the admin listener")?;
+        Ok(TaskApi { config, grpc, admin })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr()
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let TaskApi { config, grpc, admin } = self;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_not_serving::<TaskServiceServer<Tasks>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tasker_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building the reflection service")?;
+
+        let store = tasker_runtime::connect_store(&config.database).await?;
+        let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "task-api").await?);
+        broker.declare_orchestrator().await.context("declaring the orchestrator's queues")?;
+        let publisher = broker.publisher().await?;
+        let templates = Templates { store: store.clone(), limits: config.limits };
+        if let Some(dir) = &config.api.templates_dir {
+            let n = templates.load_dir(dir).await?;
+            tracing::info!(dir = %dir.display(), templates = n, "templates loaded");
+        }
+        let tasks = Tasks { store: store.clone(), broker: broker.clone(), publisher, limits: config.limits };
+        let steps = Steps { tasks: tasks.clone() };
+        health.set_serving::<TaskServiceServer<Tasks>>().await;
+        health.set_serving::<TemplateServiceServer<Templates>>().await;
+        health.set_serving::<StepServiceServer<Steps>>().await;
+        health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+
+        let stop = shutdown.child_token();
+        let checks = vec![tasker_runtime::store_check(&store), tasker_runtime::broker_check(&broker)];
+        let admin_task = tokio::spawn(admin.serve(checks, Registry::default(), stop.clone()));
+        let addr = grpc.local_addr()?;
+        tracing::info!(%addr, "task-api serving");
+        let served = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(TemplateServiceServer::new(templates))
+            .add_service(TaskServiceServer::new(tasks))
+            .add_service(StepServiceServer::new(steps))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stop.clone().cancelled_owned())
+            .await
+            .context("gRPC server");
+        stop.cancel();
+        let _ = admin_task.await;
+        let _ = broker.close().await;
+        served
+    }
+}

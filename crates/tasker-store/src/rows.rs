@@ -105,6 +105,8 @@ pub struct EdgeRow {
 
 #[derive(Debug, Clone)]
 pub struct TransitionRow {
+    /// Also the id of the event that announced it.
+    pub id: Uuid,
     pub owner: Uuid,
     pub from_state: Option<String>,
     pub to_state: String,
@@ -117,6 +119,7 @@ pub struct TransitionRow {
 
 pub(crate) fn transition_row(row: &Row) -> TransitionRow {
     TransitionRow {
+        id: row.get(7),
         owner: row.get(0),
         from_state: row.get(1),
         to_state: row.get(2),

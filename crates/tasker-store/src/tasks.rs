@@ -194,13 +194,13 @@ impl Store {
         if include_transitions {
             let task_stmt = client
                 .prepare_cached(
-                    "SELECT task_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at \
+                    "SELECT task_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at, id \
                      FROM task_transitions WHERE task_id = $1 ORDER BY sort_key",
                 )
                 .await?;
             let step_stmt = client
                 .prepare_cached(
-                    "SELECT workflow_step_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at \
+                    "SELECT workflow_step_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at, id \
                      FROM workflow_step_transitions WHERE task_id = $1 ORDER BY workflow_step_id, sort_key",
                 )
                 .await?;
@@ -230,7 +230,7 @@ impl Store {
         if include_transitions {
             let stmt = client
                 .prepare_cached(
-                    "SELECT workflow_step_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at \
+                    "SELECT workflow_step_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at, id \
                      FROM workflow_step_transitions WHERE workflow_step_id = $1 ORDER BY sort_key",
                 )
                 .await?;

@@ -1,0 +1,60 @@
+//! StepService: read a step, retry or resolve a failed one.
+
+use serde_json::Value;
+use tasker_proto::v1::{self as pb, step_service_server::StepService};
+use tasker_store::Actor;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    convert,
+    error::{ApiError, parse_id},
+    tasks::{Tasks, actor_of},
+};
+
+#[derive(Clone)]
+pub struct Steps {
+    pub(crate) tasks: Tasks,
+}
+
+#[tonic::async_trait]
+impl StepService for Steps {
+    async fn get_step(&self, request: Request<pb::GetStepRequest>) -> Result<Response<pb::Step>, Status> {
+        let r = request.into_inner();
+        let id = parse_id("step_id", &r.step_id)?;
+        let step = self.tasks.store.step(id, r.include_transitions).await.map_err(ApiError::from)?;
+        Ok(Response::new(convert::step(&step)))
+    }
+
+    async fn retry_step(&self, request: Request<pb::RetryStepRequest>) -> Result<Response<pb::Step>, Status> {
+        let who = actor_of(request.metadata());
+        let r = request.into_inner();
+        let id = parse_id("step_id", &r.step_id)?;
+        let actor = Actor { who, reason: r.reason };
+        let task_id = self.tasks.store.retry_step(id, &actor).await.map_err(ApiError::from)?;
+        self.tasks.request(task_id).await;
+        let step = self.tasks.store.step(id, false).await.map_err(ApiError::from)?;
+        Ok(Response::new(convert::step(&step)))
+    }
+
+    async fn resolve_step(&self, request: Request<pb::ResolveStepRequest>) -> Result<Response<pb::Step>, Status> {
+        let who = actor_of(request.metadata());
+        let r = request.into_inner();
+        let id = parse_id("step_id", &r.step_id)?;
+        let results = if r.results_json.trim().is_empty() { "{}" } else { r.results_json.as_str() };
+        if results.len() > self.tasks.limits.max_results_bytes {
+            return Err(ApiError::TooLarge(format!(
+                "results_json: {} bytes, more than the limit of {}",
+                results.len(),
+                self.tasks.limits.max_results_bytes
+            ))
+            .into());
+        }
+        serde_json::from_str::<Value>(results)
+            .map_err(|e| ApiError::invalid("results_json", format!("not valid JSON: {e}")))?;
+        let actor = Actor { who, reason: r.reason };
+        let task_id = self.tasks.store.resolve_step(id, results, &actor).await.map_err(ApiError::from)?;
+        self.tasks.request(task_id).await;
+        let step = self.tasks.store.step(id, false).await.map_err(ApiError::from)?;
+        Ok(Response::new(convert::step(&step)))
+    }
+}

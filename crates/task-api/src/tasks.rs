@@ -1,0 +1,294 @@
+//! TaskService: create, read, list, cancel and watch tasks.
+
+use std::{collections::HashSet, pin::Pin, sync::Arc};
+
+use futures::Stream;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tasker_domain::{CloudEvent, Limits, StepState, TaskState, event::StepRef, template::is_valid_name};
+use tasker_messaging::{Broker, Command, Publisher};
+use tasker_proto::{
+    messages::TaskRequest,
+    v1::{self as pb, task_service_server::TaskService},
+};
+use tasker_store::{Actor, NewTask, Store, TaskFilter, TaskView};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::{
+    convert,
+    error::{ApiError, ApiResult, parse_id},
+};
+
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 500;
+
+#[derive(Clone)]
+pub struct Tasks {
+    pub(crate) store: Store,
+    pub(crate) broker: Arc<Broker>,
+    pub(crate) publisher: Publisher,
+    pub(crate) limits: Limits,
+}
+
+impl Tasks {
+    /// Asks the orchestrator to look at a task. A failure is logged, not returned: the
+    /// task is committed, and the sweeper re-requests tasks left pending.
+    pub(crate) async fn request(&self, task_id: Uuid) {
+        let command = Command::Task(TaskRequest { task_id: task_id.to_string() });
+        if let Err(error) = self.publisher.send(&[command]).await {
+            tracing::warn!(%task_id, %error, "task request not published; the sweeper will pick the task up");
+        }
+    }
+
+    async fn create(&self, r: pb::CreateTaskRequest) -> ApiResult<pb::CreateTaskResponse> {
+        for (field, value) in [("namespace", &r.namespace), ("name", &r.name)] {
+            if value.is_empty() {
+                return Err(ApiError::invalid(field, "required"));
+            }
+            if !is_valid_name(value) {
+                return Err(ApiError::invalid(field, format!("`{value}` is not a valid name")));
+            }
+        }
+        if !r.version.is_empty() && semver::Version::parse(&r.version).is_err() {
+            return Err(ApiError::invalid("version", format!("`{}` is not a semantic version", r.version)));
+        }
+        if r.idempotency_key.len() > 255 {
+            return Err(ApiError::invalid("idempotency_key", "longer than 255 characters"));
+        }
+        let context_text = if r.context_json.trim().is_empty() { "{}" } else { r.context_json.as_str() };
+        if context_text.len() > self.limits.max_context_bytes {
+            return Err(ApiError::TooLarge(format!(
+                "context_json: {} bytes, more than the limit of {}",
+                context_text.len(),
+                self.limits.max_context_bytes
+            )));
+        }
+        let context: Value = serde_json::from_str(context_text)
+            .map_err(|e| ApiError::invalid("context_json", format!("not valid JSON: {e}")))?;
+        if !context.is_object() {
+            return Err(ApiError::invalid("context_json", "must be a JSON object"));
+        }
+        let version = if r.version.is_empty() { None } else { Some(r.version.as_str()) };
+        let template = self.store.template(&r.namespace, &r.name, version).await?;
+        template.template.validate_context(&context)?;
+
+        let request_hash = request_hash(&r, &context);
+        let new = NewTask {
+            template: &template,
+            context: context_text,
+            tags: &r.tags,
+            initiator: &r.initiator,
+            source_system: &r.source_system,
+            reason: &r.reason,
+            priority: r.priority,
+            idempotency_key: if r.idempotency_key.is_empty() { None } else { Some(r.idempotency_key.as_str()) },
+            request_hash: &request_hash,
+        };
+        let outcome = self.store.create_task(&new).await?;
+        if !outcome.deduplicated {
+            self.request(outcome.task_id).await;
+        }
+        let view = self.store.task(outcome.task_id, false).await?;
+        Ok(pb::CreateTaskResponse { task: Some(convert::task(&view)), deduplicated: outcome.deduplicated })
+    }
+
+    async fn list(&self, r: pb::ListTasksRequest) -> ApiResult<pb::ListTasksResponse> {
+        let status = r.status();
+        let page_size = if r.page_size == 0 { DEFAULT_PAGE } else { r.page_size.min(MAX_PAGE) };
+        let filter = TaskFilter {
+            namespace: Some(r.namespace).filter(|s| !s.is_empty()),
+            name: Some(r.name).filter(|s| !s.is_empty()),
+            status: convert::task_state(status),
+            created_after: r.created_after.as_ref().and_then(convert::datetime),
+            created_before: r.created_before.as_ref().and_then(convert::datetime),
+            after: decode_page_token(&r.page_token)?,
+            limit: page_size as i64,
+        };
+        let page = self.store.list_tasks(&filter).await?;
+        Ok(pb::ListTasksResponse {
+            tasks: page.tasks.iter().map(convert::task_row).collect(),
+            next_page_token: page.next.map(encode_page_token).unwrap_or_default(),
+        })
+    }
+
+    /// Subscribes to the task's events first, then replays its history from the
+    /// transition tables (event ids are transition ids, so nothing is sent twice), then
+    /// streams live events until the task is final.
+    async fn watch(&self, task_id: Uuid, out: mpsc::Sender<Result<pb::Event, Status>>) -> ApiResult<()> {
+        let head = self.store.task(task_id, false).await?.task;
+        let pattern = format!("{}.{}.#", head.namespace, head.name);
+        let mut live = self.broker.subscribe_events(&[pattern.as_str()]).await?;
+        let view = self.store.task(task_id, true).await?;
+        let mut seen = HashSet::new();
+        for event in history(&view) {
+            seen.insert(event.id);
+            if out.send(Ok(event_message(&event))).await.is_err() {
+                return Ok(());
+            }
+        }
+        if view.task.status.is_final() {
+            return Ok(());
+        }
+        let task_id_text = task_id.to_string();
+        while let Some(received) = live.next().await {
+            let received = received?;
+            let Ok(event) = serde_json::from_str::<CloudEvent>(&received.payload) else { continue };
+            if event.data.get("task_id").and_then(Value::as_str) != Some(task_id_text.as_str())
+                || !seen.insert(event.id)
+            {
+                continue;
+            }
+            let is_final = event.kind.starts_with("dev.tasker.task.")
+                && event
+                    .data
+                    .get("to")
+                    .and_then(Value::as_str)
+                    .and_then(|s| s.parse::<TaskState>().ok())
+                    .is_some_and(TaskState::is_final);
+            if out.send(Ok(event_message(&event))).await.is_err() || is_final {
+                return Ok(());
+            }
+        }
+        Err(ApiError::Unavailable("event subscription ended".into()))
+    }
+}
+
+/// The events a task's transitions announced, rebuilt from the audit tables, in order.
+fn history(view: &TaskView) -> Vec<CloudEvent> {
+    let t = &view.task;
+    let subject = tasker_domain::event::EventSubject {
+        task_id: t.id,
+        namespace: t.namespace.clone(),
+        task_name: t.name.clone(),
+        task_version: t.version.clone(),
+    };
+    let metadata = |text: &str| serde_json::from_str::<Value>(text).unwrap_or(Value::Null);
+    let mut events: Vec<CloudEvent> = view
+        .transitions
+        .iter()
+        .filter_map(|tr| {
+            let to = tr.to_state.parse::<TaskState>().ok()?;
+            let from = tr.from_state.as_deref().and_then(|s| s.parse().ok());
+            Some(CloudEvent::task(tr.id, &subject, from, to, &metadata(&tr.metadata), tr.created_at))
+        })
+        .collect();
+    for step in &view.steps {
+        for tr in &step.transitions {
+            let (Some(from), Ok(to)) =
+                (tr.from_state.as_deref().and_then(|s| s.parse::<StepState>().ok()), tr.to_state.parse::<StepState>())
+            else {
+                continue;
+            };
+            let meta = metadata(&tr.metadata);
+            let attempt = meta.get("attempt").and_then(Value::as_u64).unwrap_or(step.attempts as u64) as u32;
+            let step_ref = StepRef { id: step.id, name: &step.name, attempt };
+            events.push(CloudEvent::step(tr.id, &subject, step_ref, from, to, &meta, tr.created_at));
+        }
+    }
+    // transition ids are UUIDv7: time-ordered, and in creation order within one process
+    events.sort_by_key(|e| (e.time.clone(), e.id));
+    events
+}
+
+fn event_message(event: &CloudEvent) -> pb::Event {
+    let time = chrono::DateTime::parse_from_rfc3339(&event.time).ok().map(|t| convert::timestamp(t.to_utc()));
+    pb::Event {
+        id: event.id.to_string(),
+        r#type: event.kind.clone(),
+        routing_key: event.routingkey.clone(),
+        time,
+        data_json: event.data.to_string(),
+    }
+}
+
+/// What makes two CreateTask requests "the same" for idempotency.
+fn request_hash(r: &pb::CreateTaskRequest, context: &Value) -> String {
+    let canonical = serde_json::json!({
+        "namespace": r.namespace, "name": r.name, "version": r.version, "context": context,
+        "tags": r.tags, "initiator": r.initiator, "source_system": r.source_system,
+        "reason": r.reason, "priority": r.priority,
+    });
+    Sha256::digest(canonical.to_string().as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn encode_page_token((at, id): (chrono::DateTime<chrono::Utc>, Uuid)) -> String {
+    format!("{}_{}", at.timestamp_micros(), id.simple())
+}
+
+fn decode_page_token(token: &str) -> ApiResult<Option<(chrono::DateTime<chrono::Utc>, Uuid)>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || ApiError::invalid("page_token", "not a token this API returned");
+    let (micros, id) = token.split_once('_').ok_or_else(bad)?;
+    let at = chrono::DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?;
+    Ok(Some((at, id.parse().map_err(|_| bad())?)))
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TaskService for Tasks {
+    async fn create_task(
+        &self,
+        request: Request<pb::CreateTaskRequest>,
+    ) -> Result<Response<pb::CreateTaskResponse>, Status> {
+        Ok(Response::new(self.create(request.into_inner()).await?))
+    }
+
+    async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::Task>, Status> {
+        let r = request.into_inner();
+        let id = parse_id("task_id", &r.task_id)?;
+        let view = self.store.task(id, r.include_transitions).await.map_err(ApiError::from)?;
+        Ok(Response::new(convert::task(&view)))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        Ok(Response::new(self.list(request.into_inner()).await?))
+    }
+
+    async fn cancel_task(&self, request: Request<pb::CancelTaskRequest>) -> Result<Response<pb::Task>, Status> {
+        let who = actor_of(request.metadata());
+        let r = request.into_inner();
+        let id = parse_id("task_id", &r.task_id)?;
+        let actor = Actor { who, reason: r.reason };
+        self.store.cancel_task(id, &actor).await.map_err(ApiError::from)?;
+        let view = self.store.task(id, false).await.map_err(ApiError::from)?;
+        Ok(Response::new(convert::task(&view)))
+    }
+
+    type WatchTaskStream = EventStream;
+
+    async fn watch_task(
+        &self,
+        request: Request<pb::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let id = parse_id("task_id", &request.into_inner().task_id)?;
+        self.store.task(id, false).await.map_err(ApiError::from)?;
+        let (tx, rx) = mpsc::channel(64);
+        let tasks = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = tasks.watch(id, tx.clone()).await {
+                let _ = tx.send(Err(error.into())).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Who an operator action is recorded as: the `x-tasker-actor` request header (taskerctl
+/// sends the user's name), else `anonymous`.
+pub(crate) fn actor_of(metadata: &tonic::metadata::MetadataMap) -> String {
+    metadata
+        .get("x-tasker-actor")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(|v| v.chars().take(128).collect())
+        .unwrap_or_else(|| "anonymous".to_owned())
+}

@@ -1,0 +1,100 @@
+//! TemplateService, and loading templates from a directory at start-up.
+
+use std::path::Path;
+
+use tasker_domain::{Limits, Template};
+use tasker_proto::v1::{self as pb, template_service_server::TemplateService};
+use tasker_store::Store;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    convert,
+    error::{ApiError, ApiResult},
+};
+
+#[derive(Clone)]
+pub struct Templates {
+    pub(crate) store: Store,
+    pub(crate) limits: Limits,
+}
+
+impl Templates {
+    pub async fn register(&self, yaml: &str) -> ApiResult<pb::RegisterTemplateResponse> {
+        if yaml.trim().is_empty() {
+            return Err(ApiError::invalid("yaml", "required"));
+        }
+        let template = Template::from_yaml(yaml, &self.limits)?;
+        let outcome = self.store.register_template(&template).await?;
+        if outcome.created {
+            tracing::info!(namespace = template.namespace, name = template.name, version = %template.version, "template registered");
+        }
+        Ok(pb::RegisterTemplateResponse {
+            template: Some(convert::template(&outcome.record)),
+            created: outcome.created,
+        })
+    }
+
+    /// Registers every `*.yaml` / `*.yml` in `dir` (sorted by file name). A file that does
+    /// not validate stops the start-up, naming the file.
+    pub async fn load_dir(&self, dir: &Path) -> anyhow::Result<usize> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| anyhow::anyhow!("api.templates_dir `{}`: {e}", dir.display()))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect();
+        files.sort();
+        for file in &files {
+            let yaml = std::fs::read_to_string(file)?;
+            self.register(&yaml).await.map_err(|e| anyhow::anyhow!("template {}: {e}", file.display()))?;
+        }
+        Ok(files.len())
+    }
+}
+
+fn optional(s: &str) -> Option<&str> {
+    if s.is_empty() { None } else { Some(s) }
+}
+
+#[tonic::async_trait]
+impl TemplateService for Templates {
+    async fn register_template(
+        &self,
+        request: Request<pb::RegisterTemplateRequest>,
+    ) -> Result<Response<pb::RegisterTemplateResponse>, Status> {
+        Ok(Response::new(self.register(&request.into_inner().yaml).await?))
+    }
+
+    async fn get_template(&self, request: Request<pb::GetTemplateRequest>) -> Result<Response<pb::Template>, Status> {
+        let r = request.into_inner();
+        if r.namespace.is_empty() {
+            return Err(ApiError::invalid("namespace", "required").into());
+        }
+        if r.name.is_empty() {
+            return Err(ApiError::invalid("name", "required").into());
+        }
+        let record = self.store.template(&r.namespace, &r.name, optional(&r.version)).await.map_err(ApiError::from)?;
+        Ok(Response::new(convert::template(&record)))
+    }
+
+    async fn list_templates(
+        &self,
+        request: Request<pb::ListTemplatesRequest>,
+    ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
+        let r = request.into_inner();
+        let records = self.store.list_templates(optional(&r.namespace)).await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListTemplatesResponse { templates: records.iter().map(convert::template).collect() }))
+    }
+
+    async fn list_namespaces(
+        &self,
+        _request: Request<pb::ListNamespacesRequest>,
+    ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+        let namespaces = self.store.list_namespaces().await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListNamespacesResponse {
+            namespaces: namespaces
+                .into_iter()
+                .map(|(name, count)| pb::Namespace { name, template_count: count as u32 })
+                .collect(),
+        }))
+    }
+}

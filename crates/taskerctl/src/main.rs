@@ -1,1 +1,338 @@
-fn main() {}
+//! `taskerctl`: Tasker's command-line client. Talks to task-api over gRPC, to the broker
+//! for `events`, and to the database only for `migrate`.
+
+mod print;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tasker_proto::v1::{
+    self as pb, step_service_client::StepServiceClient, task_service_client::TaskServiceClient,
+    template_service_client::TemplateServiceClient,
+};
+use tasker_runtime::Config;
+use tonic::{Request, transport::Channel};
+
+#[derive(Debug, Parser)]
+#[command(name = "taskerctl", version, about = "Tasker's command-line client")]
+struct Cli {
+    /// task-api address.
+    #[arg(long, global = true, env = "TASKER_API", default_value = "http://127.0.0.1:50051")]
+    api: String,
+    /// Configuration file for `migrate` and `events` (database and broker settings; the
+    /// `TASKER_*` environment applies too).
+    #[arg(long, global = true, env = "TASKER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply the database migrations.
+    Migrate,
+    /// Register, show and list templates.
+    #[command(subcommand)]
+    Template(TemplateCommand),
+    /// List namespaces.
+    Namespaces,
+    /// Submit, show, list and cancel tasks.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Retry or resolve a failed step.
+    #[command(subcommand)]
+    Step(StepCommand),
+    /// Stream a task's lifecycle events until it is final.
+    Watch { task_id: String },
+    /// Bind a queue to the events exchange and print events as they arrive.
+    Events {
+        /// Topic patterns (`#`, `payments.#`, `*.*.step.failed`).
+        #[arg(default_value = "#")]
+        patterns: Vec<String>,
+        /// Print each CloudEvent as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Exit after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TemplateCommand {
+    /// Register YAML template files.
+    Register { files: Vec<PathBuf> },
+    /// List templates.
+    List {
+        #[arg(long)]
+        namespace: Option<String>,
+    },
+    /// Show one template (the latest version unless given).
+    Get { namespace: String, name: String, version: Option<String> },
+}
+
+#[derive(Debug, Subcommand)]
+enum TaskCommand {
+    /// Create a task.
+    Submit {
+        namespace: String,
+        name: String,
+        #[arg(long)]
+        version: Option<String>,
+        /// JSON context, or @file.
+        #[arg(long, default_value = "{}")]
+        context: String,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Stream the task's events until it is final, then show it.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a task with its steps.
+    Get {
+        task_id: String,
+        /// Include the transition history.
+        #[arg(long)]
+        transitions: bool,
+    },
+    /// List tasks, newest first.
+    List {
+        #[arg(long)]
+        namespace: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// pending, in_progress, complete, error or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Cancel a task and its unfinished steps.
+    Cancel {
+        task_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StepCommand {
+    /// Run a failed step again (attempts reset).
+    Retry {
+        step_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Mark a failed step resolved, with results its children receive.
+    Resolve {
+        step_id: String,
+        #[arg(long, default_value = "{}")]
+        results: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            match error.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("error: {:?}: {}", status.code(), status.message()),
+                None => eprintln!("error: {error:#}"),
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn config(cli: &Cli) -> anyhow::Result<Config> {
+    Config::load(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+}
+
+async fn channel(api: &str) -> anyhow::Result<Channel> {
+    Channel::from_shared(api.to_owned())
+        .context("--api")?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to task-api at {api}"))
+}
+
+/// Operator actions are recorded with the caller's user name.
+fn with_actor<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    let user = std::env::var("USER").unwrap_or_else(|_| "taskerctl".into());
+    if let Ok(value) = format!("taskerctl:{user}").parse() {
+        request.metadata_mut().insert("x-tasker-actor", value);
+    }
+    request
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Migrate => {
+            let config = config(&cli)?;
+            tasker_store::migrate(&config.database.url).await?;
+            println!("migrations applied");
+        }
+        Command::Template(cmd) => {
+            let mut client = TemplateServiceClient::new(channel(&cli.api).await?);
+            match cmd {
+                TemplateCommand::Register { files } => {
+                    if files.is_empty() {
+                        bail!("name at least one template file");
+                    }
+                    for file in files {
+                        let yaml =
+                            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+                        let response =
+                            client.register_template(pb::RegisterTemplateRequest { yaml }).await?.into_inner();
+                        let t = response.template.unwrap_or_default();
+                        let what = if response.created { "registered" } else { "unchanged" };
+                        println!("{what}  {}/{} {}  ({} steps)", t.namespace, t.name, t.version, t.steps.len());
+                    }
+                }
+                TemplateCommand::List { namespace } => {
+                    let request = pb::ListTemplatesRequest { namespace: namespace.clone().unwrap_or_default() };
+                    let templates = client.list_templates(request).await?.into_inner().templates;
+                    print::templates(&templates);
+                }
+                TemplateCommand::Get { namespace, name, version } => {
+                    let request = pb::GetTemplateRequest {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        version: version.clone().unwrap_or_default(),
+                    };
+                    print::template(&client.get_template(request).await?.into_inner());
+                }
+            }
+        }
+        Command::Namespaces => {
+            let mut client = TemplateServiceClient::new(channel(&cli.api).await?);
+            for ns in client.list_namespaces(pb::ListNamespacesRequest {}).await?.into_inner().namespaces {
+                println!("{:<24} {} templates", ns.name, ns.template_count);
+            }
+        }
+        Command::Task(cmd) => task(&cli, cmd).await?,
+        Command::Step(cmd) => {
+            let mut client = StepServiceClient::new(channel(&cli.api).await?);
+            let step = match cmd {
+                StepCommand::Retry { step_id, reason } => {
+                    client
+                        .retry_step(with_actor(pb::RetryStepRequest {
+                            step_id: step_id.clone(),
+                            reason: reason.clone(),
+                        }))
+                        .await?
+                }
+                StepCommand::Resolve { step_id, results, reason } => {
+                    let request = pb::ResolveStepRequest {
+                        step_id: step_id.clone(),
+                        reason: reason.clone(),
+                        results_json: results.clone(),
+                    };
+                    client.resolve_step(with_actor(request)).await?
+                }
+            };
+            print::step_line(&step.into_inner());
+        }
+        Command::Watch { task_id } => {
+            let mut client = TaskServiceClient::new(channel(&cli.api).await?);
+            watch(&mut client, task_id).await?;
+        }
+        Command::Events { patterns, json, count } => {
+            let config = config(&cli)?;
+            let broker = tasker_runtime::connect_broker(&config.amqp, "taskerctl").await?;
+            let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+            let mut events = broker.subscribe_events(&patterns).await?;
+            eprintln!("listening on {} for {}", broker.topology().events_exchange(), patterns.join(", "));
+            let mut seen = 0;
+            while let Some(event) = events.next().await {
+                let event = event?;
+                if *json {
+                    println!("{}", event.payload);
+                } else {
+                    print::event_line(&event.routing_key, &event.payload);
+                }
+                seen += 1;
+                if count.is_some_and(|n| seen >= n) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn task(cli: &Cli, cmd: &TaskCommand) -> anyhow::Result<()> {
+    let mut client = TaskServiceClient::new(channel(&cli.api).await?);
+    match cmd {
+        TaskCommand::Submit { namespace, name, version, context, idempotency_key, reason, tags, wait } => {
+            let context_json = match context.strip_prefix('@') {
+                Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
+                None => context.clone(),
+            };
+            let request = pb::CreateTaskRequest {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                version: version.clone().unwrap_or_default(),
+                context_json,
+                tags: tags.clone(),
+                initiator: std::env::var("USER").unwrap_or_default(),
+                source_system: "taskerctl".into(),
+                reason: reason.clone().unwrap_or_default(),
+                priority: 0,
+                idempotency_key: idempotency_key.clone().unwrap_or_default(),
+            };
+            let response = client.create_task(request).await?.into_inner();
+            let task = response.task.unwrap_or_default();
+            let note = if response.deduplicated { " (deduplicated: the original task)" } else { "" };
+            println!("task {} {}/{} {}{note}", task.id, task.namespace, task.name, task.version);
+            if *wait {
+                watch(&mut client, &task.id).await?;
+                let task = client.get_task(pb::GetTaskRequest { task_id: task.id, include_transitions: false }).await?;
+                print::task(&task.into_inner(), false);
+            }
+        }
+        TaskCommand::Get { task_id, transitions } => {
+            let request = pb::GetTaskRequest { task_id: task_id.clone(), include_transitions: *transitions };
+            print::task(&client.get_task(request).await?.into_inner(), *transitions);
+        }
+        TaskCommand::List { namespace, name, status, limit } => {
+            let status = match status.as_deref() {
+                None => pb::TaskStatus::Unspecified,
+                Some(s) => pb::TaskStatus::from_str_name(&format!("TASK_STATUS_{}", s.to_uppercase()))
+                    .with_context(|| format!("--status `{s}`: pending, in_progress, complete, error or cancelled"))?,
+            };
+            let request = pb::ListTasksRequest {
+                namespace: namespace.clone().unwrap_or_default(),
+                name: name.clone().unwrap_or_default(),
+                status: status as i32,
+                page_size: *limit,
+                ..Default::default()
+            };
+            print::task_list(&client.list_tasks(request).await?.into_inner().tasks);
+        }
+        TaskCommand::Cancel { task_id, reason } => {
+            let request = pb::CancelTaskRequest { task_id: task_id.clone(), reason: reason.clone() };
+            print::task(&client.cancel_task(with_actor(request)).await?.into_inner(), false);
+        }
+    }
+    Ok(())
+}
+
+async fn watch(client: &mut TaskServiceClient<Channel>, task_id: &str) -> anyhow::Result<()> {
+    let mut stream = client.watch_task(pb::WatchTaskRequest { task_id: task_id.to_owned() }).await?.into_inner();
+    while let Some(event) = stream.message().await? {
+        print::event_line(&event.routing_key, &event.data_json);
+    }
+    Ok(())
+}

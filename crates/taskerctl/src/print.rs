@@ -1,0 +1,106 @@
+//! Human-readable output.
+
+use serde_json::Value;
+use tasker_proto::v1 as pb;
+
+fn status_name(name: &str, prefix: &str) -> String {
+    name.trim_start_matches(prefix).to_lowercase()
+}
+
+fn task_status(code: i32) -> String {
+    pb::TaskStatus::try_from(code).map(|s| status_name(s.as_str_name(), "TASK_STATUS_")).unwrap_or_default()
+}
+
+fn step_status(code: i32) -> String {
+    pb::StepStatus::try_from(code).map(|s| status_name(s.as_str_name(), "STEP_STATUS_")).unwrap_or_default()
+}
+
+fn time(ts: &Option<prost_types::Timestamp>) -> String {
+    ts.as_ref()
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+        .map(|t| t.format("%H:%M:%S%.3f").to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn templates(templates: &[pb::Template]) {
+    for t in templates {
+        println!("{:<16} {:<28} {:<10} {} steps  {}", t.namespace, t.name, t.version, t.steps.len(), t.description);
+    }
+}
+
+pub fn template(t: &pb::Template) {
+    println!("{}/{} {}  {}", t.namespace, t.name, t.version, t.description);
+    for s in &t.steps {
+        let deps = if s.depends_on.is_empty() { String::new() } else { format!(" after {}", s.depends_on.join(", ")) };
+        println!("  {:<28} {:<24} attempts {} timeout {}ms{deps}", s.name, s.handler, s.max_attempts, s.timeout_ms);
+    }
+}
+
+pub fn task_list(tasks: &[pb::Task]) {
+    for t in tasks {
+        println!(
+            "{}  {:<12} {}/{} {}  created {}",
+            t.id,
+            task_status(t.status),
+            t.namespace,
+            t.name,
+            t.version,
+            time(&t.created_at)
+        );
+    }
+}
+
+pub fn step_line(s: &pb::Step) {
+    let results = if s.results_json.is_empty() { String::new() } else { format!("  results {}", s.results_json) };
+    let error = match serde_json::from_str::<Value>(&s.last_error_json) {
+        Ok(e) if s.status == pb::StepStatus::Error as i32 => format!("  error {}", e["message"]),
+        _ => String::new(),
+    };
+    println!(
+        "  {:<28} {:<18} attempts {}/{}  {} → {}{results}{error}",
+        s.name,
+        step_status(s.status),
+        s.attempts,
+        s.max_attempts,
+        time(&s.started_at),
+        time(&s.completed_at),
+    );
+}
+
+pub fn task(t: &pb::Task, transitions: bool) {
+    println!("task {}  {}/{} {}  {}", t.id, t.namespace, t.name, t.version, task_status(t.status));
+    println!("  created {}  started {}  completed {}", time(&t.created_at), time(&t.started_at), time(&t.completed_at));
+    for s in &t.steps {
+        step_line(s);
+        if transitions {
+            for tr in &s.transitions {
+                println!(
+                    "      {} {:>18} → {:<18} {}",
+                    time(&tr.created_at),
+                    tr.from_state,
+                    tr.to_state,
+                    tr.metadata_json
+                );
+            }
+        }
+    }
+    if transitions {
+        for tr in &t.transitions {
+            println!("  task {} {:>12} → {}", time(&tr.created_at), tr.from_state, tr.to_state);
+        }
+    }
+}
+
+/// One event per line: routing key, step and attempt, and the state change.
+pub fn event_line(routing_key: &str, payload: &str) {
+    let value: Value = serde_json::from_str(payload).unwrap_or(Value::Null);
+    let data = value.get("data").unwrap_or(&value);
+    let step = data.get("step_name").and_then(Value::as_str).map(|s| format!(" {s}")).unwrap_or_default();
+    let attempt = data.get("attempt").map(|a| format!(" #{a}")).unwrap_or_default();
+    let from = data.get("from").and_then(Value::as_str).unwrap_or("");
+    let to = data.get("to").and_then(Value::as_str).unwrap_or("");
+    let error =
+        data.pointer("/metadata/error/message").and_then(Value::as_str).map(|m| format!("  ({m})")).unwrap_or_default();
+    let now = chrono::Utc::now().format("%H:%M:%S%.3f");
+    println!("{now}  {routing_key:<52}{step}{attempt}  {from} → {to}{error}");
+}

@@ -122,8 +122,9 @@ async fn relay_batch(
         }
     }
     let ids: Vec<String> = batch.rows.iter().map(|r| r.event_id.to_string()).collect();
-    let events = batch.rows.iter().zip(&ids).map(|(r, id)| (id.as_str(), r.routing_key.as_str(), r.payload.as_str()));
-    publisher.publish_events(events).await?;
+    let events: Vec<(&str, &str, &str)> =
+        batch.rows.iter().zip(&ids).map(|(r, id)| (id.as_str(), r.routing_key.as_str(), r.payload.as_str())).collect();
+    publisher.publish_events(&events).await?;
     batch.complete().await?;
     metrics.published.inc_by(n as u64);
     Ok(Some(n))

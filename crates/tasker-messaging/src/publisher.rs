@@ -91,13 +91,11 @@ impl Publisher {
 
     /// Publishes CloudEvents (structured JSON) on the events exchange, then awaits every
     /// confirm. Not mandatory: an event nobody subscribed to is not an error.
-    pub async fn publish_events<'a>(
-        &self,
-        events: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
-    ) -> Result<()> {
+    /// Each event is `(event id, routing key, CloudEvent JSON)`.
+    pub async fn publish_events(&self, events: &[(&str, &str, &str)]) -> Result<()> {
         let exchange = self.topology.events_exchange();
         let mut pending = Vec::new();
-        for (event_id, routing_key, payload) in events {
+        for &(event_id, routing_key, payload) in events {
             let props = BasicProperties::default()
                 .with_delivery_mode(PERSISTENT)
                 .with_content_type("application/cloudevents+json".into())

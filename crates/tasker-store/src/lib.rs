@@ -35,11 +35,21 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 /// Applies every pending migration. Safe to run from several processes at once: sqlx
 /// holds an advisory lock while it migrates.
 pub async fn migrate(database_url: &str) -> Result<()> {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(database_url).await.map_err(Error::migrate)?;
-    MIGRATOR.run(&mut conn).await.map_err(Error::migrate)?;
-    conn.close().await.map_err(Error::migrate)?;
-    Ok(())
+    // sqlx's migrator future is not `Send` for every lifetime (the "Acquire is not general
+    // enough" limitation), so it runs to completion on a blocking thread of its own, and
+    // callers can spawn this future freely.
+    let url = database_url.to_owned();
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        runtime.block_on(async {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&url).await.map_err(Error::migrate)?;
+            MIGRATOR.run(&mut conn).await.map_err(Error::migrate)?;
+            conn.close().await.map_err(Error::migrate)
+        })
+    })
+    .await
+    .map_err(Error::migrate)?
 }
 
 /// A pool of connections to Tasker's database.

@@ -1,0 +1,6 @@
+//! End-to-end scenarios (`../shared/scenarios.md`): real Postgres and RabbitMQ, services
+//! in-process, the gRPC API and a real AMQP subscriber. Each test has its own database and
+//! broker prefix.
+
+mod skeleton;
+mod support;

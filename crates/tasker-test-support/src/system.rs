@@ -1,0 +1,188 @@
+//! The four services started in-process against a [`TestEnv`].
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde_json::Value;
+use step_worker::{Registry, Worker};
+use tasker_proto::v1::{
+    self as pb, step_service_client::StepServiceClient, task_service_client::TaskServiceClient,
+    template_service_client::TemplateServiceClient,
+};
+use tasker_runtime::Config;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::TestEnv;
+
+/// A step worker to start in-process.
+pub struct WorkerSpec {
+    pub id: String,
+    pub namespaces: Vec<String>,
+    pub registry: Registry,
+    pub concurrency: u16,
+}
+
+impl WorkerSpec {
+    /// A worker with the built-in handlers.
+    pub fn new(id: &str, namespaces: &[&str]) -> WorkerSpec {
+        WorkerSpec {
+            id: id.to_owned(),
+            namespaces: namespaces.iter().map(|s| (*s).to_owned()).collect(),
+            registry: Registry::with_builtins(),
+            concurrency: 8,
+        }
+    }
+
+    pub fn registry(mut self, registry: Registry) -> WorkerSpec {
+        self.registry = registry;
+        self
+    }
+
+    pub fn concurrency(mut self, concurrency: u16) -> WorkerSpec {
+        self.concurrency = concurrency;
+        self
+    }
+}
+
+struct Running {
+    name: String,
+    stop: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+/// task-api, orchestrator, event-publisher and workers, running in this process.
+pub struct System {
+    pub api_addr: SocketAddr,
+    config: Config,
+    channel: Channel,
+    services: Vec<Running>,
+}
+
+impl System {
+    pub async fn start(env: &TestEnv, workers: Vec<WorkerSpec>) -> System {
+        let config = env.config.clone();
+        let api = task_api::TaskApi::bind(config.clone()).await.expect("bind task-api");
+        let api_addr = api.grpc_addr();
+        let mut services = Vec::new();
+        let spawn = |name: &str, fut: std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>, stop| {
+            Running { name: name.to_owned(), stop, handle: tokio::spawn(fut) }
+        };
+        let stop = CancellationToken::new();
+        services.push(spawn("task-api", Box::pin(api.run(stop.clone())), stop));
+        let orchestrator = orchestrator::Orchestrator::bind(config.clone()).await.expect("bind orchestrator");
+        let stop = CancellationToken::new();
+        services.push(spawn("orchestrator", Box::pin(orchestrator.run(stop.clone())), stop));
+        let publisher = event_publisher::EventPublisher::bind(config.clone()).await.expect("bind event-publisher");
+        let stop = CancellationToken::new();
+        services.push(spawn("event-publisher", Box::pin(publisher.run(stop.clone())), stop));
+        let channel = connect(api_addr).await;
+        let mut system = System { api_addr, config, channel, services };
+        for spec in workers {
+            system.add_worker(env, spec).await;
+        }
+        system
+    }
+
+    /// Starts one more worker.
+    pub async fn add_worker(&mut self, env: &TestEnv, spec: WorkerSpec) {
+        for ns in &spec.namespaces {
+            env.uses_namespace(ns);
+        }
+        let mut config = self.config.clone();
+        config.worker.id = Some(spec.id.clone());
+        config.worker.namespaces = spec.namespaces;
+        config.worker.concurrency = spec.concurrency;
+        let worker = Worker::bind(config, spec.registry).await.expect("bind step-worker");
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(stop.clone()));
+        self.services.push(Running { name: format!("worker {}", spec.id), stop, handle });
+    }
+
+    pub fn tasks(&self) -> TaskServiceClient<Channel> {
+        TaskServiceClient::new(self.channel.clone())
+    }
+
+    pub fn templates(&self) -> TemplateServiceClient<Channel> {
+        TemplateServiceClient::new(self.channel.clone())
+    }
+
+    pub fn steps(&self) -> StepServiceClient<Channel> {
+        StepServiceClient::new(self.channel.clone())
+    }
+
+    /// Registers a template (and remembers its namespace for clean-up).
+    pub async fn register(&self, env: &TestEnv, yaml: &str) -> pb::Template {
+        let response = self
+            .templates()
+            .register_template(pb::RegisterTemplateRequest { yaml: yaml.to_owned() })
+            .await
+            .expect("register template")
+            .into_inner();
+        let template = response.template.expect("registered template");
+        env.uses_namespace(&template.namespace);
+        template
+    }
+
+    /// Creates a task of the latest version with this context.
+    pub async fn submit(&self, namespace: &str, name: &str, context: Value) -> pb::Task {
+        let request = pb::CreateTaskRequest {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            context_json: context.to_string(),
+            ..Default::default()
+        };
+        self.tasks().create_task(request).await.expect("create task").into_inner().task.expect("created task")
+    }
+
+    /// Polls GetTask (with transitions) until the task is complete, error or cancelled.
+    pub async fn wait_final(&self, task_id: &str) -> pb::Task {
+        self.wait_for(task_id, |t| {
+            matches!(t.status(), pb::TaskStatus::Complete | pb::TaskStatus::Error | pb::TaskStatus::Cancelled)
+        })
+        .await
+    }
+
+    /// Polls GetTask (with transitions) until `done` holds; panics after 60 s.
+    pub async fn wait_for(&self, task_id: &str, done: impl Fn(&pb::Task) -> bool) -> pb::Task {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let request = pb::GetTaskRequest { task_id: task_id.to_owned(), include_transitions: true };
+            let task = self.tasks().get_task(request).await.expect("get task").into_inner();
+            if done(&task) {
+                return task;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "task {task_id} did not get there in time: {task:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops every service and checks that each stopped cleanly.
+    pub async fn stop(self) {
+        for service in self.services.iter().rev() {
+            service.stop.cancel();
+        }
+        for service in self.services {
+            match tokio::time::timeout(Duration::from_secs(15), service.handle).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(error))) => panic!("{} failed: {error:#}", service.name),
+                Ok(Err(join)) => panic!("{} panicked: {join}", service.name),
+                Err(_) => panic!("{} did not stop within 15 s", service.name),
+            }
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Channel {
+    let endpoint = Channel::from_shared(format!("http://{addr}")).expect("endpoint");
+    for _ in 0..100 {
+        if let Ok(channel) = endpoint.connect().await {
+            let mut client = TemplateServiceClient::new(channel.clone());
+            if client.list_namespaces(pb::ListNamespacesRequest {}).await.is_ok() {
+                return channel;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("task-api at {addr} did not become ready");
+}

@@ -98,6 +98,18 @@ impl Broker {
         EventStream::open(&self.connection, &self.topology, patterns).await
     }
 
+    /// Consumers currently attached to a queue (0 when it does not exist).
+    pub async fn consumer_count(&self, queue: &str) -> Result<u32> {
+        let channel = self.connection.create_channel().await?;
+        let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let count = match channel.queue_declare(queue.into(), options, Default::default()).await {
+            Ok(q) => q.consumer_count(),
+            Err(_) => return Ok(0), // a failed passive declare closes the channel
+        };
+        channel.close(200, "checked".into()).await?;
+        Ok(count)
+    }
+
     /// Deletes every queue and exchange this prefix uses for the given namespaces (tests
     /// and tear-downs).
     pub async fn delete_topology(&self, namespaces: &[String]) -> Result<()> {

@@ -52,6 +52,26 @@ pub async fn migrate(database_url: &str) -> Result<()> {
     .map_err(Error::migrate)?
 }
 
+/// Creates the database the URL names if it does not exist, connecting to the server's
+/// `postgres` database to do so.
+pub async fn ensure_database(database_url: &str) -> Result<()> {
+    let config = tokio_postgres::Config::from_str(database_url).map_err(Error::config)?;
+    let name =
+        config.get_dbname().ok_or_else(|| Error::Config("the database URL names no database".into()))?.to_owned();
+    let mut server = config.clone();
+    server.dbname("postgres");
+    let (client, connection) = server.connect(NoTls).await?;
+    let conn = tokio::spawn(connection);
+    let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
+    if !exists {
+        let quoted = name.replace('"', "\"\"");
+        client.batch_execute(&format!("CREATE DATABASE \"{quoted}\"")).await?;
+    }
+    drop(client);
+    let _ = conn.await;
+    Ok(())
+}
+
 /// A pool of connections to Tasker's database.
 #[derive(Clone)]
 pub struct Store {

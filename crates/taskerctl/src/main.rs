@@ -30,7 +30,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Apply the database migrations.
+    /// Create the database if needed and apply the migrations.
     Migrate,
     /// Register, show and list templates.
     #[command(subcommand)]
@@ -180,6 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Migrate => {
             let config = config(&cli)?;
+            tasker_store::ensure_database(&config.database.url).await?;
             tasker_store::migrate(&config.database.url).await?;
             println!("migrations applied");
         }

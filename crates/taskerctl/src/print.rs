@@ -51,7 +51,11 @@ pub fn task_list(tasks: &[pb::Task]) {
 }
 
 pub fn step_line(s: &pb::Step) {
-    let results = if s.results_json.is_empty() { String::new() } else { format!("  results {}", s.results_json) };
+    let results = match s.results_json.as_str() {
+        "" => String::new(),
+        r if r.chars().count() > 100 => format!("  results {}…", r.chars().take(100).collect::<String>()),
+        r => format!("  results {r}"),
+    };
     let error = match serde_json::from_str::<Value>(&s.last_error_json) {
         Ok(e) if s.status == pb::StepStatus::Error as i32 => format!("  error {}", e["message"]),
         _ => String::new(),

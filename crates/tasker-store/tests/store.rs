@@ -1,0 +1,168 @@
+//! The store against a real Postgres: transitions, their audit rows and events.
+
+use serde_json::json;
+use tasker_domain::{Limits, StepState, TaskState, Template};
+use tasker_store::{NewTask, StepChange, Store};
+use tasker_test_support::TestEnv;
+
+const TEMPLATE: &str = r#"
+namespace: store
+name: chain
+version: 1.0.0
+steps:
+  - { name: a, handler: noop }
+  - { name: b, handler: noop, depends_on: [a], max_attempts: 2 }
+  - { name: c, handler: noop, depends_on: [b] }
+"#;
+
+async fn setup(env: &TestEnv) -> (Store, uuid::Uuid) {
+    let store = Store::connect(&env.config.database.url, 4).await.unwrap();
+    let template = Template::from_yaml(TEMPLATE, &Limits::default()).unwrap();
+    let record = store.register_template(&template).await.unwrap().record;
+    let new = NewTask {
+        template: &record,
+        context: r#"{"n": 12345678901234567890.123456789}"#,
+        tags: &[],
+        initiator: "test",
+        source_system: "",
+        reason: "",
+        priority: 0,
+        idempotency_key: None,
+        request_hash: "h",
+    };
+    let task = store.create_task(&new).await.unwrap().task_id;
+    (store, task)
+}
+
+/// Walks the chain: a completes, b fails once and retries, then everything completes.
+async fn run_chain(store: &Store, task_id: uuid::Uuid) {
+    let mut tx = store.begin().await.unwrap();
+    let mut task = tx.lock_tasks(&[task_id]).await.unwrap().remove(&task_id).unwrap();
+    tx.transition_task(&mut task, TaskState::InProgress, json!({})).unwrap();
+    let subject = task.subject();
+    let mut ready = tx.ready_steps(task_id).await.unwrap();
+    assert_eq!(ready.len(), 1);
+    let mut a = ready.remove(0);
+    for to in [StepState::Enqueued, StepState::InProgress] {
+        tx.transition_step(&subject, &mut a, to, json!({}), StepChange::default()).unwrap();
+    }
+    let change = StepChange { results: Some(r#"{"x": 1}"#.into()), ..Default::default() };
+    tx.transition_step(&subject, &mut a, StepState::Complete, json!({}), change).unwrap();
+    let mut children = tx.release_children(a.id).await.unwrap();
+    assert_eq!(children.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["b"]);
+    let mut b = children.remove(0);
+    for to in [StepState::Enqueued, StepState::InProgress, StepState::WaitingForRetry, StepState::Enqueued] {
+        tx.transition_step(&subject, &mut b, to, json!({}), StepChange::default()).unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let mut tx = store.begin().await.unwrap();
+    let mut task = tx.lock_tasks(&[task_id]).await.unwrap().remove(&task_id).unwrap();
+    let subject = task.subject();
+    let mut b = tx.steps(&[b.id]).await.unwrap().remove(0);
+    assert_eq!((b.status, b.attempts), (StepState::Enqueued, 2));
+    for to in [StepState::InProgress, StepState::Complete] {
+        tx.transition_step(&subject, &mut b, to, json!({}), StepChange::default()).unwrap();
+    }
+    let mut c = tx.release_children(b.id).await.unwrap().remove(0);
+    for to in [StepState::Enqueued, StepState::InProgress, StepState::Complete] {
+        tx.transition_step(&subject, &mut c, to, json!({}), StepChange::default()).unwrap();
+    }
+    assert!(tx.progress(task_id).await.unwrap().is_complete());
+    tx.transition_task(&mut task, TaskState::Complete, json!({})).unwrap();
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_transition_is_recorded_once_with_its_event() {
+    let env = TestEnv::new().await;
+    let (store, task_id) = setup(&env).await;
+    run_chain(&store, task_id).await;
+    let db = env.database().await;
+
+    // each owner: sort keys 1..n, exactly one most_recent, on the highest, matching status
+    for (table, owner, status_table) in
+        [("task_transitions", "task_id", "tasks"), ("workflow_step_transitions", "workflow_step_id", "workflow_steps")]
+    {
+        let rows = db
+            .query(
+                &format!(
+                    "SELECT o.id, o.status, array_agg(t.sort_key ORDER BY t.sort_key), \
+                       count(*) FILTER (WHERE t.most_recent), \
+                       (SELECT to_state FROM {table} x WHERE x.{owner} = o.id AND x.most_recent), \
+                       max(t.sort_key) = (SELECT sort_key FROM {table} x WHERE x.{owner} = o.id AND x.most_recent) \
+                     FROM {status_table} o JOIN {table} t ON t.{owner} = o.id GROUP BY o.id, o.status"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(!rows.is_empty(), "{table} has rows");
+        for row in rows {
+            let keys: Vec<i32> = row.get(2);
+            assert_eq!(keys, (1..=keys.len() as i32).collect::<Vec<_>>(), "{table}: contiguous sort keys");
+            assert_eq!(row.get::<_, i64>(3), 1, "{table}: one most_recent");
+            assert_eq!(row.get::<_, String>(1), row.get::<_, String>(4), "{table}: status matches most_recent");
+            assert!(row.get::<_, bool>(5), "{table}: most_recent is the last");
+        }
+    }
+    let steps: Vec<(String, String, i32)> = db
+        .query("SELECT name, status, attempts FROM workflow_steps ORDER BY dependency_level", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        steps,
+        [("a".into(), "complete".into(), 1), ("b".into(), "complete".into(), 2), ("c".into(), "complete".into(), 1)]
+    );
+    // every transition has exactly one event, with the transition's id
+    let orphans: i64 = db
+        .query_one(
+            "SELECT count(*) FROM (SELECT id FROM task_transitions UNION ALL SELECT id FROM workflow_step_transitions) t \
+             WHERE (SELECT count(*) FROM outbox o WHERE o.event_id = t.id) <> 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(orphans, 0);
+    let transitions: i64 = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM task_transitions) + (SELECT count(*) FROM workflow_step_transitions)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let events: i64 = db.query_one("SELECT count(*) FROM outbox", &[]).await.unwrap().get(0);
+    assert_eq!(transitions, events);
+    // the context keeps its precision
+    let context: String = db.query_one("SELECT context::text FROM tasks", &[]).await.unwrap().get(0);
+    assert!(context.contains("12345678901234567890.123456789"), "{context}");
+    drop(db);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn illegal_transitions_are_refused_and_nothing_is_written() {
+    let env = TestEnv::new().await;
+    let (store, task_id) = setup(&env).await;
+    let mut tx = store.begin().await.unwrap();
+    let mut task = tx.lock_tasks(&[task_id]).await.unwrap().remove(&task_id).unwrap();
+    let mut a = tx.ready_steps(task_id).await.unwrap().remove(0);
+    let error = tx.transition_step(&task.subject(), &mut a, StepState::Complete, json!({}), StepChange::default());
+    assert_eq!(error.unwrap_err().to_string(), "illegal step transition from pending to complete");
+    assert!(tx.transition_task(&mut task, TaskState::Complete, json!({})).is_err());
+    tx.commit().await.unwrap();
+
+    let db = env.database().await;
+    let step_rows: i64 = db.query_one("SELECT count(*) FROM workflow_step_transitions", &[]).await.unwrap().get(0);
+    let task_status: String = db.query_one("SELECT status FROM tasks", &[]).await.unwrap().get(0);
+    let statuses: Vec<String> =
+        db.query("SELECT DISTINCT status FROM workflow_steps", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!((step_rows, task_status.as_str(), statuses), (0, "pending", vec!["pending".to_owned()]));
+    drop(db);
+    env.cleanup().await;
+}

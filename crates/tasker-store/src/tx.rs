@@ -61,6 +61,9 @@ impl StepRow {
     }
 }
 
+/// A task's changed columns: id, status, started_at, completed_at.
+type TaskWrite = (Uuid, &'static str, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
 /// What a step transition writes besides its status and timestamps.
 #[derive(Debug, Default)]
 pub struct StepChange {
@@ -75,7 +78,7 @@ pub struct StepChange {
 pub struct Tx {
     client: Option<Object>,
     steps: Vec<StepWrite>,
-    tasks: Vec<(Uuid, &'static str, Option<DateTime<Utc>>, Option<DateTime<Utc>>)>,
+    tasks: Vec<TaskWrite>,
     step_transitions: Vec<TransitionWrite>,
     task_transitions: Vec<TransitionWrite>,
     events: Vec<(Uuid, Uuid, String, String)>,

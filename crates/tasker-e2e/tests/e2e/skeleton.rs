@@ -66,7 +66,7 @@ async fn diamond_completes_in_dependency_order_with_matching_events() {
     // per step, events arrive in transition order
     for step in &task.steps {
         let seen: Vec<(String, String)> =
-            received.iter().filter(|r| r.step_name() == Some(step.name.as_str())).map(Received::from_to).collect();
+            received.iter().filter(|r| r.step_name() == Some(step.name.as_str())).map(Received::transition).collect();
         let recorded: Vec<(String, String)> =
             step.transitions.iter().map(|t| (t.from_state.clone(), t.to_state.clone())).collect();
         assert_eq!(seen, recorded, "{}", step.name);

@@ -24,7 +24,7 @@ impl Received {
     pub fn step_name(&self) -> Option<&str> {
         self.event["data"]["step_name"].as_str()
     }
-    pub fn from_to(&self) -> (String, String) {
+    pub fn transition(&self) -> (String, String) {
         let d = &self.event["data"];
         (d["from"].as_str().unwrap_or_default().to_owned(), d["to"].as_str().unwrap_or_default().to_owned())
     }
@@ -116,8 +116,4 @@ pub fn path(step: &pb::Step) -> Vec<&str> {
     let mut path = vec!["pending"];
     path.extend(step.transitions.iter().map(|t| t.to_state.as_str()));
     path
-}
-
-pub fn metadata(t: &pb::Transition) -> Value {
-    serde_json::from_str(&t.metadata_json).expect("metadata is JSON")
 }

@@ -274,7 +274,15 @@ mod tests {
     fn cloud_event_is_structured_json() {
         let at = DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z").unwrap().with_timezone(&Utc);
         let step = StepRef { id: Uuid::max(), name: "refund", attempt: 2 };
-        let ev = CloudEvent::step(Uuid::now_v7(), &subject(), step, StepState::InProgress, StepState::Complete, &json!({}), at);
+        let ev = CloudEvent::step(
+            Uuid::now_v7(),
+            &subject(),
+            step,
+            StepState::InProgress,
+            StepState::Complete,
+            &json!({}),
+            at,
+        );
         let v = serde_json::to_value(&ev).unwrap();
         assert_eq!(v["specversion"], "1.0");
         assert_eq!(v["type"], "dev.tasker.step.completed");

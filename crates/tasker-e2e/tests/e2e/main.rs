@@ -2,5 +2,6 @@
 //! in-process, the gRPC API and a real AMQP subscriber. Each test has its own database and
 //! broker prefix.
 
+mod shapes;
 mod skeleton;
 mod support;

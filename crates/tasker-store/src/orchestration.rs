@@ -280,7 +280,7 @@ impl Store {
         let stmt = client
             .prepare_cached(
                 "SELECT id FROM tasks WHERE status = 'pending' \
-                 AND updated_at < now() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2",
+                 AND updated_at < now() - make_interval(secs => $1::float8) ORDER BY updated_at LIMIT $2",
             )
             .await?;
         let rows = client.query(&stmt, &[&older_than.as_secs_f64(), &limit]).await?;
@@ -315,7 +315,7 @@ impl Store {
         let stmt = client
             .prepare_cached(
                 "SELECT task_id, id FROM workflow_steps WHERE status = 'enqueued' \
-                 AND updated_at < now() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2",
+                 AND updated_at < now() - make_interval(secs => $1::float8) ORDER BY updated_at LIMIT $2",
             )
             .await?;
         let rows = client.query(&stmt, &[&older_than.as_secs_f64(), &limit]).await?;
@@ -328,7 +328,7 @@ impl Store {
         let stmt = client
             .prepare_cached(
                 "SELECT task_id, id FROM workflow_steps WHERE status = 'in_progress' \
-                 AND started_at + make_interval(secs => timeout_ms / 1000.0 + $1) < now() \
+                 AND started_at + make_interval(secs => timeout_ms / 1000.0 + $1::float8) < now() \
                  ORDER BY started_at LIMIT $2",
             )
             .await?;

@@ -117,3 +117,7 @@ pub fn path(step: &pb::Step) -> Vec<&str> {
     path.extend(step.transitions.iter().map(|t| t.to_state.as_str()));
     path
 }
+
+pub fn metadata(t: &pb::Transition) -> Value {
+    serde_json::from_str(&t.metadata_json).expect("metadata is JSON")
+}

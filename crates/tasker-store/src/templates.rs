@@ -90,14 +90,15 @@ impl Store {
         Ok(RegisterOutcome { record: record(row), created: false })
     }
 
-    /// One template: the given version, or the latest (highest semver) when `None`.
+    /// One template: the given version, or the latest when `None`: the highest release,
+    /// or the highest pre-release when there is no release (as cargo picks versions).
     pub async fn template(&self, namespace: &str, name: &str, version: Option<&str>) -> Result<TemplateRecord> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM named_tasks n JOIN task_namespaces ns ON ns.id = n.namespace_id \
                  WHERE ns.name = $1 AND n.name = $2 AND ($3::text IS NULL OR n.version = $3) \
-                 ORDER BY n.major DESC, n.minor DESC, n.patch DESC, (n.pre = '') DESC, n.pre DESC LIMIT 1"
+                 ORDER BY (n.pre = '') DESC, n.major DESC, n.minor DESC, n.patch DESC, n.pre DESC LIMIT 1"
             ))
             .await?;
         let rows = client.query(&stmt, &[&namespace, &name, &version]).await?;

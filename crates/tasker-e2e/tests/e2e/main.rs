@@ -2,9 +2,11 @@
 //! in-process, the gRPC API and a real AMQP subscriber. Each test has its own database and
 //! broker prefix.
 
+mod events;
 mod operator;
 mod retries;
 mod shapes;
 mod skeleton;
 mod submission;
 mod support;
+mod templates;

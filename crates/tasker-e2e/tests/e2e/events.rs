@@ -1,0 +1,146 @@
+//! Scenarios 21–22: topic subscriptions receive exactly the matching events, valid
+//! CloudEvents, in transition order, one per transition; WatchTask streams until final.
+
+use serde_json::json;
+use tasker_proto::v1 as pb;
+use tasker_test_support::{System, TestEnv, WorkerSpec};
+
+use crate::support::*;
+
+const PAYMENTS: &str = r#"
+namespace: payments
+name: charge
+version: 1.0.0
+steps:
+  - { name: authorize, handler: noop }
+  - { name: capture, handler: fail, depends_on: [authorize], max_attempts: 2, config: { times: 1 } }
+  - { name: receipt, handler: noop, depends_on: [capture] }
+"#;
+
+const SHIPPING: &str = r#"
+namespace: shipping
+name: ship
+version: 1.0.0
+steps:
+  - { name: pack, handler: noop }
+  - { name: label, handler: fail, depends_on: [pack], config: { permanent: true } }
+  - { name: send, handler: noop, depends_on: [label] }
+"#;
+
+#[tokio::test]
+async fn subscribers_receive_exactly_the_events_their_patterns_match() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![WorkerSpec::new("w1", &["payments", "shipping"])]).await;
+    system.register(&env, PAYMENTS).await;
+    system.register(&env, SHIPPING).await;
+    let patterns = ["#", "#.task.completed", "*.*.step.failed", "payments.#"];
+    let mut subscribers = Vec::new();
+    for pattern in patterns {
+        subscribers.push(env.subscribe(&[pattern]).await);
+    }
+
+    let charge = system.submit("payments", "charge", json!({})).await;
+    let ship = system.submit("shipping", "ship", json!({})).await;
+    let charge = system.wait_final(&charge.id).await;
+    let ship = system.wait_final(&ship.id).await;
+    assert_eq!((charge.status(), ship.status()), (pb::TaskStatus::Complete, pb::TaskStatus::Error));
+
+    // every transition of both tasks has exactly one event on `#`
+    let transitions: usize = [&charge, &ship]
+        .iter()
+        .map(|t| t.transitions.len() + t.steps.iter().map(|s| s.transitions.len()).sum::<usize>())
+        .sum();
+    let (_, all_stream) = &mut subscribers[0];
+    let all = collect_until(all_stream, |r| r.len() >= transitions).await;
+    assert_eq!(all.len(), transitions, "one event per transition");
+    let mut ids: Vec<&str> = all.iter().map(|r| r.event["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), transitions, "distinct event ids");
+    for r in &all {
+        assert_cloud_event(r);
+    }
+    // per task, events arrive in transition order: the task's own path, and each step's
+    for task in [&charge, &ship] {
+        let mine: Vec<&Received> = all.iter().filter(|r| r.task_id() == task.id).collect();
+        let task_path: Vec<(String, String)> =
+            mine.iter().filter(|r| r.kind().starts_with("dev.tasker.task.")).map(|r| r.transition()).collect();
+        let recorded: Vec<(String, String)> =
+            task.transitions.iter().map(|t| (t.from_state.clone(), t.to_state.clone())).collect();
+        assert_eq!(task_path, recorded, "{}", task.name);
+        for step in &task.steps {
+            let seen: Vec<(String, String)> =
+                mine.iter().filter(|r| r.step_name() == Some(step.name.as_str())).map(|r| r.transition()).collect();
+            let recorded: Vec<(String, String)> =
+                step.transitions.iter().map(|t| (t.from_state.clone(), t.to_state.clone())).collect();
+            assert_eq!(seen, recorded, "{}/{}", task.name, step.name);
+        }
+        assert_eq!(mine.first().unwrap().kind(), "dev.tasker.task.created");
+        assert!(
+            mine.last().unwrap().kind() == "dev.tasker.task.completed"
+                || mine.last().unwrap().kind() == "dev.tasker.task.failed"
+        );
+    }
+    // each narrower subscriber got exactly the matching subset, in the same order
+    for (pattern, (_, stream)) in patterns.iter().zip(subscribers.iter_mut()).skip(1) {
+        let expected: Vec<&str> = all
+            .iter()
+            .filter(|r| topic_matches(pattern, &r.routing_key))
+            .map(|r| r.event["id"].as_str().unwrap())
+            .collect();
+        assert!(!expected.is_empty(), "{pattern} matches something");
+        let got = collect_until(stream, |r| r.len() >= expected.len()).await;
+        let got_ids: Vec<&str> = got.iter().map(|r| r.event["id"].as_str().unwrap()).collect();
+        assert_eq!(got_ids, expected, "{pattern}");
+    }
+    system.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn watch_task_streams_the_history_and_live_events_until_final() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![WorkerSpec::new("w1", &["payments"])]).await;
+    system.register(&env, PAYMENTS).await;
+    let task = system.submit("payments", "charge", json!({})).await;
+    let mut stream =
+        system.tasks().watch_task(pb::WatchTaskRequest { task_id: task.id.clone() }).await.unwrap().into_inner();
+    let mut events = Vec::new();
+    let watching = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(event) = stream.message().await.unwrap() {
+            events.push(event);
+        }
+    });
+    watching.await.expect("the stream ends when the task is final");
+    let done = system.wait_final(&task.id).await;
+    assert_eq!(done.status(), pb::TaskStatus::Complete);
+
+    assert_eq!(events.first().unwrap().r#type, "dev.tasker.task.created");
+    assert_eq!(events.last().unwrap().r#type, "dev.tasker.task.completed");
+    let transitions = done.transitions.len() + done.steps.iter().map(|s| s.transitions.len()).sum::<usize>();
+    assert_eq!(events.len(), transitions, "every transition once");
+    let step_events: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e.r#type.starts_with("dev.tasker.step."))
+        .map(|e| {
+            let data: serde_json::Value = serde_json::from_str(&e.data_json).unwrap();
+            (data["step_name"].as_str().unwrap().to_owned(), data["to"].as_str().unwrap().to_owned())
+        })
+        .filter(|(name, _)| name == "capture")
+        .collect();
+    let capture: Vec<&str> = step_events.iter().map(|(_, to)| to.as_str()).collect();
+    assert_eq!(capture, ["enqueued", "in_progress", "waiting_for_retry", "enqueued", "in_progress", "complete"]);
+
+    // watching a finished task replays its history and ends
+    let mut replay =
+        system.tasks().watch_task(pb::WatchTaskRequest { task_id: task.id.clone() }).await.unwrap().into_inner();
+    let mut again = Vec::new();
+    while let Some(event) = replay.message().await.unwrap() {
+        again.push(event.id);
+    }
+    assert_eq!(again, events.iter().map(|e| e.id.clone()).collect::<Vec<_>>());
+    let missing = system.tasks().watch_task(pb::WatchTaskRequest { task_id: uuid::Uuid::now_v7().to_string() }).await;
+    assert_eq!(missing.unwrap_err().code(), tonic::Code::NotFound);
+    system.stop().await;
+    env.cleanup().await;
+}

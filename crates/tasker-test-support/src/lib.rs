@@ -60,6 +60,8 @@ impl TestEnv {
         config.orchestrator.retry_poll_interval = Duration::from_millis(250);
         config.orchestrator.sweep_interval = Duration::from_millis(500);
         config.orchestrator.timeout_grace = Duration::from_millis(500);
+        config.orchestrator.pending_task_timeout = Duration::from_secs(1);
+        config.orchestrator.enqueued_step_timeout = Duration::from_secs(2);
         config.publisher.poll_interval = Duration::from_millis(250);
         config.worker.drain_timeout = Duration::from_secs(5);
         TestEnv {

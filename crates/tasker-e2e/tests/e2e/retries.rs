@@ -285,3 +285,32 @@ steps:
     system.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn results_over_the_size_limit_fail_the_step_permanently() {
+    let mut env = TestEnv::new().await;
+    env.config.limits.max_results_bytes = 64;
+    let system = start(&env).await;
+    system
+        .register(
+            &env,
+            r#"
+namespace: retries
+name: chatty
+version: 1.0.0
+steps:
+  - { name: chatty, handler: noop, config: { result: { text: "far more than sixty-four bytes of results, which the limit refuses" } } }
+"#,
+        )
+        .await;
+    let task = system.wait_final(&system.submit("retries", "chatty", json!({})).await.id).await;
+    assert_eq!(task.status(), pb::TaskStatus::Error);
+    let step = &task.steps[0];
+    assert_eq!(step.attempts, 1);
+    let error = error_of(step);
+    assert_eq!(error["kind"], "permanent");
+    assert!(error["message"].as_str().unwrap().contains("limit of 64"), "{error}");
+    assert!(step.results_json.is_empty(), "nothing stored");
+    system.stop().await;
+    env.cleanup().await;
+}

@@ -1,0 +1,65 @@
+//! The sweeper repairs the gaps a crash leaves between a commit and its publish.
+
+use serde_json::json;
+use tasker_proto::v1 as pb;
+use tasker_store::{NewTask, Store};
+use tasker_test_support::{System, TestEnv, WorkerSpec};
+
+const CHAIN: &str = "namespace: recovery\nname: chain\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n  - { name: b, handler: noop, depends_on: [a] }\n";
+
+/// A task committed without its request published (task-api crashed in between) is picked
+/// up once it has been pending for `pending_task_timeout`.
+#[tokio::test]
+async fn a_task_whose_request_was_lost_still_runs() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![WorkerSpec::new("w1", &["recovery"])]).await;
+    system.register(&env, CHAIN).await;
+    let store = Store::connect(&env.config.database.url, 2).await.unwrap();
+    let record = store.template("recovery", "chain", None).await.unwrap();
+    let new = NewTask {
+        template: &record,
+        context: "{}",
+        tags: &[],
+        initiator: "",
+        source_system: "",
+        reason: "",
+        priority: 0,
+        idempotency_key: None,
+        request_hash: "",
+    };
+    let task_id = store.create_task(&new).await.unwrap().task_id;
+    let done = system.wait_final(&task_id.to_string()).await;
+    assert_eq!(done.status(), pb::TaskStatus::Complete);
+    assert!(done.steps.iter().all(|s| s.attempts == 1));
+    system.stop().await;
+    env.cleanup().await;
+}
+
+/// A step execution lost after its commit (here: purged from its queue) is published again,
+/// with the same attempt, once it has been enqueued for `enqueued_step_timeout`.
+#[tokio::test]
+async fn a_lost_step_execution_is_published_again() {
+    let env = TestEnv::new().await;
+    let mut system = System::start(&env, vec![]).await;
+    system.register(&env, CHAIN).await;
+    let broker = env.broker().await;
+    let task = system.submit("recovery", "chain", json!({})).await;
+    system.wait_for(&task.id, |t| t.steps[0].status() == pb::StepStatus::Enqueued).await;
+    let queue = broker.topology().steps_queue("recovery");
+    let mut purged = 0;
+    for _ in 0..50 {
+        purged += broker.purge(&queue).await.unwrap();
+        if purged > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(purged, 1, "the execution was lost");
+    system.add_worker(&env, WorkerSpec::new("w1", &["recovery"])).await;
+    let done = system.wait_final(&task.id).await;
+    assert_eq!(done.status(), pb::TaskStatus::Complete);
+    assert_eq!(done.steps[0].attempts, 1, "the same attempt, published again");
+    broker.close().await.unwrap();
+    system.stop().await;
+    env.cleanup().await;
+}

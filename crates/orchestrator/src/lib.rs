@@ -117,12 +117,17 @@ pub(crate) struct Pipeline {
 impl Pipeline {
     /// Applies the items in one transaction, then publishes the dispatches (confirmed).
     pub(crate) async fn process(&self, items: Vec<(Uuid, Work)>) -> anyhow::Result<()> {
+        let received = std::time::Instant::now();
         let outcome = self.engine.apply(items).await?;
         self.metrics.batch();
         if let Some(due) = outcome.next_retry_at {
             let _ = self.retries.send(due);
         }
+        let dispatched = !outcome.dispatches.is_empty();
         self.dispatcher.send(outcome.dispatches).await?;
+        if dispatched {
+            self.metrics.hop(received.elapsed().as_secs_f64());
+        }
         Ok(())
     }
 

@@ -1,8 +1,15 @@
-use prometheus_client::{metrics::counter::Counter, registry::Registry};
+use prometheus_client::{
+    metrics::{
+        counter::Counter,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
 
 /// The orchestrator's counters, exposed on `/metrics`.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Metrics {
+    hop: Histogram,
     dispatched: Counter,
     completed: Counter,
     failed: Counter,
@@ -13,7 +20,15 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(registry: &mut Registry) -> Metrics {
-        let m = Metrics::default();
+        let m = Metrics {
+            hop: Histogram::new(exponential_buckets(0.0002, 1.25, 48)),
+            dispatched: Counter::default(),
+            completed: Counter::default(),
+            failed: Counter::default(),
+            retried: Counter::default(),
+            dropped: Counter::default(),
+            batches: Counter::default(),
+        };
         let r = registry.sub_registry_with_prefix("tasker_orchestrator");
         r.register("steps_dispatched", "Step attempts dispatched to workers", m.dispatched.clone());
         r.register("steps_completed", "Step attempts that completed", m.completed.clone());
@@ -21,6 +36,11 @@ impl Metrics {
         r.register("steps_retried", "Failed attempts scheduled for a retry", m.retried.clone());
         r.register("reports_dropped", "Duplicate, stale or late reports dropped", m.dropped.clone());
         r.register("batches", "Transactions applied", m.batches.clone());
+        r.register(
+            "hop_seconds",
+            "From a batch of reports received to the executions it made ready confirmed by the broker",
+            m.hop.clone(),
+        );
         m
     }
 
@@ -38,6 +58,9 @@ impl Metrics {
     }
     pub fn dropped(&self, n: usize) {
         self.dropped.inc_by(n as u64);
+    }
+    pub fn hop(&self, seconds: f64) {
+        self.hop.observe(seconds);
     }
     pub fn batch(&self) {
         self.batches.inc();

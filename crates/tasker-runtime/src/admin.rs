@@ -43,6 +43,8 @@ impl Admin {
         registry: Registry,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
+        let mut registry = registry;
+        registry.register_collector(Box::new(StatementCounter));
         let registry = Arc::new(registry);
         let app = Router::new()
             .route("/health/live", get(|| async { "ok\n" }))
@@ -77,5 +79,23 @@ async fn metrics(registry: Arc<Registry>) -> impl IntoResponse {
             body,
         ),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], e.to_string()),
+    }
+}
+
+/// `tasker_db_statements_total`: statements this process sent to Postgres.
+#[derive(Debug)]
+struct StatementCounter;
+
+impl prometheus_client::collector::Collector for StatementCounter {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let counter = prometheus_client::metrics::counter::ConstCounter::new(tasker_store::statements_executed());
+        let metric = encoder.encode_descriptor(
+            "tasker_db_statements",
+            "Statements sent to Postgres by this process",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric)
     }
 }

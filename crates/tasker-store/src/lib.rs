@@ -7,6 +7,7 @@
 //! batched statements just before it commits, so a change, its audit row and its event
 //! always commit together.
 
+mod counter;
 mod error;
 mod operator;
 mod orchestration;
@@ -21,6 +22,7 @@ use std::{str::FromStr, time::Duration};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
+pub use counter::statements_executed;
 pub use error::{Error, Result};
 pub use operator::Actor;
 pub use orchestration::{Dispatch, Progress, StepRow, TaskHead};
@@ -99,6 +101,7 @@ impl Store {
     /// Readiness: a round trip to the database.
     pub async fn ping(&self) -> Result<()> {
         let client = self.pool.get().await?;
+        counter::count(1);
         client.simple_query("SELECT 1").await?;
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! What the orchestrator reads and changes inside a [`Tx`]: task locks, steps, readiness,
 //! the data a dispatch carries, and the sweeps over stuck work.
 
+use crate::counter::Counted;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -278,7 +279,7 @@ impl Store {
     pub async fn stale_pending_tasks(&self, older_than: std::time::Duration, limit: i64) -> Result<Vec<Uuid>> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
+            .statement(
                 "SELECT id FROM tasks WHERE status = 'pending' \
                  AND updated_at < now() - make_interval(secs => $1::float8) ORDER BY updated_at LIMIT $2",
             )
@@ -291,7 +292,7 @@ impl Store {
     pub async fn due_retries(&self, limit: i64) -> Result<Vec<(Uuid, Uuid)>> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
+            .statement(
                 "SELECT task_id, id FROM workflow_steps WHERE status = 'waiting_for_retry' \
                  AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $1",
             )
@@ -304,7 +305,7 @@ impl Store {
     pub async fn next_retry_at(&self) -> Result<Option<DateTime<Utc>>> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached("SELECT min(next_attempt_at) FROM workflow_steps WHERE status = 'waiting_for_retry'")
+            .statement("SELECT min(next_attempt_at) FROM workflow_steps WHERE status = 'waiting_for_retry'")
             .await?;
         Ok(client.query_one(&stmt, &[]).await?.get(0))
     }
@@ -313,7 +314,7 @@ impl Store {
     pub async fn stale_enqueued_steps(&self, older_than: std::time::Duration, limit: i64) -> Result<Vec<(Uuid, Uuid)>> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
+            .statement(
                 "SELECT task_id, id FROM workflow_steps WHERE status = 'enqueued' \
                  AND updated_at < now() - make_interval(secs => $1::float8) ORDER BY updated_at LIMIT $2",
             )
@@ -326,7 +327,7 @@ impl Store {
     pub async fn overdue_steps(&self, grace: std::time::Duration, limit: i64) -> Result<Vec<(Uuid, Uuid)>> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
+            .statement(
                 "SELECT task_id, id FROM workflow_steps WHERE status = 'in_progress' \
                  AND started_at + make_interval(secs => timeout_ms / 1000.0 + $1::float8) < now() \
                  ORDER BY started_at LIMIT $2",

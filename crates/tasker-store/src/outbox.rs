@@ -1,6 +1,7 @@
 //! The transactional outbox: events written with their state change, relayed in order by
 //! the event-publisher and deleted once the broker confirmed them.
 
+use crate::counter::Counted;
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
@@ -62,7 +63,7 @@ impl Store {
     /// Events waiting to be relayed (a gauge for the admin endpoint).
     pub async fn outbox_depth(&self) -> Result<i64> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached("SELECT count(*) FROM outbox").await?;
+        let stmt = client.statement("SELECT count(*) FROM outbox").await?;
         Ok(client.query_one(&stmt, &[]).await?.get(0))
     }
 

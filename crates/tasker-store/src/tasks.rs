@@ -1,6 +1,7 @@
 //! Task creation (task, steps, edges, first transition and event in one transaction) and
 //! the task read models.
 
+use crate::counter::Counted;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -151,7 +152,7 @@ impl Store {
 
     async fn deduplicate(&self, new: &NewTask<'_>) -> Result<CreateOutcome> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached("SELECT id, request_hash FROM tasks WHERE idempotency_key = $1").await?;
+        let stmt = client.statement("SELECT id, request_hash FROM tasks WHERE idempotency_key = $1").await?;
         let row = client
             .query_opt(&stmt, &[&new.idempotency_key])
             .await?
@@ -169,17 +170,17 @@ impl Store {
     /// A task with its steps and edges, and transitions when asked for.
     pub async fn task(&self, id: Uuid, include_transitions: bool) -> Result<TaskView> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.id = $1")).await?;
+        let stmt = client.statement(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.id = $1")).await?;
         let row =
             client.query_opt(&stmt, &[&id]).await?.ok_or_else(|| Error::NotFound(format!("task {id} not found")))?;
         let task = task_row(&row)?;
         let steps_stmt = client
-            .prepare_cached(&format!(
+            .statement(&format!(
                 "SELECT {STEP_VIEW_COLUMNS} FROM workflow_steps s WHERE s.task_id = $1 ORDER BY s.dependency_level, s.id"
             ))
             .await?;
         let edges_stmt = client
-            .prepare_cached(
+            .statement(
                 "SELECT f.name, t.name FROM workflow_step_edges e \
                  JOIN workflow_steps f ON f.id = e.from_step_id JOIN workflow_steps t ON t.id = e.to_step_id \
                  WHERE e.task_id = $1 ORDER BY f.dependency_level, f.name, t.name",
@@ -193,13 +194,13 @@ impl Store {
         let mut transitions = Vec::new();
         if include_transitions {
             let task_stmt = client
-                .prepare_cached(
+                .statement(
                     "SELECT task_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at, id \
                      FROM task_transitions WHERE task_id = $1 ORDER BY sort_key",
                 )
                 .await?;
             let step_stmt = client
-                .prepare_cached(
+                .statement(
                     "SELECT workflow_step_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at, id \
                      FROM workflow_step_transitions WHERE task_id = $1 ORDER BY workflow_step_id, sort_key",
                 )
@@ -223,13 +224,13 @@ impl Store {
     pub async fn step(&self, id: Uuid, include_transitions: bool) -> Result<StepView> {
         let client = self.client().await?;
         let stmt =
-            client.prepare_cached(&format!("SELECT {STEP_VIEW_COLUMNS} FROM workflow_steps s WHERE s.id = $1")).await?;
+            client.statement(&format!("SELECT {STEP_VIEW_COLUMNS} FROM workflow_steps s WHERE s.id = $1")).await?;
         let row =
             client.query_opt(&stmt, &[&id]).await?.ok_or_else(|| Error::NotFound(format!("step {id} not found")))?;
         let mut step = step_view(&row)?;
         if include_transitions {
             let stmt = client
-                .prepare_cached(
+                .statement(
                     "SELECT workflow_step_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at, id \
                      FROM workflow_step_transitions WHERE workflow_step_id = $1 ORDER BY sort_key",
                 )
@@ -243,7 +244,7 @@ impl Store {
     pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<TaskPage> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(&format!(
+            .statement(&format!(
                 "SELECT {TASK_COLUMNS} FROM tasks t \
                  WHERE ($1::text IS NULL OR t.namespace = $1) AND ($2::text IS NULL OR t.name = $2) \
                    AND ($3::text IS NULL OR t.status = $3) \

@@ -1,5 +1,6 @@
 //! The template registry: namespaces and immutable named tasks.
 
+use crate::counter::Counted;
 use chrono::{DateTime, Utc};
 use tasker_domain::Template;
 use tokio_postgres::{Row, types::Json};
@@ -95,7 +96,7 @@ impl Store {
     pub async fn template(&self, namespace: &str, name: &str, version: Option<&str>) -> Result<TemplateRecord> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(&format!(
+            .statement(&format!(
                 "SELECT {COLUMNS} FROM named_tasks n JOIN task_namespaces ns ON ns.id = n.namespace_id \
                  WHERE ns.name = $1 AND n.name = $2 AND ($3::text IS NULL OR n.version = $3) \
                  ORDER BY (n.pre = '') DESC, n.major DESC, n.minor DESC, n.patch DESC, n.pre DESC LIMIT 1"
@@ -114,7 +115,7 @@ impl Store {
     pub async fn list_templates(&self, namespace: Option<&str>) -> Result<Vec<TemplateRecord>> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(&format!(
+            .statement(&format!(
                 "SELECT {COLUMNS} FROM named_tasks n JOIN task_namespaces ns ON ns.id = n.namespace_id \
                  WHERE ($1::text IS NULL OR ns.name = $1) \
                  ORDER BY ns.name, n.name, n.major DESC, n.minor DESC, n.patch DESC, n.pre DESC"
@@ -127,7 +128,7 @@ impl Store {
     pub async fn list_namespaces(&self) -> Result<Vec<(String, i64)>> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
+            .statement(
                 "SELECT ns.name, count(n.id) FROM task_namespaces ns \
                  LEFT JOIN named_tasks n ON n.namespace_id = ns.id GROUP BY ns.name ORDER BY ns.name",
             )

@@ -4,6 +4,7 @@
 //! handful of batched statements: before any read (so reads see them) and before commit.
 //! A `Tx` dropped without `commit` discards its connection, which rolls it back.
 
+use crate::counter::Counted;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Object;
 use serde_json::Value;
@@ -86,6 +87,7 @@ pub struct Tx {
 
 impl Tx {
     pub(crate) async fn begin(client: Object) -> Result<Tx> {
+        crate::counter::count(1);
         client.batch_execute("BEGIN").await?;
         Ok(Tx {
             client: Some(client),
@@ -109,7 +111,7 @@ impl Tx {
 
     pub(crate) async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         let client = self.reader().await?;
-        let stmt = client.prepare_cached(sql).await?;
+        let stmt = client.statement(sql).await?;
         Ok(client.execute(&stmt, params).await?)
     }
 
@@ -119,7 +121,7 @@ impl Tx {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>> {
         let client = self.reader().await?;
-        let stmt = client.prepare_cached(sql).await?;
+        let stmt = client.statement(sql).await?;
         Ok(client.query(&stmt, params).await?)
     }
 
@@ -242,7 +244,7 @@ impl Tx {
             let started: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.started_at).collect();
             let completed: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.completed_at).collect();
             let stmt = client
-                .prepare_cached(
+                .statement(
                     "UPDATE workflow_steps s SET status = u.status, attempts = u.attempts, \
                        next_attempt_at = u.next_attempt_at, last_error = u.last_error::jsonb, \
                        results = CASE WHEN u.set_results THEN u.results::jsonb ELSE s.results END, \
@@ -269,7 +271,7 @@ impl Tx {
             let started: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.2).collect();
             let completed: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.3).collect();
             let stmt = client
-                .prepare_cached(
+                .statement(
                     "UPDATE tasks t SET status = u.status, started_at = u.started_at, \
                        completed_at = u.completed_at, updated_at = now() \
                      FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[]) \
@@ -288,7 +290,7 @@ impl Tx {
             let keys: Vec<&str> = events.iter().map(|e| e.2.as_str()).collect();
             let payloads: Vec<&str> = events.iter().map(|e| e.3.as_str()).collect();
             let stmt = client
-                .prepare_cached(
+                .statement(
                     "INSERT INTO outbox (event_id, task_id, routing_key, payload) \
                      SELECT e.event_id, e.task_id, e.routing_key, e.payload \
                      FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[]) WITH ORDINALITY \
@@ -304,6 +306,7 @@ impl Tx {
     pub async fn commit(mut self) -> Result<()> {
         self.flush().await?;
         let client = self.client.take().expect("transaction is open");
+        crate::counter::count(1);
         client.batch_execute("COMMIT").await?;
         Ok(())
     }
@@ -311,6 +314,7 @@ impl Tx {
     /// Discards the transaction.
     pub async fn rollback(mut self) -> Result<()> {
         let client = self.client.take().expect("transaction is open");
+        crate::counter::count(1);
         client.batch_execute("ROLLBACK").await?;
         Ok(())
     }
@@ -342,9 +346,7 @@ async fn write_transitions(
     owners.sort_unstable();
     owners.dedup();
     let flip = client
-        .prepare_cached(&format!(
-            "UPDATE {table} SET most_recent = false WHERE {owner_column} = ANY($1) AND most_recent"
-        ))
+        .statement(&format!("UPDATE {table} SET most_recent = false WHERE {owner_column} = ANY($1) AND most_recent"))
         .await?;
     client.execute(&flip, &[&owners]).await?;
 
@@ -370,7 +372,7 @@ async fn write_transitions(
          SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int4[], $7::bool[], \
                               $8::jsonb[], $9::timestamptz[])"
     };
-    let insert = client.prepare_cached(sql).await?;
+    let insert = client.statement(sql).await?;
     client.execute(&insert, &[&ids, &owner, &task, &from, &to, &sort, &most_recent, &metadata, &at]).await?;
     Ok(())
 }

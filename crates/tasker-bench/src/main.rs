@@ -1,0 +1,212 @@
+//! `tasker-bench`: runs scenarios B1–B7 of `shared/bench.md` against the four services as
+//! separate release processes on real Postgres and RabbitMQ, beside the machine's physical
+//! reference points, and prints min/median/max over repeats (plus a JSON file).
+
+mod reference;
+mod scenarios;
+mod services;
+mod stats;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use serde_json::json;
+use tasker_proto::v1::{
+    self as pb, task_service_client::TaskServiceClient, template_service_client::TemplateServiceClient,
+};
+use tokio_postgres::NoTls;
+
+use crate::{scenarios::Bench, services::Services, stats::Figure};
+
+#[derive(Debug, Parser)]
+#[command(about = "Tasker's benchmark (shared/bench.md, B1–B7)")]
+struct Args {
+    /// Where the release binaries are.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// The benchmark's database: dropped and created afresh.
+    #[arg(long, env = "TASKER_BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/tasker_bench")]
+    database_url: String,
+    #[arg(long, env = "TASKER_BENCH_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_url: String,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Folder for the JSON figures and the services' logs.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Smaller counts, for a quick look.
+    #[arg(long)]
+    quick: bool,
+}
+
+const PREFIX: &str = "bench";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let logs = args.out.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    reset_database(&args.database_url).await?;
+
+    eprintln!("bench: measuring the reference points");
+    let pg = reference::pg_commits_per_second(&args.database_url, Duration::from_secs(3)).await?;
+    let (amqp_one, amqp_pipelined) =
+        reference::amqp_confirms_per_second(&args.amqp_url, Duration::from_secs(3)).await?;
+    eprintln!("bench: pg {pg:.0} commits/s, amqp {amqp_one:.0}/s one at a time, {amqp_pipelined:.0}/s pipelined");
+
+    let mut services = Services::new(args.bin_dir.clone(), logs, &args.database_url, &args.amqp_url, PREFIX);
+    services.start_core().await?;
+    services.start_workers(2, "[bench]", 32).await?;
+    let result = run(&args, &mut services).await;
+    services.stop().await;
+    let broker = tasker_messaging::Broker::connect(
+        &args.amqp_url,
+        tasker_messaging::Topology::new(PREFIX, tasker_messaging::QueueType::Quorum, 10),
+        "tasker-bench-cleanup",
+    )
+    .await?;
+    let namespaces = ["bench", "bench_idle", "bench_sleep"].map(String::from);
+    broker.delete_topology(&namespaces).await?;
+    broker.close().await?;
+    let figures = result?;
+    report(&args, &figures, pg, amqp_one, amqp_pipelined)
+}
+
+async fn reset_database(url: &str) -> anyhow::Result<()> {
+    let config: tokio_postgres::Config = url.parse()?;
+    let name = config.get_dbname().context("the database URL names no database")?.to_owned();
+    let mut server = config.clone();
+    server.dbname("postgres");
+    let (client, connection) = server.connect(NoTls).await?;
+    tokio::spawn(connection);
+    client.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await?;
+    client.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await?;
+    tasker_store::migrate(url).await?;
+    Ok(())
+}
+
+fn templates() -> Vec<String> {
+    let mut all = Vec::new();
+    let diamond = "  - { name: start, handler: noop }\n  - { name: b1, handler: noop, depends_on: [start] }\n  - { name: b2, handler: noop, depends_on: [start] }\n  - { name: c1, handler: noop, depends_on: [b1] }\n  - { name: c2, handler: noop, depends_on: [b2] }\n  - { name: merge, handler: noop, depends_on: [c1, c2] }\n  - { name: end, handler: noop, depends_on: [merge] }\n";
+    for ns in ["bench", "bench_idle"] {
+        all.push(format!("namespace: {ns}\nname: diamond7\nversion: 1.0.0\nsteps:\n{diamond}"));
+    }
+    all.push("namespace: bench\nname: linear4\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n  - { name: b, handler: noop, depends_on: [a] }\n  - { name: c, handler: noop, depends_on: [b] }\n  - { name: d, handler: noop, depends_on: [c] }\n".into());
+    let mut wide = String::from("namespace: bench\nname: wide1000\nversion: 1.0.0\nsteps:\n");
+    for layer in 0..10 {
+        for i in 0..100 {
+            let deps = if layer == 0 {
+                String::new()
+            } else {
+                format!("l{}_{i}, l{}_{}", layer - 1, layer - 1, (i + 1) % 100)
+            };
+            wide.push_str(&format!("  - {{ name: l{layer}_{i}, handler: noop, depends_on: [{deps}] }}\n"));
+        }
+    }
+    all.push(wide);
+    let mut sleep = String::from("namespace: bench_sleep\nname: sleep10\nversion: 1.0.0\nsteps:\n");
+    for i in 0..10 {
+        sleep.push_str(&format!("  - {{ name: s{i}, handler: sleep, config: {{ ms: 50 }} }}\n"));
+    }
+    all.push(sleep);
+    all
+}
+
+async fn run(args: &Args, services: &mut Services) -> anyhow::Result<Vec<Vec<Figure>>> {
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", services::API_PORT))?.connect().await?;
+    let mut templates_client = TemplateServiceClient::new(channel.clone());
+    for yaml in templates() {
+        templates_client.register_template(pb::RegisterTemplateRequest { yaml }).await?;
+    }
+    let mut config = tasker_runtime::Config::default();
+    config.amqp.url = args.amqp_url.clone();
+    config.amqp.prefix = PREFIX.into();
+    let broker = tasker_runtime::connect_broker(&config.amqp, "tasker-bench").await?;
+    let completions = scenarios::Completions::listen(broker.subscribe_events(&["*.*.task.completed"]).await?);
+    let bench = Bench { client: TaskServiceClient::new(channel), completions, quick: args.quick };
+    // warm up: connections, prepared statements, queue declarations
+    bench.b1_b2().await?;
+
+    let mut repeats = Vec::new();
+    for r in 1..=args.repeats {
+        eprintln!("bench: repeat {r}/{}", args.repeats);
+        let mut figures = Vec::new();
+        for (label, result) in [
+            ("B1/B2", bench.b1_b2().await),
+            ("B3", bench.b3().await),
+            ("B4", bench.b4().await),
+            ("B5", bench.b5().await),
+            ("B6", bench.b6(services).await),
+            ("B7", bench.b7().await),
+        ] {
+            let got = result.with_context(|| format!("scenario {label}"))?;
+            for f in &got {
+                eprintln!("  {:<3} {:<48} {:>10.2} {}", f.id, f.name, f.value, f.unit);
+            }
+            figures.extend(got);
+        }
+        repeats.push(figures);
+    }
+    broker.close().await?;
+    Ok(repeats)
+}
+
+fn report(args: &Args, repeats: &[Vec<Figure>], pg: f64, amqp_one: f64, amqp_pipelined: f64) -> anyhow::Result<()> {
+    let commit_ms = 1000.0 / pg;
+    println!();
+    println!(
+        "references: Postgres single-row commits {pg:.0}/s ({commit_ms:.2} ms each); RabbitMQ persistent publish+confirm \
+         {amqp_one:.0}/s one at a time, {amqp_pipelined:.0}/s pipelined"
+    );
+    println!();
+    println!("| id | figure | unit | min | median | max | target | met | vs reference |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for (i, first) in repeats[0].iter().enumerate() {
+        let mut values: Vec<f64> = repeats.iter().map(|r| r[i].value).collect();
+        values.sort_by(f64::total_cmp);
+        let (min, median, max) = (values[0], values[values.len() / 2], values[values.len() - 1]);
+        let met = first.target.map(|t| {
+            let bound: f64 = t.trim_start_matches(['≤', '≥', ' ']).replace(',', "").parse().unwrap_or(f64::NAN);
+            if first.lower_is_better { median <= bound } else { median >= bound }
+        });
+        let versus = match first.unit {
+            "ms" => format!("{:.1} commits", median / commit_ms),
+            "s" => format!("{:.0} commits", median * 1000.0 / commit_ms),
+            "steps/s" | "req/s" => format!("{:.2} × commit rate", median / pg),
+            _ => String::new(),
+        };
+        println!(
+            "| {} | {} | {} | {min:.2} | {median:.2} | {max:.2} | {} | {} | {versus} |",
+            first.id,
+            first.name,
+            first.unit,
+            first.target.unwrap_or(""),
+            met.map(|m| if m { "yes" } else { "no" }).unwrap_or(""),
+        );
+        rows.push(json!({
+            "id": first.id, "figure": first.name, "unit": first.unit, "target": first.target,
+            "met": met, "min": min, "median": median, "max": max, "values": values,
+        }));
+    }
+    let when = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let document = json!({
+        "unix_time": when,
+        "repeats": repeats.len(),
+        "quick": args.quick,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "references": {
+            "postgres_single_row_commits_per_second": pg,
+            "rabbitmq_confirmed_publishes_per_second_one_at_a_time": amqp_one,
+            "rabbitmq_confirmed_publishes_per_second_pipelined": amqp_pipelined,
+        },
+        "figures": rows,
+    });
+    let text = serde_json::to_string_pretty(&document)?;
+    std::fs::write(args.out.join(format!("bench-{when}.json")), &text)?;
+    std::fs::write(args.out.join("latest.json"), &text)?;
+    eprintln!("bench: figures written to {}", args.out.join("latest.json").display());
+    Ok(())
+}

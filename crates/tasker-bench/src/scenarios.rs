@@ -1,0 +1,233 @@
+//! Scenarios B1–B7 of `shared/bench.md`, driven through the public gRPC API.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use serde_json::Value;
+use tasker_messaging::EventStream;
+use tasker_proto::v1::{self as pb, task_service_client::TaskServiceClient};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+use crate::{
+    services::{self, ADMIN, Services},
+    stats::{Figure, Latencies, bucket_quantile, counter, histogram_delta},
+};
+
+/// Completion times of tasks, from a subscriber on `*.*.task.completed`.
+#[derive(Clone, Default)]
+pub struct Completions {
+    inner: Arc<Mutex<(HashMap<String, Instant>, HashMap<String, oneshot::Sender<Instant>>)>>,
+}
+
+impl Completions {
+    pub fn listen(mut stream: EventStream) -> Completions {
+        let completions = Completions::default();
+        let inner = completions.inner.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(event)) = stream.next().await {
+                let at = Instant::now();
+                let Ok(value) = serde_json::from_str::<Value>(&event.payload) else { continue };
+                let Some(id) = value["data"]["task_id"].as_str() else { continue };
+                let mut guard = inner.lock().expect("completions lock");
+                match guard.1.remove(id) {
+                    Some(waiter) => {
+                        let _ = waiter.send(at);
+                    }
+                    None => {
+                        guard.0.insert(id.to_owned(), at);
+                    }
+                }
+            }
+        });
+        completions
+    }
+
+    /// When the task completed (waits for it, up to two minutes).
+    pub async fn wait(&self, task_id: &str) -> anyhow::Result<Instant> {
+        let rx = {
+            let mut guard = self.inner.lock().expect("completions lock");
+            if let Some(at) = guard.0.remove(task_id) {
+                return Ok(at);
+            }
+            let (tx, rx) = oneshot::channel();
+            guard.1.insert(task_id.to_owned(), tx);
+            rx
+        };
+        Ok(tokio::time::timeout(Duration::from_secs(120), rx).await.context("task did not complete in 2 min")??)
+    }
+}
+
+pub struct Bench {
+    pub client: TaskServiceClient<Channel>,
+    pub completions: Completions,
+    pub quick: bool,
+}
+
+fn create(namespace: &str, name: &str) -> pb::CreateTaskRequest {
+    pb::CreateTaskRequest { namespace: namespace.into(), name: name.into(), ..Default::default() }
+}
+
+fn figure(
+    id: &'static str,
+    name: &'static str,
+    unit: &'static str,
+    value: f64,
+    target: Option<&'static str>,
+) -> Figure {
+    let lower_is_better = matches!(unit, "ms" | "s" | "statements/s");
+    Figure { id, name, unit, value, target, lower_is_better }
+}
+
+impl Bench {
+    async fn submit(&self, request: pb::CreateTaskRequest) -> anyhow::Result<(String, Instant, Duration)> {
+        let start = Instant::now();
+        let response = self.client.clone().create_task(request).await?.into_inner();
+        Ok((response.task.context("created task")?.id, start, start.elapsed()))
+    }
+
+    /// B1 and B2: linear 4-step tasks one at a time; per-hop latency from the
+    /// orchestrator's own histogram over the same run.
+    pub async fn b1_b2(&self) -> anyhow::Result<Vec<Figure>> {
+        let n = if self.quick { 40 } else { 200 };
+        let before = services::metrics(ADMIN[1].1).await?;
+        let mut latencies = Latencies::new();
+        for _ in 0..n {
+            let (id, start, _) = self.submit(create("bench", "linear4")).await?;
+            latencies.record(self.completions.wait(&id).await? - start);
+        }
+        let after = services::metrics(ADMIN[1].1).await?;
+        let hops = histogram_delta(&before, &after, "tasker_orchestrator_hop_seconds");
+        let hop = |q| bucket_quantile(&hops, q).map(|s| s * 1000.0).unwrap_or(f64::NAN);
+        Ok(vec![
+            figure("B1", "4-step linear, submit→complete p50", "ms", latencies.quantile_ms(0.5), Some("≤ 50")),
+            figure("B1", "4-step linear, submit→complete p99", "ms", latencies.quantile_ms(0.99), Some("≤ 150")),
+            figure("B2", "per hop, report received→child dispatched p50", "ms", hop(0.5), Some("≤ 5")),
+            figure("B2", "per hop, report received→child dispatched p99", "ms", hop(0.99), None),
+        ])
+    }
+
+    /// Submits `total` tasks from `clients` concurrent clients; returns each task's id,
+    /// submit time and CreateTask latency.
+    async fn submit_many(
+        &self,
+        namespace: &'static str,
+        name: &'static str,
+        total: usize,
+        clients: usize,
+    ) -> anyhow::Result<Vec<(String, Instant, Duration)>> {
+        let per_client = total.div_ceil(clients);
+        let mut handles = Vec::new();
+        for c in 0..clients {
+            let count = per_client.min(total.saturating_sub(c * per_client));
+            let client = self.client.clone();
+            handles.push(tokio::spawn(async move {
+                let mut out = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let start = Instant::now();
+                    let response = client.clone().create_task(create(namespace, name)).await?.into_inner();
+                    out.push((response.task.context("created task")?.id, start, start.elapsed()));
+                }
+                anyhow::Ok(out)
+            }));
+        }
+        let mut all = Vec::with_capacity(total);
+        for handle in handles {
+            all.extend(handle.await??);
+        }
+        Ok(all)
+    }
+
+    /// B3: 2,000 diamond tasks from 16 clients: sustained steps/s and task latency.
+    pub async fn b3(&self) -> anyhow::Result<Vec<Figure>> {
+        let total = if self.quick { 300 } else { 2_000 };
+        let start = Instant::now();
+        let submitted = self.submit_many("bench", "diamond7", total, 16).await?;
+        let mut latencies = Latencies::new();
+        let mut last = start;
+        for (id, at, _) in &submitted {
+            let done = self.completions.wait(id).await?;
+            latencies.record(done - *at);
+            last = last.max(done);
+        }
+        let steps_per_second = (total * 7) as f64 / (last - start).as_secs_f64();
+        Ok(vec![
+            figure("B3", "2,000 diamonds, 16 clients: steps/s", "steps/s", steps_per_second, Some("≥ 500")),
+            figure("B3", "task latency under load p50", "ms", latencies.quantile_ms(0.5), None),
+            figure("B3", "task latency under load p99", "ms", latencies.quantile_ms(0.99), None),
+        ])
+    }
+
+    /// B4: CreateTask for a 7-step template, 16 clients (its namespace has no worker).
+    pub async fn b4(&self) -> anyhow::Result<Vec<Figure>> {
+        let total = if self.quick { 300 } else { 2_000 };
+        let start = Instant::now();
+        let submitted = self.submit_many("bench_idle", "diamond7", total, 16).await?;
+        let elapsed = start.elapsed();
+        let mut latencies = Latencies::new();
+        for (_, _, took) in &submitted {
+            latencies.record(*took);
+        }
+        Ok(vec![
+            figure("B4", "CreateTask, 16 clients: requests/s", "req/s", total as f64 / elapsed.as_secs_f64(), None),
+            figure("B4", "CreateTask latency p50", "ms", latencies.quantile_ms(0.5), Some("≤ 5")),
+            figure("B4", "CreateTask latency p99", "ms", latencies.quantile_ms(0.99), None),
+        ])
+    }
+
+    /// B5: one task of 1,000 steps (10 layers of 100).
+    pub async fn b5(&self) -> anyhow::Result<Vec<Figure>> {
+        let (id, start, created) = self.submit(create("bench", "wide1000")).await?;
+        let done = self.completions.wait(&id).await?;
+        Ok(vec![
+            figure("B5", "1,000-step task: created", "s", created.as_secs_f64(), Some("≤ 1")),
+            figure("B5", "1,000-step task: completed", "s", (done - start).as_secs_f64(), Some("≤ 10")),
+        ])
+    }
+
+    /// B6: `sleep 50ms` steps on 1, 2 and 4 worker processes.
+    pub async fn b6(&self, services: &mut Services) -> anyhow::Result<Vec<Figure>> {
+        let tasks = if self.quick { 20 } else { 60 };
+        let mut throughput = Vec::new();
+        for workers in [1usize, 2, 4] {
+            services.start_workers(workers, "[bench_sleep]", 4).await?;
+            let start = Instant::now();
+            let submitted = self.submit_many("bench_sleep", "sleep10", tasks, 8).await?;
+            let mut last = start;
+            for (id, _, _) in &submitted {
+                last = last.max(self.completions.wait(id).await?);
+            }
+            throughput.push((tasks * 10) as f64 / (last - start).as_secs_f64());
+            services.stop_workers().await;
+        }
+        let scaling = |i: usize, n: f64| throughput[i] / (n * throughput[0]);
+        Ok(vec![
+            figure("B6", "sleep 50ms, 1 worker: steps/s", "steps/s", throughput[0], None),
+            figure("B6", "sleep 50ms, 2 workers: steps/s", "steps/s", throughput[1], None),
+            figure("B6", "sleep 50ms, 4 workers: steps/s", "steps/s", throughput[2], None),
+            figure("B6", "2 workers: share of linear scaling", "ratio", scaling(1, 2.0), Some("≥ 0.85")),
+            figure("B6", "4 workers: share of linear scaling", "ratio", scaling(2, 4.0), Some("≥ 0.85")),
+        ])
+    }
+
+    /// B7: database statements per second, everything started, no work.
+    pub async fn b7(&self) -> anyhow::Result<Vec<Figure>> {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let read = || async {
+            let mut total = 0.0;
+            for (_, port) in ADMIN {
+                total += counter(&services::metrics(port).await?, "tasker_db_statements_total");
+            }
+            anyhow::Ok(total)
+        };
+        let before = read().await?;
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(if self.quick { 5 } else { 10 })).await;
+        let per_second = (read().await? - before) / start.elapsed().as_secs_f64();
+        Ok(vec![figure("B7", "idle: database statements/s, all services", "statements/s", per_second, Some("≤ 20"))])
+    }
+}

@@ -1,0 +1,109 @@
+//! The four services as separate processes, started from the release binaries.
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use anyhow::{Context, bail};
+use tokio::process::{Child, Command};
+
+pub const API_PORT: u16 = 50151;
+pub const ADMIN: [(&str, u16); 3] = [("task-api", 19090), ("orchestrator", 19091), ("event-publisher", 19093)];
+
+pub struct Services {
+    bin_dir: PathBuf,
+    logs: PathBuf,
+    env: Vec<(String, String)>,
+    core: Vec<Child>,
+    workers: Vec<Child>,
+    next_worker: u16,
+}
+
+impl Services {
+    pub fn new(bin_dir: PathBuf, logs: PathBuf, database_url: &str, amqp_url: &str, prefix: &str) -> Services {
+        let env = vec![
+            ("TASKER_DATABASE__URL".into(), database_url.into()),
+            ("TASKER_AMQP__URL".into(), amqp_url.into()),
+            ("TASKER_AMQP__PREFIX".into(), prefix.into()),
+            ("TASKER_LOG__FILTER".into(), "warn".into()),
+            ("TASKER_API__LISTEN".into(), format!("127.0.0.1:{API_PORT}")),
+            ("TASKER_API__ADMIN_LISTEN".into(), format!("127.0.0.1:{}", ADMIN[0].1)),
+            ("TASKER_ORCHESTRATOR__ADMIN_LISTEN".into(), format!("127.0.0.1:{}", ADMIN[1].1)),
+            ("TASKER_PUBLISHER__ADMIN_LISTEN".into(), format!("127.0.0.1:{}", ADMIN[2].1)),
+        ];
+        Services { bin_dir, logs, env, core: Vec::new(), workers: Vec::new(), next_worker: 0 }
+    }
+
+    fn spawn(&self, binary: &str, log: &str, extra: &[(String, String)]) -> anyhow::Result<Child> {
+        let log = std::fs::File::create(self.logs.join(format!("{log}.log")))?;
+        let mut command = Command::new(self.bin_dir.join(binary));
+        command.envs(self.env.iter().cloned()).envs(extra.iter().cloned());
+        command.stdout(Stdio::from(log.try_clone()?)).stderr(Stdio::from(log)).kill_on_drop(true);
+        command.spawn().with_context(|| format!("starting {}", self.bin_dir.join(binary).display()))
+    }
+
+    pub async fn start_core(&mut self) -> anyhow::Result<()> {
+        for (name, port) in ADMIN {
+            let child = self.spawn(name, name, &[])?;
+            self.core.push(child);
+            wait_ready(port).await.with_context(|| format!("{name} did not become ready (see its log)"))?;
+        }
+        Ok(())
+    }
+
+    /// Starts `n` worker processes serving `namespaces` with `concurrency` each.
+    pub async fn start_workers(&mut self, n: usize, namespaces: &str, concurrency: u16) -> anyhow::Result<()> {
+        for _ in 0..n {
+            let port = 19100 + self.next_worker;
+            let id = format!("bench-worker-{}", self.next_worker);
+            self.next_worker += 1;
+            let extra = vec![
+                ("TASKER_WORKER__NAMESPACES".to_owned(), namespaces.to_owned()),
+                ("TASKER_WORKER__CONCURRENCY".to_owned(), concurrency.to_string()),
+                ("TASKER_WORKER__ID".to_owned(), id.clone()),
+                ("TASKER_WORKER__ADMIN_LISTEN".to_owned(), format!("127.0.0.1:{port}")),
+            ];
+            self.workers.push(self.spawn("step-worker", &id, &extra)?);
+            wait_ready(port).await.with_context(|| format!("{id} did not become ready"))?;
+        }
+        Ok(())
+    }
+
+    pub async fn stop_workers(&mut self) {
+        for child in self.workers.drain(..) {
+            terminate(child).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.stop_workers().await;
+        for child in self.core.drain(..).rev() {
+            terminate(child).await;
+        }
+    }
+}
+
+async fn terminate(mut child: Child) {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+    }
+    if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+}
+
+pub async fn wait_ready(port: u16) -> anyhow::Result<()> {
+    let url = format!("http://127.0.0.1:{port}/health/ready");
+    for _ in 0..200 {
+        if let Ok(r) = reqwest::get(&url).await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("{url} never answered 200")
+}
+
+/// Prometheus text of a service's `/metrics`.
+pub async fn metrics(port: u16) -> anyhow::Result<String> {
+    Ok(reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await?.text().await?)
+}

@@ -1,8 +1,15 @@
-//! The workflow engine: applies a batch of work items to their tasks in one transaction
-//! and returns the step executions to publish once it commits.
+//! The workflow engine: applies a batch of work items in one transaction and returns the
+//! step executions to publish once it commits.
 //!
-//! Every item is re-checked under the task lock: reports are fenced by attempt and state,
-//! so duplicates, stale and late reports are dropped (and counted), never applied twice.
+//! A batch costs a fixed number of statements, whatever its size: lock the tasks, load
+//! the steps the items name, apply every item to those rows (transitions are buffered),
+//! release the children of every completed step in one statement, enqueue what became
+//! ready, count progress for every task in one statement, settle the tasks, and read the
+//! dispatch data in two statements. Every item is re-checked under the task lock: reports
+//! are fenced by attempt and state, so duplicates, stale and late reports are dropped (and
+//! counted), never applied twice.
+
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -26,6 +33,16 @@ pub enum Work {
     Republish { step: Uuid, older_than: std::time::Duration },
     /// A step in progress past its timeout plus grace: fail the attempt.
     Overdue { step: Uuid, grace: std::time::Duration },
+}
+
+impl Work {
+    fn step_id(&self) -> Option<Uuid> {
+        match self {
+            Work::Evaluate => None,
+            Work::Report(r) => r.step_id.parse().ok(),
+            Work::Retry(step) | Work::Republish { step, .. } | Work::Overdue { step, .. } => Some(*step),
+        }
+    }
 }
 
 /// What a committed batch asks to happen next.
@@ -52,139 +69,150 @@ impl Engine {
     /// Applies the items in one transaction (tasks locked in id order) and commits.
     pub async fn apply(&self, items: Vec<(Uuid, Work)>) -> tasker_store::Result<Outcome> {
         let mut tx = self.store.begin().await?;
-        let ids: Vec<Uuid> = items.iter().map(|(task, _)| *task).collect();
-        let mut tasks = tx.lock_tasks(&ids).await?;
-        let mut by_task: Vec<(Uuid, Vec<Work>)> = Vec::new();
-        for (task, work) in items {
-            match by_task.iter_mut().find(|(t, _)| *t == task) {
-                Some((_, list)) => list.push(work),
-                None => by_task.push((task, vec![work])),
-            }
+        let task_ids: Vec<Uuid> = items.iter().map(|(task, _)| *task).collect();
+        let tasks = tx.lock_tasks(&task_ids).await?;
+        let step_ids: Vec<Uuid> = items.iter().filter_map(|(_, w)| w.step_id()).collect();
+        let steps = tx.steps(&step_ids).await?.into_iter().map(|s| (s.id, s)).collect();
+        let mut batch = Batch {
+            engine: self,
+            tx,
+            tasks,
+            steps,
+            touched: HashSet::new(),
+            evaluate: Vec::new(),
+            completed: Vec::new(),
+            enqueued: Vec::new(),
+            republished: Vec::new(),
+            next_retry_at: None,
+        };
+        for (task_id, work) in items {
+            batch.apply(task_id, work)?;
         }
-        let mut outcome = Outcome::default();
-        for (task_id, works) in by_task {
-            let Some(task) = tasks.get_mut(&task_id) else {
-                tracing::warn!(%task_id, "work for an unknown task dropped");
-                self.metrics.dropped(works.len());
-                continue;
-            };
-            let mut run = TaskRun { tx: &mut tx, task, engine: self, enqueued: Vec::new(), outcome: &mut outcome };
-            for work in works {
-                run.apply(work).await?;
-            }
-            run.finish().await?;
-        }
-        tx.commit().await?;
-        Ok(outcome)
+        batch.finish().await
     }
 }
 
-/// The work on one locked task within a batch.
-struct TaskRun<'a> {
-    tx: &'a mut Tx,
-    task: &'a mut TaskHead,
+/// One batch's transaction and what it has done so far.
+struct Batch<'a> {
     engine: &'a Engine,
-    enqueued: Vec<StepRow>,
-    outcome: &'a mut Outcome,
+    tx: Tx,
+    tasks: HashMap<Uuid, TaskHead>,
+    /// Every step the batch has read, as it is now.
+    steps: HashMap<Uuid, StepRow>,
+    /// Tasks to settle at the end.
+    touched: HashSet<Uuid>,
+    /// Tasks whose ready steps to dispatch.
+    evaluate: Vec<Uuid>,
+    /// Steps completed in this batch: their children are released together.
+    completed: Vec<Uuid>,
+    /// Steps enqueued in this batch, to dispatch after commit.
+    enqueued: Vec<Uuid>,
+    /// Steps whose current attempt is published again.
+    republished: Vec<Uuid>,
+    next_retry_at: Option<DateTime<Utc>>,
 }
 
-impl TaskRun<'_> {
-    async fn apply(&mut self, work: Work) -> tasker_store::Result<()> {
+impl Batch<'_> {
+    fn apply(&mut self, task_id: Uuid, work: Work) -> tasker_store::Result<()> {
+        let Some(task) = self.tasks.get(&task_id) else {
+            tracing::warn!(%task_id, "work for an unknown task dropped");
+            self.engine.metrics.dropped(1);
+            return Ok(());
+        };
+        let in_progress = task.status == TaskState::InProgress;
+        self.touched.insert(task_id);
         match work {
-            Work::Evaluate => self.evaluate().await,
-            Work::Report(report) => self.report(report).await,
-            Work::Retry(step) => self.retry(step).await,
-            Work::Republish { step, older_than } => self.republish(step, older_than).await,
-            Work::Overdue { step, grace } => self.overdue(step, grace).await,
+            Work::Evaluate => self.evaluate(task_id),
+            Work::Report(report) => self.report(task_id, report),
+            Work::Retry(step) if in_progress => self.retry(step),
+            Work::Republish { step, older_than } if in_progress => self.republish(step, older_than),
+            Work::Overdue { step, grace } if in_progress => self.overdue(step, grace),
+            Work::Retry(_) | Work::Republish { .. } | Work::Overdue { .. } => Ok(()),
         }
     }
 
-    async fn evaluate(&mut self) -> tasker_store::Result<()> {
-        if self.task.status == TaskState::Pending {
-            self.tx.transition_task(self.task, TaskState::InProgress, json!({}))?;
+    fn evaluate(&mut self, task_id: Uuid) -> tasker_store::Result<()> {
+        let task = self.tasks.get_mut(&task_id).expect("locked task");
+        if task.status == TaskState::Pending {
+            self.tx.transition_task(task, TaskState::InProgress, json!({}))?;
         }
-        if self.task.status == TaskState::InProgress {
-            let ready = self.tx.ready_steps(self.task.id).await?;
-            for step in ready {
-                self.enqueue(step)?;
-            }
+        if task.status == TaskState::InProgress {
+            self.evaluate.push(task_id);
         }
         Ok(())
     }
 
-    fn enqueue(&mut self, mut step: StepRow) -> tasker_store::Result<()> {
-        let subject = self.task.subject();
-        self.tx.transition_step(&subject, &mut step, StepState::Enqueued, json!({}), StepChange::default())?;
-        self.enqueued.push(step);
+    /// The step with this id if it belongs to the task.
+    fn step_of(&self, task_id: Uuid, step_id: Uuid) -> Option<StepRow> {
+        self.steps.get(&step_id).filter(|s| s.task_id == task_id).cloned()
+    }
+
+    fn transition(
+        &mut self,
+        step: &mut StepRow,
+        to: StepState,
+        metadata: Value,
+        change: StepChange,
+    ) -> tasker_store::Result<()> {
+        let subject = self.tasks[&step.task_id].subject();
+        self.tx.transition_step(&subject, step, to, metadata, change)?;
+        if to == StepState::Enqueued {
+            self.enqueued.push(step.id);
+        }
+        self.steps.insert(step.id, step.clone());
         Ok(())
     }
 
-    /// The step, if it belongs to this task.
-    async fn step(&mut self, id: Uuid) -> tasker_store::Result<Option<StepRow>> {
-        if let Some(step) = self.enqueued.iter().find(|s| s.id == id) {
-            return Ok(Some(step.clone()));
-        }
-        let step = self.tx.steps(&[id]).await?.pop();
-        Ok(step.filter(|s| s.task_id == self.task.id))
-    }
-
-    fn drop_stale(&self, step: Uuid, attempt: u32, why: &str) {
-        tracing::debug!(task_id = %self.task.id, step_id = %step, attempt, why, "stale step report dropped");
+    fn drop_stale(&self, task_id: Uuid, step: Uuid, attempt: u32, why: &str) {
+        tracing::debug!(%task_id, step_id = %step, attempt, why, "stale step report dropped");
         self.engine.metrics.dropped(1);
     }
 
-    async fn report(&mut self, report: StepReport) -> tasker_store::Result<()> {
-        let step_id: Uuid = match report.step_id.parse() {
-            Ok(id) => id,
-            Err(_) => {
-                self.drop_stale(Uuid::nil(), report.attempt, "malformed step id");
-                return Ok(());
-            }
+    fn report(&mut self, task_id: Uuid, report: StepReport) -> tasker_store::Result<()> {
+        let Ok(step_id) = report.step_id.parse::<Uuid>() else {
+            self.drop_stale(task_id, Uuid::nil(), report.attempt, "malformed step id");
+            return Ok(());
         };
-        if self.task.status != TaskState::InProgress {
-            self.drop_stale(step_id, report.attempt, "task is not in progress");
+        if self.tasks[&task_id].status != TaskState::InProgress {
+            self.drop_stale(task_id, step_id, report.attempt, "task is not in progress");
             return Ok(());
         }
-        let Some(mut step) = self.step(step_id).await? else {
-            self.drop_stale(step_id, report.attempt, "unknown step");
+        let Some(mut step) = self.step_of(task_id, step_id) else {
+            self.drop_stale(task_id, step_id, report.attempt, "unknown step");
             return Ok(());
         };
         if report.attempt != step.attempts as u32 {
-            self.drop_stale(step_id, report.attempt, "not the current attempt");
+            self.drop_stale(task_id, step_id, report.attempt, "not the current attempt");
             return Ok(());
         }
         let worker = json!({ "worker": report.worker_id });
-        let subject = self.task.subject();
         match report.outcome {
             Some(Reported::Started(_)) => {
                 if step.status != StepState::Enqueued {
-                    self.drop_stale(step_id, report.attempt, "already started or settled");
+                    self.drop_stale(task_id, step_id, report.attempt, "already started or settled");
                     return Ok(());
                 }
-                self.tx.transition_step(&subject, &mut step, StepState::InProgress, worker, StepChange::default())?;
+                self.transition(&mut step, StepState::InProgress, worker, StepChange::default())
             }
             Some(Reported::Completed(done)) => {
                 if !self.begin_if_enqueued(&mut step, &worker)? {
-                    self.drop_stale(step_id, report.attempt, "step is not running");
+                    self.drop_stale(task_id, step_id, report.attempt, "step is not running");
                     return Ok(());
                 }
                 match self.check_results(&done.results_json) {
                     Ok(results) => {
                         let change = StepChange { results: Some(results), ..Default::default() };
-                        self.tx.transition_step(&subject, &mut step, StepState::Complete, worker, change)?;
+                        self.transition(&mut step, StepState::Complete, worker, change)?;
                         self.engine.metrics.completed();
-                        for child in self.tx.release_children(step.id).await? {
-                            self.enqueue(child)?;
-                        }
+                        self.completed.push(step.id);
+                        Ok(())
                     }
-                    Err(problem) => {
-                        self.fail(&mut step, FailureKind::Permanent, &problem, None, worker)?;
-                    }
+                    Err(problem) => self.fail(&mut step, FailureKind::Permanent, &problem, None, worker),
                 }
             }
             Some(Reported::Failed(failed)) => {
                 if !self.begin_if_enqueued(&mut step, &worker)? {
-                    self.drop_stale(step_id, report.attempt, "step is not running");
+                    self.drop_stale(task_id, step_id, report.attempt, "step is not running");
                     return Ok(());
                 }
                 let kind = match failed.kind() {
@@ -193,19 +221,19 @@ impl TaskRun<'_> {
                     _ => FailureKind::Retryable,
                 };
                 let retry_after = failed.retry_after_ms.map(std::time::Duration::from_millis);
-                self.fail(&mut step, kind, &failed.message, retry_after, worker)?;
+                self.fail(&mut step, kind, &failed.message, retry_after, worker)
             }
-            None => self.drop_stale(step_id, report.attempt, "report without an outcome"),
+            None => {
+                self.drop_stale(task_id, step_id, report.attempt, "report without an outcome");
+                Ok(())
+            }
         }
-        self.remember(step);
-        Ok(())
     }
 
     /// A result can overtake its own `started` report: apply the start first.
     fn begin_if_enqueued(&mut self, step: &mut StepRow, worker: &Value) -> tasker_store::Result<bool> {
         if step.status == StepState::Enqueued {
-            let subject = self.task.subject();
-            self.tx.transition_step(&subject, step, StepState::InProgress, worker.clone(), StepChange::default())?;
+            self.transition(step, StepState::InProgress, worker.clone(), StepChange::default())?;
         }
         Ok(step.status == StepState::InProgress)
     }
@@ -213,12 +241,9 @@ impl TaskRun<'_> {
     /// Results must be JSON within the size limit; returns the JSON text to store.
     fn check_results(&self, text: &str) -> Result<String, String> {
         let text = if text.trim().is_empty() { "null" } else { text };
-        if text.len() > self.engine.limits.max_results_bytes {
-            return Err(format!(
-                "results are {} bytes, more than the limit of {}",
-                text.len(),
-                self.engine.limits.max_results_bytes
-            ));
+        let limit = self.engine.limits.max_results_bytes;
+        if text.len() > limit {
+            return Err(format!("results are {} bytes, more than the limit of {limit}", text.len()));
         }
         serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| format!("results are not valid JSON: {e}"))?;
         Ok(text.to_owned())
@@ -231,103 +256,110 @@ impl TaskRun<'_> {
         kind: FailureKind,
         message: &str,
         retry_after: Option<std::time::Duration>,
-        metadata: Value,
+        mut metadata: Value,
     ) -> tasker_store::Result<()> {
         let error = json!({ "message": message, "kind": kind.as_str(), "attempt": step.attempts });
-        let mut metadata = metadata;
         metadata["error"] = error.clone();
-        let subject = self.task.subject();
-        let decision = decide(
-            kind,
-            step.attempts as u32,
-            step.max_attempts as u32,
-            step.retryable,
-            &self.engine.backoff,
-            retry_after,
-        );
-        match decision {
+        let backoff = &self.engine.backoff;
+        match decide(kind, step.attempts as u32, step.max_attempts as u32, step.retryable, backoff, retry_after) {
             FailureDecision::Retry { delay } => {
                 let due = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
                 metadata["retry_in_ms"] = json!(delay.as_millis() as u64);
                 let change =
                     StepChange { error: Some(error.to_string()), next_attempt_at: Some(due), ..Default::default() };
-                self.tx.transition_step(&subject, step, StepState::WaitingForRetry, metadata, change)?;
-                self.outcome.next_retry_at = Some(self.outcome.next_retry_at.map_or(due, |t| t.min(due)));
+                self.transition(step, StepState::WaitingForRetry, metadata, change)?;
+                self.next_retry_at = Some(self.next_retry_at.map_or(due, |t| t.min(due)));
                 self.engine.metrics.retried();
             }
             FailureDecision::Fail => {
                 let change = StepChange { error: Some(error.to_string()), ..Default::default() };
-                self.tx.transition_step(&subject, step, StepState::Error, metadata, change)?;
+                self.transition(step, StepState::Error, metadata, change)?;
                 self.engine.metrics.failed();
             }
         }
         Ok(())
     }
 
-    /// Keeps the latest copy of a step enqueued in this run in sync.
-    fn remember(&mut self, step: StepRow) {
-        if let Some(slot) = self.enqueued.iter_mut().find(|s| s.id == step.id) {
-            *slot = step;
-        }
-    }
-
-    async fn retry(&mut self, step_id: Uuid) -> tasker_store::Result<()> {
-        if self.task.status != TaskState::InProgress {
-            return Ok(());
-        }
-        let Some(step) = self.step(step_id).await? else { return Ok(()) };
+    fn retry(&mut self, step_id: Uuid) -> tasker_store::Result<()> {
+        let Some(mut step) = self.steps.get(&step_id).cloned() else { return Ok(()) };
         let due = step.next_attempt_at.is_some_and(|t| t <= Utc::now());
         if step.status == StepState::WaitingForRetry && due {
-            self.enqueue(step)?;
+            self.transition(&mut step, StepState::Enqueued, json!({}), StepChange::default())?;
         }
         Ok(())
     }
 
-    async fn republish(&mut self, step_id: Uuid, older_than: std::time::Duration) -> tasker_store::Result<()> {
-        let Some(step) = self.step(step_id).await? else { return Ok(()) };
+    fn republish(&mut self, step_id: Uuid, older_than: std::time::Duration) -> tasker_store::Result<()> {
+        let Some(step) = self.steps.get(&step_id) else { return Ok(()) };
         let stale = step
             .enqueued_at
             .is_some_and(|t| Utc::now().signed_duration_since(t).to_std().is_ok_and(|age| age >= older_than));
-        if self.task.status == TaskState::InProgress && step.status == StepState::Enqueued && stale {
-            tracing::warn!(task_id = %self.task.id, step_id = %step.id, attempt = step.attempts, "step enqueued too long; publishing it again");
-            self.tx.touch_step(step.id).await?;
-            let dispatches = self.tx.dispatches(self.task, std::slice::from_ref(&step)).await?;
-            self.outcome.dispatches.extend(dispatches);
+        if step.status == StepState::Enqueued && stale && !self.enqueued.contains(&step_id) {
+            tracing::warn!(task_id = %step.task_id, step_id = %step.id, attempt = step.attempts, "step enqueued too long; publishing it again");
+            self.republished.push(step_id);
         }
         Ok(())
     }
 
-    async fn overdue(&mut self, step_id: Uuid, grace: std::time::Duration) -> tasker_store::Result<()> {
-        if self.task.status != TaskState::InProgress {
-            return Ok(());
-        }
-        let Some(mut step) = self.step(step_id).await? else { return Ok(()) };
+    fn overdue(&mut self, step_id: Uuid, grace: std::time::Duration) -> tasker_store::Result<()> {
+        let Some(mut step) = self.steps.get(&step_id).cloned() else { return Ok(()) };
         let deadline = step.started_at.map(|t| {
             t + chrono::Duration::milliseconds(step.timeout_ms) + chrono::Duration::from_std(grace).unwrap_or_default()
         });
         if step.status == StepState::InProgress && deadline.is_some_and(|d| d < Utc::now()) {
             let message = format!("no report within the step's timeout of {} ms", step.timeout_ms);
             self.fail(&mut step, FailureKind::TimedOut, &message, None, json!({ "sweeper": true }))?;
-            self.remember(step);
         }
         Ok(())
     }
 
-    /// Dispatches what this run enqueued and settles the task if nothing more can run.
-    async fn finish(self) -> tasker_store::Result<()> {
-        let enqueued: Vec<StepRow> = self.enqueued.into_iter().filter(|s| s.status == StepState::Enqueued).collect();
-        let dispatches = self.tx.dispatches(self.task, &enqueued).await?;
+    /// Releases children, enqueues what is ready, settles the tasks, reads the dispatch
+    /// data and commits.
+    async fn finish(mut self) -> tasker_store::Result<Outcome> {
+        let completed = std::mem::take(&mut self.completed);
+        let mut ready = self.tx.release_children(&completed).await?;
+        if !self.evaluate.is_empty() {
+            let evaluate = std::mem::take(&mut self.evaluate);
+            ready.extend(self.tx.ready_steps(&evaluate).await?);
+        }
+        let mut seen = HashSet::new();
+        for mut step in ready {
+            let open = self.tasks.get(&step.task_id).is_some_and(|t| t.status == TaskState::InProgress);
+            if open && step.status == StepState::Pending && seen.insert(step.id) {
+                self.transition(&mut step, StepState::Enqueued, json!({}), StepChange::default())?;
+            }
+        }
+
+        let open: Vec<Uuid> =
+            self.touched.iter().copied().filter(|id| self.tasks[id].status == TaskState::InProgress).collect();
+        if !open.is_empty() {
+            let progress = self.tx.progress(&open).await?;
+            for task_id in open {
+                let task = self.tasks.get_mut(&task_id).expect("locked task");
+                match progress.get(&task_id) {
+                    None => self.tx.transition_task(task, TaskState::Complete, json!({}))?,
+                    Some(p) if p.is_stuck() => {
+                        self.tx.transition_task(task, TaskState::Error, json!({ "unfinished_steps": p.unfinished }))?
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+
+        let mut to_dispatch: Vec<StepRow> = self
+            .enqueued
+            .iter()
+            .filter_map(|id| self.steps.get(id))
+            .filter(|s| s.status == StepState::Enqueued)
+            .cloned()
+            .collect();
+        for id in &self.republished {
+            self.tx.touch_step(*id).await?;
+        }
+        to_dispatch.extend(self.republished.iter().filter_map(|id| self.steps.get(id)).cloned());
+        let dispatches = self.tx.dispatches(&self.tasks, &to_dispatch).await?;
         self.engine.metrics.dispatched(dispatches.len());
-        self.outcome.dispatches.extend(dispatches);
-        if self.task.status != TaskState::InProgress {
-            return Ok(());
-        }
-        let progress = self.tx.progress(self.task.id).await?;
-        if progress.is_complete() {
-            self.tx.transition_task(self.task, TaskState::Complete, json!({}))?;
-        } else if progress.is_stuck() {
-            self.tx.transition_task(self.task, TaskState::Error, json!({ "unfinished_steps": progress.unfinished }))?;
-        }
-        Ok(())
+        self.tx.commit().await?;
+        Ok(Outcome { dispatches, next_retry_at: self.next_retry_at })
     }
 }

@@ -94,7 +94,7 @@ impl Store {
             StepChange { results, ..Default::default() },
         )?;
         if to == StepState::ResolvedManually {
-            tx.release_children(step_id).await?;
+            tx.release_children(&[step_id]).await?;
         }
         if task.status == TaskState::Error {
             tx.transition_task(&mut task, TaskState::InProgress, metadata)?;

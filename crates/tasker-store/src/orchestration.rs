@@ -9,7 +9,7 @@ use tasker_domain::{StepState, TaskState, event::EventSubject};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use crate::{Result, Store, Tx};
+use crate::{Error, Result, Store, Tx};
 
 /// A locked task: what the engine needs to decide and to label events.
 #[derive(Debug, Clone)]
@@ -161,18 +161,20 @@ impl Tx {
     pub async fn steps(&mut self, ids: &[Uuid]) -> Result<Vec<StepRow>> {
         let sql = format!("SELECT {STEP_COLUMNS} FROM workflow_steps s WHERE s.id = ANY($1)");
         let rows = self.query(&sql, &[&ids]).await?;
+        let order: HashMap<&Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (id, i)).collect();
         let mut steps: Vec<StepRow> = rows.iter().map(step_row).collect::<Result<_>>()?;
-        steps.sort_by_key(|s| ids.iter().position(|id| *id == s.id));
+        steps.sort_by_key(|s| order.get(&s.id).copied());
         Ok(steps)
     }
 
-    /// Pending steps of the task whose parents are all done.
-    pub async fn ready_steps(&mut self, task_id: Uuid) -> Result<Vec<StepRow>> {
+    /// Pending steps of these tasks whose parents are all done.
+    pub async fn ready_steps(&mut self, task_ids: &[Uuid]) -> Result<Vec<StepRow>> {
         let sql = format!(
             "SELECT {STEP_COLUMNS} FROM workflow_steps s \
-             WHERE s.task_id = $1 AND s.status = 'pending' AND s.pending_parents = 0 ORDER BY s.dependency_level, s.id"
+             WHERE s.task_id = ANY($1) AND s.status = 'pending' AND s.pending_parents = 0 \
+             ORDER BY s.task_id, s.dependency_level, s.id"
         );
-        let rows = self.query(&sql, &[&task_id]).await?;
+        let rows = self.query(&sql, &[&task_ids]).await?;
         rows.iter().map(step_row).collect()
     }
 
@@ -188,15 +190,20 @@ impl Tx {
         rows.iter().map(step_row).collect()
     }
 
-    /// Counts a parent as done for each of its children; returns the children that became
-    /// ready (every parent done, still pending).
-    pub async fn release_children(&mut self, step_id: Uuid) -> Result<Vec<StepRow>> {
+    /// Counts each of these steps as done for its children, in one statement; returns the
+    /// children that became ready (every parent done, still pending).
+    pub async fn release_children(&mut self, step_ids: &[Uuid]) -> Result<Vec<StepRow>> {
+        if step_ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let released = self
             .query(
-                "UPDATE workflow_steps c SET pending_parents = c.pending_parents - 1 \
-                 FROM workflow_step_edges e WHERE e.from_step_id = $1 AND c.id = e.to_step_id \
+                "UPDATE workflow_steps c SET pending_parents = c.pending_parents - e.done \
+                 FROM (SELECT to_step_id, count(*)::int4 AS done FROM workflow_step_edges \
+                       WHERE from_step_id = ANY($1) GROUP BY to_step_id) e \
+                 WHERE c.id = e.to_step_id \
                  RETURNING c.id, c.pending_parents, c.status",
-                &[&step_id],
+                &[&step_ids],
             )
             .await?;
         let ready: Vec<Uuid> = released
@@ -217,29 +224,41 @@ impl Tx {
         Ok(())
     }
 
-    /// Counts over the task's unfinished steps.
-    pub async fn progress(&mut self, task_id: Uuid) -> Result<Progress> {
+    /// Counts over the unfinished steps of each task (a task with none is absent: it is
+    /// complete).
+    pub async fn progress(&mut self, task_ids: &[Uuid]) -> Result<HashMap<Uuid, Progress>> {
         let rows = self
             .query(
-                "SELECT count(*), \
+                "SELECT task_id, count(*), \
                    count(*) FILTER (WHERE status IN ('enqueued', 'in_progress', 'waiting_for_retry')), \
                    count(*) FILTER (WHERE status = 'pending' AND pending_parents = 0) \
-                 FROM workflow_steps WHERE task_id = $1 AND status NOT IN ('complete', 'resolved_manually')",
-                &[&task_id],
+                 FROM workflow_steps WHERE task_id = ANY($1) AND status NOT IN ('complete', 'resolved_manually') \
+                 GROUP BY task_id",
+                &[&task_ids],
             )
             .await?;
-        let row = &rows[0];
-        Ok(Progress { unfinished: row.get(0), active: row.get(1), ready: row.get(2) })
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), Progress { unfinished: r.get(1), active: r.get(2), ready: r.get(3) }))
+            .collect())
     }
 
-    /// Builds the executions for steps just enqueued: the task context and each step's
-    /// parents' results by name.
-    pub async fn dispatches(&mut self, task: &TaskHead, steps: &[StepRow]) -> Result<Vec<Dispatch>> {
+    /// Builds the executions for steps just enqueued (of any of the given tasks): each
+    /// task's context and each step's parents' results by name, in two statements.
+    pub async fn dispatches(&mut self, tasks: &HashMap<Uuid, TaskHead>, steps: &[StepRow]) -> Result<Vec<Dispatch>> {
         if steps.is_empty() {
             return Ok(Vec::new());
         }
         let ids: Vec<Uuid> = steps.iter().map(|s| s.id).collect();
-        let context: String = self.query("SELECT context::text FROM tasks WHERE id = $1", &[&task.id]).await?[0].get(0);
+        let mut task_ids: Vec<Uuid> = steps.iter().map(|s| s.task_id).collect();
+        task_ids.sort_unstable();
+        task_ids.dedup();
+        let contexts: HashMap<Uuid, String> = self
+            .query("SELECT id, context::text FROM tasks WHERE id = ANY($1)", &[&task_ids])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
         let parents = self
             .query(
                 "SELECT e.to_step_id, p.name, COALESCE(p.results::text, 'null') \
@@ -252,23 +271,27 @@ impl Tx {
         for row in &parents {
             by_child.entry(row.get(0)).or_default().insert(row.get(1), row.get(2));
         }
-        Ok(steps
+        steps
             .iter()
-            .map(|s| Dispatch {
-                task_id: task.id,
-                step_id: s.id,
-                attempt: s.attempts as u32,
-                namespace: task.namespace.clone(),
-                task_name: task.name.clone(),
-                task_version: task.version.clone(),
-                step_name: s.name.clone(),
-                handler: s.handler.clone(),
-                config: s.config.clone(),
-                context: context.clone(),
-                parent_results: by_child.remove(&s.id).unwrap_or_default(),
-                timeout_ms: s.timeout_ms.max(0) as u64,
+            .map(|s| {
+                let task =
+                    tasks.get(&s.task_id).ok_or_else(|| Error::Corrupt(format!("step {} without its task", s.id)))?;
+                Ok(Dispatch {
+                    task_id: task.id,
+                    step_id: s.id,
+                    attempt: s.attempts as u32,
+                    namespace: task.namespace.clone(),
+                    task_name: task.name.clone(),
+                    task_version: task.version.clone(),
+                    step_name: s.name.clone(),
+                    handler: s.handler.clone(),
+                    config: s.config.clone(),
+                    context: contexts.get(&task.id).cloned().unwrap_or_else(|| "{}".into()),
+                    parent_results: by_child.remove(&s.id).unwrap_or_default(),
+                    timeout_ms: s.timeout_ms.max(0) as u64,
+                })
             })
-            .collect())
+            .collect()
     }
 }
 

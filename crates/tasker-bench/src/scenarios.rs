@@ -18,10 +18,13 @@ use crate::{
     stats::{Figure, Latencies, bucket_quantile, counter, histogram_delta},
 };
 
+/// Completions seen before anyone waited for them, and waiters for those not seen yet.
+type Pending = (HashMap<String, Instant>, HashMap<String, oneshot::Sender<Instant>>);
+
 /// Completion times of tasks, from a subscriber on `*.*.task.completed`.
 #[derive(Clone, Default)]
 pub struct Completions {
-    inner: Arc<Mutex<(HashMap<String, Instant>, HashMap<String, oneshot::Sender<Instant>>)>>,
+    inner: Arc<Mutex<Pending>>,
 }
 
 impl Completions {

@@ -41,26 +41,33 @@ impl EventPublisher {
         self.admin.local_addr()
     }
 
+    /// Relays until `shutdown`; a lost broker connection is re-established (with backoff).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let EventPublisher { config, admin } = self;
         let store = tasker_runtime::connect_store(&config.database).await?;
-        let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "event-publisher").await?);
-        broker.declare_events().await.context("declaring the events exchange")?;
-        let publisher = broker.publisher().await?;
         let mut registry = Registry::default();
         let metrics = Metrics::default();
         let sub = registry.sub_registry_with_prefix("tasker_events");
         sub.register("published", "Events relayed to the exchange", metrics.published.clone());
         sub.register("outbox_lag_ms", "Age of the oldest event in the last relayed batch", metrics.lag_ms.clone());
-
+        let slot = tasker_runtime::BrokerSlot::default();
         let stop = shutdown.child_token();
-        let checks = vec![tasker_runtime::store_check(&store), tasker_runtime::broker_check(&broker)];
+        let checks = vec![tasker_runtime::store_check(&store), slot.check()];
         let admin_task = tokio::spawn(admin.serve(checks, registry, stop.clone()));
-        tracing::info!(exchange = broker.topology().events_exchange(), "event publisher running");
-        let result = relay(&store, &publisher, &config.publisher, &metrics, stop.clone()).await;
+        let result = tasker_runtime::supervise("event-publisher", &stop, || async {
+            let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "event-publisher").await?);
+            slot.set(Some(broker.clone()));
+            broker.declare_events().await.context("declaring the events exchange")?;
+            let publisher = broker.publisher().await?;
+            tracing::info!(exchange = broker.topology().events_exchange(), "event publisher running");
+            let relayed = relay(&store, &publisher, &config.publisher, &metrics, stop.clone()).await;
+            slot.set(None);
+            let _ = broker.close().await;
+            relayed
+        })
+        .await;
         stop.cancel();
         let _ = admin_task.await;
-        let _ = broker.close().await;
         result
     }
 }

@@ -1,12 +1,15 @@
 //! Publishing step executions: one confirmed, pipelined publish per batch, declaring each
 //! namespace's step queue the first time it is used.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tasker_messaging::{Broker, Command, Publisher};
 use tasker_proto::messages::StepExecution;
 use tasker_store::Dispatch;
-use tokio::sync::Mutex;
 
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -43,13 +46,16 @@ impl Dispatcher {
         }
     }
 
+    /// Declares the step queue of each namespace not declared yet by this process (the
+    /// lock is not held across the broker round trip; declaring twice is harmless).
     async fn declare(&self, dispatches: &[Dispatch]) -> tasker_messaging::Result<()> {
-        let mut declared = self.declared.lock().await;
-        for d in dispatches {
-            if !declared.contains(&d.namespace) {
-                self.broker.declare_steps(&d.namespace).await?;
-                declared.insert(d.namespace.clone());
-            }
+        let missing: HashSet<String> = {
+            let declared = self.declared.lock().expect("declared lock");
+            dispatches.iter().map(|d| &d.namespace).filter(|ns| !declared.contains(*ns)).cloned().collect()
+        };
+        for namespace in missing {
+            self.broker.declare_steps(&namespace).await?;
+            self.declared.lock().expect("declared lock").insert(namespace);
         }
         Ok(())
     }

@@ -44,56 +44,79 @@ impl Orchestrator {
         self.admin.local_addr()
     }
 
+    /// Runs until `shutdown`; a lost broker connection is re-established (with backoff)
+    /// and consuming resumes (unacked input is redelivered, and fencing drops what was
+    /// already applied).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Orchestrator { config, admin } = self;
-        let settings = config.orchestrator.clone();
         let store = tasker_runtime::connect_store(&config.database).await?;
-        let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "orchestrator").await?);
-        broker.declare_orchestrator().await.context("declaring the orchestrator's queues")?;
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
-        let engine = Engine::new(store.clone(), settings.backoff, config.limits, metrics.clone());
-        let dispatcher = Dispatcher::new(broker.clone()).await?;
-        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
-        let topology = broker.topology().clone();
-        let tasks: Consumer<TaskRequest> = broker.consume(&topology.tasks_queue(), settings.prefetch).await?;
-        let results: Consumer<StepReport> = broker.consume(&topology.results_queue(), settings.prefetch).await?;
-
+        let slot = tasker_runtime::BrokerSlot::default();
         let stop = shutdown.child_token();
-        let mut set = JoinSet::new();
-        let pipeline = Pipeline { engine: engine.clone(), dispatcher: dispatcher.clone(), retries: retry_tx, metrics };
-        set.spawn(pipeline.clone().consume(tasks, task_work, settings.batch_size, stop.clone()));
-        set.spawn(pipeline.clone().consume(results, report_work, settings.batch_size, stop.clone()));
-        set.spawn(sweeper::retry_scheduler(
-            pipeline.clone(),
-            store.clone(),
-            retry_rx,
-            settings.retry_poll_interval,
-            stop.clone(),
-        ));
-        set.spawn(sweeper::sweeper(pipeline, store.clone(), settings.clone(), stop.clone()));
-        let checks = vec![tasker_runtime::store_check(&store), tasker_runtime::broker_check(&broker)];
-        let admin_stop = stop.clone();
-        set.spawn(async move { admin.serve(checks, registry, admin_stop).await.context("admin endpoint") });
-        tracing::info!(prefix = topology.prefix(), "orchestrator running");
-
-        let mut result = Ok(());
-        while let Some(done) = set.join_next().await {
-            let outcome = done.context("orchestrator task panicked").and_then(|r| r);
-            if let Err(error) = outcome {
-                if result.is_ok() {
-                    result = Err(error);
-                }
-                stop.cancel();
-            } else if !stop.is_cancelled() {
-                // a loop ended on its own (e.g. the broker closed the consumer)
-                stop.cancel();
-                result = Err(anyhow::anyhow!("an orchestrator loop stopped unexpectedly"));
-            }
-        }
-        let _ = broker.close().await;
+        let checks = vec![tasker_runtime::store_check(&store), slot.check()];
+        let admin = tokio::spawn(admin.serve(checks, registry, stop.clone()));
+        let result = tasker_runtime::supervise("orchestrator", &stop, || {
+            orchestrate(&config, &store, &metrics, &slot, stop.clone())
+        })
+        .await;
+        stop.cancel();
+        let _ = admin.await;
         result
     }
+}
+
+/// One broker connection's life: the consumers, the retry scheduler and the sweeper, until
+/// `stop` (Ok) or a failure (Err).
+async fn orchestrate(
+    config: &Config,
+    store: &tasker_store::Store,
+    metrics: &Metrics,
+    slot: &tasker_runtime::BrokerSlot,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let settings = config.orchestrator.clone();
+    let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "orchestrator").await?);
+    slot.set(Some(broker.clone()));
+    broker.declare_orchestrator().await.context("declaring the orchestrator's queues")?;
+    let engine = Engine::new(store.clone(), settings.backoff, config.limits, metrics.clone());
+    let dispatcher = Dispatcher::new(broker.clone()).await?;
+    let (retry_tx, retry_rx) = mpsc::unbounded_channel();
+    let topology = broker.topology().clone();
+    let tasks: Consumer<TaskRequest> = broker.consume(&topology.tasks_queue(), settings.prefetch).await?;
+    let results: Consumer<StepReport> = broker.consume(&topology.results_queue(), settings.prefetch).await?;
+
+    let local = stop.child_token();
+    let mut set = JoinSet::new();
+    let pipeline = Pipeline { engine, dispatcher, retries: retry_tx, metrics: metrics.clone() };
+    set.spawn(pipeline.clone().consume(tasks, task_work, settings.batch_size, local.clone()));
+    set.spawn(pipeline.clone().consume(results, report_work, settings.batch_size, local.clone()));
+    set.spawn(sweeper::retry_scheduler(
+        pipeline.clone(),
+        store.clone(),
+        retry_rx,
+        settings.retry_poll_interval,
+        local.clone(),
+    ));
+    set.spawn(sweeper::sweeper(pipeline, store.clone(), settings.clone(), local.clone()));
+    tracing::info!(prefix = topology.prefix(), "orchestrator running");
+
+    let mut result = Ok(());
+    while let Some(done) = set.join_next().await {
+        let outcome = done.context("orchestrator task panicked").and_then(|r| r);
+        if let Err(error) = outcome {
+            if result.is_ok() {
+                result = Err(error);
+            }
+        } else if !stop.is_cancelled() && result.is_ok() {
+            // a loop ended on its own (e.g. the broker cancelled a consumer)
+            result = Err(anyhow::anyhow!("an orchestrator loop stopped unexpectedly"));
+        }
+        local.cancel();
+    }
+    slot.set(None);
+    let _ = broker.close().await;
+    result
 }
 
 fn task_work(request: TaskRequest) -> Option<(Uuid, Work)> {

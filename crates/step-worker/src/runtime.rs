@@ -51,47 +51,73 @@ impl Worker {
         self.admin.local_addr()
     }
 
+    /// Runs until `shutdown`; a lost broker connection is re-established (with backoff)
+    /// and consuming resumes.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Worker { config, registry, admin } = self;
-        let settings = config.worker.clone();
-        let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "step-worker").await?);
-        let worker_id = settings.id.clone().unwrap_or_else(default_worker_id);
+        let worker_id = config.worker.id.clone().unwrap_or_else(default_worker_id);
         let mut metrics_registry = MetricsRegistry::default();
         let metrics = Metrics::default();
         let sub = metrics_registry.sub_registry_with_prefix("tasker_worker");
         sub.register("steps_executed", "Step attempts run", metrics.executed.clone());
         sub.register("steps_failed", "Step attempts that failed", metrics.failed.clone());
-        let runner = Runner { registry, publisher: broker.publisher().await?, worker_id: worker_id.clone(), metrics };
-
+        let slot = tasker_runtime::BrokerSlot::default();
         let stop = shutdown.child_token();
-        let mut set = JoinSet::new();
-        for ns in &settings.namespaces {
-            broker.declare_steps(ns).await.with_context(|| format!("declaring the step queue of `{ns}`"))?;
-            let queue = broker.topology().steps_queue(ns);
-            let consumer: Consumer<StepExecution> = broker.consume(&queue, settings.concurrency).await?;
-            set.spawn(runner.clone().consume(consumer, settings.drain_timeout, stop.clone()));
-        }
-        let checks = vec![tasker_runtime::broker_check(&broker)];
-        let admin_stop = stop.clone();
-        set.spawn(async move { admin.serve(checks, metrics_registry, admin_stop).await.context("admin endpoint") });
-        tracing::info!(worker_id, namespaces = ?settings.namespaces, handlers = ?runner.registry.names(), "step worker running");
-
-        let mut result = Ok(());
-        while let Some(done) = set.join_next().await {
-            let outcome = done.context("worker task panicked").and_then(|r| r);
-            if let Err(error) = outcome {
-                if result.is_ok() {
-                    result = Err(error);
-                }
-            } else if !stop.is_cancelled() {
-                result = Err(anyhow::anyhow!("a worker loop stopped unexpectedly"));
-            }
-            stop.cancel();
-        }
-        // closing the connection returns any prefetched, unstarted executions to the queue
-        let _ = broker.close().await;
+        let admin = tokio::spawn(admin.serve(vec![slot.check()], metrics_registry, stop.clone()));
+        tracing::info!(worker_id, namespaces = ?config.worker.namespaces, handlers = ?registry.names(), "step worker starting");
+        let result = tasker_runtime::supervise("step-worker", &stop, || {
+            consume_all(&config, &registry, &worker_id, &metrics, &slot, stop.clone())
+        })
+        .await;
+        stop.cancel();
+        let _ = admin.await;
         result
     }
+}
+
+/// One connection's life: consume every namespace until `stop` (Ok) or a failure (Err).
+async fn consume_all(
+    config: &Config,
+    registry: &Registry,
+    worker_id: &str,
+    metrics: &Metrics,
+    slot: &tasker_runtime::BrokerSlot,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let settings = &config.worker;
+    let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "step-worker").await?);
+    slot.set(Some(broker.clone()));
+    let runner = Runner {
+        registry: registry.clone(),
+        publisher: broker.publisher().await?,
+        worker_id: worker_id.to_owned(),
+        metrics: metrics.clone(),
+    };
+    let local = stop.child_token();
+    let mut set = JoinSet::new();
+    for ns in &settings.namespaces {
+        broker.declare_steps(ns).await.with_context(|| format!("declaring the step queue of `{ns}`"))?;
+        let queue = broker.topology().steps_queue(ns);
+        let consumer: Consumer<StepExecution> = broker.consume(&queue, settings.concurrency).await?;
+        set.spawn(runner.clone().consume(consumer, settings.drain_timeout, local.clone()));
+    }
+    tracing::info!(worker_id, "step worker consuming");
+    let mut result = Ok(());
+    while let Some(done) = set.join_next().await {
+        let outcome = done.context("worker task panicked").and_then(|r| r);
+        if let Err(error) = outcome {
+            if result.is_ok() {
+                result = Err(error);
+            }
+        } else if !stop.is_cancelled() && result.is_ok() {
+            result = Err(anyhow::anyhow!("a worker loop stopped unexpectedly"));
+        }
+        local.cancel();
+    }
+    slot.set(None);
+    // closing the connection returns any prefetched, unstarted executions to the queue
+    let _ = broker.close().await;
+    result
 }
 
 fn default_worker_id() -> String {

@@ -70,14 +70,18 @@ async fn workers_share_a_namespace_and_never_see_another() {
     ];
     let broker = env.broker().await;
     let topology = broker.topology().clone();
-    for _ in 0..200 {
-        let alpha = broker.consumer_count(&topology.steps_queue("alpha")).await.unwrap();
-        let beta = broker.consumer_count(&topology.steps_queue("beta")).await.unwrap();
-        if alpha == 2 && beta == 1 {
+    let mut consumers = (0, 0);
+    for _ in 0..600 {
+        consumers = (
+            broker.consumer_count(&topology.steps_queue("alpha")).await.unwrap(),
+            broker.consumer_count(&topology.steps_queue("beta")).await.unwrap(),
+        );
+        if consumers == (2, 1) {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(consumers, (2, 1), "the worker processes attach to their queues");
 
     let alpha = system.submit("alpha", "fanout", json!({})).await;
     let beta = system.submit("beta", "fanout", json!({})).await;

@@ -75,7 +75,13 @@ impl TaskApi {
             let n = templates.load_dir(dir).await?;
             tracing::info!(dir = %dir.display(), templates = n, "templates loaded");
         }
-        let tasks = Tasks { store: store.clone(), broker: broker.clone(), publisher, limits: config.limits };
+        let tasks = Tasks {
+            store: store.clone(),
+            broker: broker.clone(),
+            publisher,
+            limits: config.limits,
+            schemas: Default::default(),
+        };
         let steps = Steps { tasks: tasks.clone() };
         health.set_serving::<TaskServiceServer<Tasks>>().await;
         health.set_serving::<TemplateServiceServer<Templates>>().await;

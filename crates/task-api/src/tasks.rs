@@ -1,17 +1,25 @@
 //! TaskService: create, read, list, cancel and watch tasks.
 
-use std::{collections::HashSet, pin::Pin, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    pin::Pin,
+    sync::{Arc, Mutex},
+};
 
 use futures::Stream;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tasker_domain::{CloudEvent, Limits, StepState, TaskState, event::StepRef, template::is_valid_name};
+use tasker_domain::{
+    CloudEvent, Limits, StepState, TaskState,
+    event::StepRef,
+    template::{ContextSchema, is_valid_name},
+};
 use tasker_messaging::{Broker, Command, Publisher};
 use tasker_proto::{
     messages::TaskRequest,
     v1::{self as pb, task_service_server::TaskService},
 };
-use tasker_store::{Actor, NewTask, Store, TaskFilter, TaskView};
+use tasker_store::{Actor, NewTask, Store, TaskFilter, TaskView, TemplateRecord};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -31,6 +39,8 @@ pub struct Tasks {
     pub(crate) broker: Arc<Broker>,
     pub(crate) publisher: Publisher,
     pub(crate) limits: Limits,
+    /// Compiled input schemas by template id (a registered version never changes).
+    pub(crate) schemas: Arc<Mutex<HashMap<Uuid, Option<Arc<ContextSchema>>>>>,
 }
 
 impl Tasks {
@@ -73,7 +83,7 @@ impl Tasks {
         }
         let version = if r.version.is_empty() { None } else { Some(r.version.as_str()) };
         let template = self.store.template(&r.namespace, &r.name, version).await?;
-        template.template.validate_context(&context)?;
+        self.schema(&template).map(|schema| schema.validate(&context)).transpose()?;
 
         let request_hash = request_hash(&r, &context);
         let new = NewTask {
@@ -88,11 +98,19 @@ impl Tasks {
             request_hash: &request_hash,
         };
         let outcome = self.store.create_task(&new).await?;
-        if !outcome.deduplicated {
-            self.request(outcome.task_id).await;
-        }
-        let view = self.store.task(outcome.task_id, false).await?;
+        let view = match outcome.view {
+            Some(view) => {
+                self.request(outcome.task_id).await;
+                view
+            }
+            None => self.store.task(outcome.task_id, false).await?,
+        };
         Ok(pb::CreateTaskResponse { task: Some(convert::task(&view)), deduplicated: outcome.deduplicated })
+    }
+
+    fn schema(&self, template: &TemplateRecord) -> Option<Arc<ContextSchema>> {
+        let mut schemas = self.schemas.lock().expect("schema cache lock");
+        schemas.entry(template.id).or_insert_with(|| template.template.context_schema().map(Arc::new)).clone()
     }
 
     async fn list(&self, r: pb::ListTasksRequest) -> ApiResult<pb::ListTasksResponse> {

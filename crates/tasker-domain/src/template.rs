@@ -56,6 +56,19 @@ pub struct ContextError {
     pub message: String,
 }
 
+/// A compiled input schema.
+pub struct ContextSchema(jsonschema::Validator);
+
+impl ContextSchema {
+    /// The first violation, with the JSON pointer of the failing value.
+    pub fn validate(&self, context: &Value) -> Result<(), ContextError> {
+        match self.0.iter_errors(context).next() {
+            None => Ok(()),
+            Some(err) => Err(ContextError { path: err.instance_path().to_string(), message: err.to_string() }),
+        }
+    }
+}
+
 const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -254,15 +267,17 @@ impl Template {
 
     /// Checks a task context against the input schema, if the template has one.
     pub fn validate_context(&self, context: &Value) -> Result<(), ContextError> {
-        let Some(schema) = &self.input_schema else {
-            return Ok(());
-        };
-        let validator = jsonschema::validator_for(schema)
-            .map_err(|e| ContextError { path: String::new(), message: format!("input schema: {e}") })?;
-        match validator.iter_errors(context).next() {
+        match self.context_schema() {
+            Some(schema) => schema.validate(context),
             None => Ok(()),
-            Some(err) => Err(ContextError { path: err.instance_path().to_string(), message: err.to_string() }),
         }
+    }
+
+    /// The compiled input schema, to check many contexts without compiling it again.
+    pub fn context_schema(&self) -> Option<ContextSchema> {
+        let schema = self.input_schema.as_ref()?;
+        // registration only accepts schemas that compile
+        jsonschema::validator_for(schema).ok().map(ContextSchema)
     }
 
     pub fn step(&self, name: &str) -> Option<&StepTemplate> {

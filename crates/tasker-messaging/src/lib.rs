@@ -28,6 +28,17 @@ pub enum Error {
     Unroutable(String),
     #[error("consumer of `{0}` was cancelled or its channel closed")]
     ConsumerClosed(String),
+    #[error("the broker did not answer {0} within {TIMEOUT:?}")]
+    Timeout(&'static str),
+}
+
+/// How long any broker round trip (a declaration, a batch of confirms) may take before it
+/// fails instead of hanging its caller.
+pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Bounds a broker round trip by [`TIMEOUT`].
+pub(crate) async fn bounded<T>(what: &'static str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(TIMEOUT, fut).await.map_err(|_| Error::Timeout(what))?
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -62,6 +73,10 @@ impl Broker {
 
     /// Declares the orchestrator's input queues and the dead-letter path.
     pub async fn declare_orchestrator(&self) -> Result<()> {
+        bounded("a queue declaration", self.declare_orchestrator_now()).await
+    }
+
+    async fn declare_orchestrator_now(&self) -> Result<()> {
         let channel = self.connection.create_channel().await?;
         self.topology.declare_dead_letter(&channel).await?;
         self.topology.declare_queue(&channel, &self.topology.tasks_queue()).await?;
@@ -72,6 +87,10 @@ impl Broker {
 
     /// Declares the step queue of one namespace (idempotent).
     pub async fn declare_steps(&self, namespace: &str) -> Result<()> {
+        bounded("a queue declaration", self.declare_steps_now(namespace)).await
+    }
+
+    async fn declare_steps_now(&self, namespace: &str) -> Result<()> {
         let channel = self.connection.create_channel().await?;
         self.topology.declare_dead_letter(&channel).await?;
         self.topology.declare_queue(&channel, &self.topology.steps_queue(namespace)).await?;
@@ -81,6 +100,10 @@ impl Broker {
 
     /// Declares the events exchange (idempotent).
     pub async fn declare_events(&self) -> Result<()> {
+        bounded("an exchange declaration", self.declare_events_now()).await
+    }
+
+    async fn declare_events_now(&self) -> Result<()> {
         let channel = self.connection.create_channel().await?;
         self.topology.declare_events(&channel).await?;
         channel.close(200, "declared".into()).await?;

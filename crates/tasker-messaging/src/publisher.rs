@@ -85,7 +85,7 @@ impl Publisher {
                 .await?;
             pending.push(confirmed(confirm, queue));
         }
-        try_join_all(pending).await?;
+        crate::bounded("publisher confirms", try_join_all(pending)).await?;
         Ok(())
     }
 
@@ -112,7 +112,7 @@ impl Publisher {
                 .await?;
             pending.push(confirmed(confirm, routing_key.to_owned()));
         }
-        try_join_all(pending).await?;
+        crate::bounded("publisher confirms", try_join_all(pending)).await?;
         Ok(())
     }
 }

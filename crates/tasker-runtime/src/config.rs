@@ -200,9 +200,11 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         figment.merge(
-            Env::prefixed("TASKER_")
-                .split("__")
-                .filter(|key| key.as_str() != "config" && !key.as_str().starts_with("test_")),
+            // TASKER_CONFIG names the file; TASKER_TEST_* configure the test suite, not a service
+            Env::prefixed("TASKER_").split("__").filter(|key| {
+                let key = key.as_str().to_ascii_lowercase();
+                key != "config" && !key.starts_with("test_")
+            }),
         )
     }
 }
@@ -222,6 +224,8 @@ mod tests {
             jail.set_env("TASKER_DATABASE__POOL_SIZE", "7");
             jail.set_env("TASKER_WORKER__NAMESPACES", "[payments, shipping]");
             jail.set_env("TASKER_ORCHESTRATOR__SWEEP_INTERVAL", "250ms");
+            jail.set_env("TASKER_TEST_LOG", "debug");
+            jail.set_env("TASKER_CONFIG", "tasker.toml");
             let config = Config::load(Some(Path::new("tasker.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(config.database.url, "postgres://file/db");
             assert_eq!(config.database.pool_size, 7);

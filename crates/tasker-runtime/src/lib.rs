@@ -6,6 +6,7 @@ mod admin;
 mod config;
 mod connect;
 mod shutdown;
+mod supervise;
 mod telemetry;
 
 pub use admin::{Admin, ReadyCheck, ready_check};
@@ -16,6 +17,7 @@ pub use config::{
 pub use connect::{broker_check, connect_broker, connect_store, store_check, topology};
 pub use prometheus_client;
 pub use shutdown::{shutdown_on_signal, wait_for_signal};
+pub use supervise::{BrokerSlot, supervise};
 pub use telemetry::init_tracing;
 
 use std::{future::Future, path::PathBuf, process::ExitCode};

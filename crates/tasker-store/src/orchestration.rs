@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use tasker_domain::{StepState, TaskState, event::EventSubject};
-use tokio_postgres::Row;
+use tokio_postgres::{Row, types::ToSql};
 use uuid::Uuid;
 
 use crate::{Error, Result, Store, Tx};
@@ -253,20 +253,20 @@ impl Tx {
         let mut task_ids: Vec<Uuid> = steps.iter().map(|s| s.task_id).collect();
         task_ids.sort_unstable();
         task_ids.dedup();
-        let contexts: HashMap<Uuid, String> = self
-            .query("SELECT id, context::text FROM tasks WHERE id = ANY($1)", &[&task_ids])
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        let parents = self
-            .query(
+        // both reads pipelined: sent together, one round trip
+        let client = self.reader().await?;
+        let (contexts_stmt, parents_stmt) = futures::try_join!(
+            client.statement("SELECT id, context::text FROM tasks WHERE id = ANY($1)"),
+            client.statement(
                 "SELECT e.to_step_id, p.name, COALESCE(p.results::text, 'null') \
                  FROM workflow_step_edges e JOIN workflow_steps p ON p.id = e.from_step_id \
-                 WHERE e.to_step_id = ANY($1)",
-                &[&ids],
-            )
-            .await?;
+                 WHERE e.to_step_id = ANY($1)"
+            ),
+        )?;
+        let (task_param, step_param): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) = ([&task_ids], [&ids]);
+        let (contexts, parents) =
+            futures::try_join!(client.query(&contexts_stmt, &task_param), client.query(&parents_stmt, &step_param))?;
+        let contexts: HashMap<Uuid, String> = contexts.iter().map(|r| (r.get(0), r.get(1))).collect();
         let mut by_child: HashMap<Uuid, HashMap<String, String>> = HashMap::new();
         for row in &parents {
             by_child.entry(row.get(0)).or_default().insert(row.get(1), row.get(2));

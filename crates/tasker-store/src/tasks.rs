@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use tasker_domain::{CloudEvent, TaskState, event::EventSubject};
+use tasker_domain::{CloudEvent, StepState, TaskState, event::EventSubject};
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::{
@@ -33,11 +34,13 @@ pub struct NewTask<'a> {
     pub request_hash: &'a str,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CreateOutcome {
     pub task_id: Uuid,
     /// The idempotency key matched an earlier, identical request.
     pub deduplicated: bool,
+    /// The task as just written (not for a deduplicated request: read it).
+    pub view: Option<TaskView>,
 }
 
 /// ListTasks filters. `after` is the keyset cursor (created_at, id) of the last row seen.
@@ -66,12 +69,13 @@ impl Store {
     pub async fn create_task(&self, new: &NewTask<'_>) -> Result<CreateOutcome> {
         let template = &new.template.template;
         let task_id = tasker_domain::new_id();
+        let now = Utc::now();
         let mut tx = self.begin().await?;
         let inserted = tx
             .query(
                 "INSERT INTO tasks (id, named_task_id, namespace, name, version, status, context, tags, initiator, \
-                   source_system, reason, priority, idempotency_key, request_hash) \
-                 VALUES ($1, $2, $3, $4, $5, 'pending', $6::text::jsonb, $7, $8, $9, $10, $11, $12, $13) \
+                   source_system, reason, priority, idempotency_key, request_hash, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, 'pending', $6::text::jsonb, $7, $8, $9, $10, $11, $12, $13, $14, $14) \
                  ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
                 &[
                     &task_id,
@@ -87,6 +91,7 @@ impl Store {
                     &new.priority,
                     &new.idempotency_key,
                     &new.request_hash,
+                    &now,
                 ],
             )
             .await?;
@@ -106,39 +111,54 @@ impl Store {
         let timeouts: Vec<i64> = template.steps.iter().map(|s| s.timeout_ms as i64).collect();
         let parents: Vec<i32> = template.steps.iter().map(|s| s.depends_on.len() as i32).collect();
         let levels: Vec<i32> = template.steps.iter().map(|s| s.dependency_level as i32).collect();
-        tx.execute(
-            "INSERT INTO workflow_steps (id, task_id, name, handler, handler_config, retryable, max_attempts, \
-               timeout_ms, status, pending_parents, dependency_level) \
-             SELECT u.id, $1, u.name, u.handler, u.config::jsonb, u.retryable, u.max_attempts, u.timeout_ms, \
-               'pending', u.parents, u.level \
-             FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::int4[], $8::int8[], \
-                         $9::int4[], $10::int4[]) \
-               AS u(id, name, handler, config, retryable, max_attempts, timeout_ms, parents, level)",
-            &[&task_id, &ids, &names, &handlers, &configs, &retryable, &max_attempts, &timeouts, &parents, &levels],
-        )
-        .await?;
         let (from, to): (Vec<Uuid>, Vec<Uuid>) = template
             .steps
             .iter()
             .flat_map(|s| s.depends_on.iter().map(|d| (by_name[d.as_str()], by_name[s.name.as_str()])))
             .unzip();
-        if !from.is_empty() {
-            tx.execute(
-                "INSERT INTO workflow_step_edges (task_id, from_step_id, to_step_id) \
-                 SELECT $1, f, t FROM unnest($2::uuid[], $3::uuid[]) AS u(f, t)",
-                &[&task_id, &from, &to],
-            )
-            .await?;
-        }
         let metadata = json!({ "initiator": new.initiator, "reason": new.reason });
-        let now = Utc::now();
         let transition_id = tasker_domain::new_id();
-        tx.execute(
-            "INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at) \
-             VALUES ($1, $2, NULL, 'pending', 1, true, $3, $4)",
-            &[&transition_id, &task_id, &metadata, &now],
-        )
-        .await?;
+        // steps, edges and the first transition, pipelined: sent together, run in order
+        let client = tx.client();
+        let (steps_stmt, edges_stmt, transition_stmt) = futures::try_join!(
+            client.statement(
+                "INSERT INTO workflow_steps (id, task_id, name, handler, handler_config, retryable, max_attempts, \
+                   timeout_ms, status, pending_parents, dependency_level, updated_at) \
+                 SELECT u.id, $1, u.name, u.handler, u.config::jsonb, u.retryable, u.max_attempts, u.timeout_ms, \
+                   'pending', u.parents, u.level, $11 \
+                 FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::int4[], $8::int8[], \
+                             $9::int4[], $10::int4[]) \
+                   AS u(id, name, handler, config, retryable, max_attempts, timeout_ms, parents, level)"
+            ),
+            client.statement(
+                "INSERT INTO workflow_step_edges (task_id, from_step_id, to_step_id) \
+                 SELECT $1, f, t FROM unnest($2::uuid[], $3::uuid[]) AS u(f, t)"
+            ),
+            client.statement(
+                "INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, most_recent, metadata, \
+                   created_at) VALUES ($1, $2, NULL, 'pending', 1, true, $3, $4)"
+            ),
+        )?;
+        let steps_params: [&(dyn ToSql + Sync); 11] = [
+            &task_id,
+            &ids,
+            &names,
+            &handlers,
+            &configs,
+            &retryable,
+            &max_attempts,
+            &timeouts,
+            &parents,
+            &levels,
+            &now,
+        ];
+        let edges_params: [&(dyn ToSql + Sync); 3] = [&task_id, &from, &to];
+        let transition_params: [&(dyn ToSql + Sync); 4] = [&transition_id, &task_id, &metadata, &now];
+        futures::try_join!(
+            client.execute(&steps_stmt, &steps_params),
+            async { if from.is_empty() { Ok(0) } else { client.execute(&edges_stmt, &edges_params).await } },
+            client.execute(&transition_stmt, &transition_params),
+        )?;
         let subject = EventSubject {
             task_id,
             namespace: template.namespace.clone(),
@@ -147,7 +167,55 @@ impl Store {
         };
         tx.push_event(task_id, &CloudEvent::task(transition_id, &subject, None, TaskState::Pending, &metadata, now));
         tx.commit().await?;
-        Ok(CreateOutcome { task_id, deduplicated: false })
+        let task = TaskRow {
+            id: task_id,
+            namespace: template.namespace.clone(),
+            name: template.name.clone(),
+            version: template.version.to_string(),
+            status: TaskState::Pending,
+            context: new.context.to_owned(),
+            tags: new.tags.to_vec(),
+            initiator: new.initiator.to_owned(),
+            source_system: new.source_system.to_owned(),
+            reason: new.reason.to_owned(),
+            priority: new.priority,
+            idempotency_key: new.idempotency_key.map(str::to_owned),
+            created_at: now,
+            started_at: None,
+            completed_at: None,
+        };
+        let steps = template
+            .steps
+            .iter()
+            .zip(&ids)
+            .zip(configs)
+            .map(|((s, id), config)| StepView {
+                id: *id,
+                task_id,
+                name: s.name.clone(),
+                handler: s.handler.clone(),
+                status: StepState::Pending,
+                attempts: 0,
+                max_attempts: s.max_attempts as i32,
+                retryable: s.retryable,
+                timeout_ms: s.timeout_ms as i64,
+                dependency_level: s.dependency_level as i32,
+                config,
+                results: None,
+                last_error: None,
+                next_attempt_at: None,
+                started_at: None,
+                completed_at: None,
+                transitions: Vec::new(),
+            })
+            .collect();
+        let edges = template
+            .steps
+            .iter()
+            .flat_map(|s| s.depends_on.iter().map(|d| EdgeRow { from_step: d.clone(), to_step: s.name.clone() }))
+            .collect();
+        let view = TaskView { task, steps, edges, transitions: Vec::new() };
+        Ok(CreateOutcome { task_id, deduplicated: false, view: Some(view) })
     }
 
     async fn deduplicate(&self, new: &NewTask<'_>) -> Result<CreateOutcome> {
@@ -158,7 +226,7 @@ impl Store {
             .await?
             .ok_or_else(|| Error::Corrupt("idempotency key conflict without a task".into()))?;
         if row.get::<_, Option<&str>>(1) == Some(new.request_hash) {
-            Ok(CreateOutcome { task_id: row.get(0), deduplicated: true })
+            Ok(CreateOutcome { task_id: row.get(0), deduplicated: true, view: None })
         } else {
             Err(Error::AlreadyExists(format!(
                 "idempotency_key `{}` was already used for a different request",

@@ -228,77 +228,23 @@ impl Tx {
         self.events.push((event.id, task_id, event.routingkey.clone(), payload));
     }
 
-    /// Writes everything buffered.
+    /// Writes everything buffered: one statement per kind of row, pipelined on the
+    /// connection (sent together, executed in order), so a flush costs about two round
+    /// trips whatever the batch holds.
     async fn flush(&mut self) -> Result<()> {
         let client = self.client.as_ref().expect("transaction is open");
-        if !self.steps.is_empty() {
-            let steps = std::mem::take(&mut self.steps);
-            let ids: Vec<Uuid> = steps.iter().map(|s| s.id).collect();
-            let status: Vec<&str> = steps.iter().map(|s| s.status).collect();
-            let attempts: Vec<i32> = steps.iter().map(|s| s.attempts).collect();
-            let next: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.next_attempt_at).collect();
-            let error: Vec<Option<&str>> = steps.iter().map(|s| s.last_error.as_deref()).collect();
-            let set_results: Vec<bool> = steps.iter().map(|s| s.results.is_some()).collect();
-            let results: Vec<Option<&str>> = steps.iter().map(|s| s.results.as_deref()).collect();
-            let enqueued: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.enqueued_at).collect();
-            let started: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.started_at).collect();
-            let completed: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.completed_at).collect();
-            let stmt = client
-                .statement(
-                    "UPDATE workflow_steps s SET status = u.status, attempts = u.attempts, \
-                       next_attempt_at = u.next_attempt_at, last_error = u.last_error::jsonb, \
-                       results = CASE WHEN u.set_results THEN u.results::jsonb ELSE s.results END, \
-                       enqueued_at = u.enqueued_at, started_at = u.started_at, completed_at = u.completed_at, \
-                       updated_at = now() \
-                     FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::timestamptz[], $5::text[], $6::bool[], \
-                                 $7::text[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[]) \
-                       AS u(id, status, attempts, next_attempt_at, last_error, set_results, results, \
-                            enqueued_at, started_at, completed_at) \
-                     WHERE s.id = u.id",
-                )
-                .await?;
-            client
-                .execute(
-                    &stmt,
-                    &[&ids, &status, &attempts, &next, &error, &set_results, &results, &enqueued, &started, &completed],
-                )
-                .await?;
-        }
-        if !self.tasks.is_empty() {
-            let tasks = std::mem::take(&mut self.tasks);
-            let ids: Vec<Uuid> = tasks.iter().map(|t| t.0).collect();
-            let status: Vec<&str> = tasks.iter().map(|t| t.1).collect();
-            let started: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.2).collect();
-            let completed: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.3).collect();
-            let stmt = client
-                .statement(
-                    "UPDATE tasks t SET status = u.status, started_at = u.started_at, \
-                       completed_at = u.completed_at, updated_at = now() \
-                     FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[]) \
-                       AS u(id, status, started_at, completed_at) \
-                     WHERE t.id = u.id",
-                )
-                .await?;
-            client.execute(&stmt, &[&ids, &status, &started, &completed]).await?;
-        }
-        write_transitions(client, "workflow_step_transitions", "workflow_step_id", &mut self.step_transitions).await?;
-        write_transitions(client, "task_transitions", "task_id", &mut self.task_transitions).await?;
-        if !self.events.is_empty() {
-            let events = std::mem::take(&mut self.events);
-            let ids: Vec<Uuid> = events.iter().map(|e| e.0).collect();
-            let tasks: Vec<Uuid> = events.iter().map(|e| e.1).collect();
-            let keys: Vec<&str> = events.iter().map(|e| e.2.as_str()).collect();
-            let payloads: Vec<&str> = events.iter().map(|e| e.3.as_str()).collect();
-            let stmt = client
-                .statement(
-                    "INSERT INTO outbox (event_id, task_id, routing_key, payload) \
-                     SELECT e.event_id, e.task_id, e.routing_key, e.payload \
-                     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[]) WITH ORDINALITY \
-                       AS e(event_id, task_id, routing_key, payload, n) ORDER BY e.n",
-                )
-                .await?;
-            client.execute(&stmt, &[&ids, &tasks, &keys, &payloads]).await?;
-        }
+        futures::try_join!(
+            write_steps(client, std::mem::take(&mut self.steps)),
+            write_tasks(client, std::mem::take(&mut self.tasks)),
+            write_transitions(
+                client,
+                "workflow_step_transitions",
+                "workflow_step_id",
+                std::mem::take(&mut self.step_transitions)
+            ),
+            write_transitions(client, "task_transitions", "task_id", std::mem::take(&mut self.task_transitions)),
+            write_events(client, std::mem::take(&mut self.events)),
+        )?;
         Ok(())
     }
 
@@ -330,18 +276,90 @@ impl Drop for Tx {
     }
 }
 
+async fn write_steps(client: &Object, steps: Vec<StepWrite>) -> Result<()> {
+    if steps.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = steps.iter().map(|s| s.id).collect();
+    let status: Vec<&str> = steps.iter().map(|s| s.status).collect();
+    let attempts: Vec<i32> = steps.iter().map(|s| s.attempts).collect();
+    let next: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.next_attempt_at).collect();
+    let error: Vec<Option<&str>> = steps.iter().map(|s| s.last_error.as_deref()).collect();
+    let set_results: Vec<bool> = steps.iter().map(|s| s.results.is_some()).collect();
+    let results: Vec<Option<&str>> = steps.iter().map(|s| s.results.as_deref()).collect();
+    let enqueued: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.enqueued_at).collect();
+    let started: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.started_at).collect();
+    let completed: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.completed_at).collect();
+    let stmt = client
+        .statement(
+            "UPDATE workflow_steps s SET status = u.status, attempts = u.attempts, \
+               next_attempt_at = u.next_attempt_at, last_error = u.last_error::jsonb, \
+               results = CASE WHEN u.set_results THEN u.results::jsonb ELSE s.results END, \
+               enqueued_at = u.enqueued_at, started_at = u.started_at, completed_at = u.completed_at, \
+               updated_at = now() \
+             FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::timestamptz[], $5::text[], $6::bool[], \
+                         $7::text[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[]) \
+               AS u(id, status, attempts, next_attempt_at, last_error, set_results, results, \
+                    enqueued_at, started_at, completed_at) \
+             WHERE s.id = u.id",
+        )
+        .await?;
+    client
+        .execute(
+            &stmt,
+            &[&ids, &status, &attempts, &next, &error, &set_results, &results, &enqueued, &started, &completed],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn write_tasks(client: &Object, tasks: Vec<TaskWrite>) -> Result<()> {
+    if tasks.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = tasks.iter().map(|t| t.0).collect();
+    let status: Vec<&str> = tasks.iter().map(|t| t.1).collect();
+    let started: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.2).collect();
+    let completed: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.3).collect();
+    let stmt = client
+        .statement(
+            "UPDATE tasks t SET status = u.status, started_at = u.started_at, \
+               completed_at = u.completed_at, updated_at = now() \
+             FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[]) \
+               AS u(id, status, started_at, completed_at) \
+             WHERE t.id = u.id",
+        )
+        .await?;
+    client.execute(&stmt, &[&ids, &status, &started, &completed]).await?;
+    Ok(())
+}
+
+async fn write_events(client: &Object, events: Vec<(Uuid, Uuid, String, String)>) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = events.iter().map(|e| e.0).collect();
+    let tasks: Vec<Uuid> = events.iter().map(|e| e.1).collect();
+    let keys: Vec<&str> = events.iter().map(|e| e.2.as_str()).collect();
+    let payloads: Vec<&str> = events.iter().map(|e| e.3.as_str()).collect();
+    let stmt = client
+        .statement(
+            "INSERT INTO outbox (event_id, task_id, routing_key, payload) \
+             SELECT e.event_id, e.task_id, e.routing_key, e.payload \
+             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[]) WITH ORDINALITY \
+               AS e(event_id, task_id, routing_key, payload, n) ORDER BY e.n",
+        )
+        .await?;
+    client.execute(&stmt, &[&ids, &tasks, &keys, &payloads]).await?;
+    Ok(())
+}
+
 /// Flips `most_recent` off the previous rows of every owner, then inserts the new rows,
 /// `most_recent` on the last one per owner.
-async fn write_transitions(
-    client: &Object,
-    table: &str,
-    owner_column: &str,
-    rows: &mut Vec<TransitionWrite>,
-) -> Result<()> {
+async fn write_transitions(client: &Object, table: &str, owner_column: &str, rows: Vec<TransitionWrite>) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
-    let rows = std::mem::take(rows);
     let mut owners: Vec<Uuid> = rows.iter().map(|r| r.owner).collect();
     owners.sort_unstable();
     owners.dedup();

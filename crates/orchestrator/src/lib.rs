@@ -101,19 +101,7 @@ async fn orchestrate(
     set.spawn(sweeper::sweeper(pipeline, store.clone(), settings.clone(), local.clone()));
     tracing::info!(prefix = topology.prefix(), "orchestrator running");
 
-    let mut result = Ok(());
-    while let Some(done) = set.join_next().await {
-        let outcome = done.context("orchestrator task panicked").and_then(|r| r);
-        if let Err(error) = outcome {
-            if result.is_ok() {
-                result = Err(error);
-            }
-        } else if !stop.is_cancelled() && result.is_ok() {
-            // a loop ended on its own (e.g. the broker cancelled a consumer)
-            result = Err(anyhow::anyhow!("an orchestrator loop stopped unexpectedly"));
-        }
-        local.cancel();
-    }
+    let result = tasker_runtime::join_loops(set, &local, &stop).await;
     slot.set(None);
     let _ = broker.close().await;
     result

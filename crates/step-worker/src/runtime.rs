@@ -102,18 +102,7 @@ async fn consume_all(
         set.spawn(runner.clone().consume(consumer, settings.drain_timeout, local.clone()));
     }
     tracing::info!(worker_id, "step worker consuming");
-    let mut result = Ok(());
-    while let Some(done) = set.join_next().await {
-        let outcome = done.context("worker task panicked").and_then(|r| r);
-        if let Err(error) = outcome {
-            if result.is_ok() {
-                result = Err(error);
-            }
-        } else if !stop.is_cancelled() && result.is_ok() {
-            result = Err(anyhow::anyhow!("a worker loop stopped unexpectedly"));
-        }
-        local.cancel();
-    }
+    let result = tasker_runtime::join_loops(set, &local, &stop).await;
     slot.set(None);
     // closing the connection returns any prefetched, unstarted executions to the queue
     let _ = broker.close().await;

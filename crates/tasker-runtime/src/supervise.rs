@@ -7,6 +7,7 @@ use std::{
 };
 
 use tasker_messaging::Broker;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{ReadyCheck, ready_check};
@@ -58,4 +59,28 @@ where
             }
         }
     }
+}
+
+/// Waits for a set of loops that should run until `stop`: the first to end (with an error,
+/// a panic, or on its own before `stop`) ends them all through `local`; returns that
+/// first failure, or `Ok` when they ended because of `stop`.
+pub async fn join_loops(
+    mut set: JoinSet<anyhow::Result<()>>,
+    local: &CancellationToken,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut result = Ok(());
+    while let Some(done) = set.join_next().await {
+        let outcome = done.map_err(|e| anyhow::anyhow!("a loop panicked: {e}")).and_then(|r| r);
+        if let Err(error) = outcome {
+            if result.is_ok() {
+                result = Err(error);
+            }
+        } else if !stop.is_cancelled() && result.is_ok() {
+            // a loop ended on its own (e.g. the broker cancelled a consumer)
+            result = Err(anyhow::anyhow!("a loop stopped unexpectedly"));
+        }
+        local.cancel();
+    }
+    result
 }

@@ -25,11 +25,7 @@ impl Store {
     /// Cancels the task and every unfinished step.
     pub async fn cancel_task(&self, task_id: Uuid, actor: &Actor) -> Result<()> {
         let mut tx = self.begin().await?;
-        let mut task = tx
-            .lock_tasks(&[task_id])
-            .await?
-            .remove(&task_id)
-            .ok_or_else(|| Error::NotFound(format!("task {task_id} not found")))?;
+        let mut task = tx.lock_task(task_id).await?;
         if !task.status.can_become(TaskState::Cancelled) {
             return Err(Error::FailedPrecondition(format!(
                 "task {task_id} is {}; it cannot be cancelled",
@@ -68,11 +64,7 @@ impl Store {
     ) -> Result<Uuid> {
         let task_id = self.step(step_id, false).await?.task_id;
         let mut tx = self.begin().await?;
-        let mut task = tx
-            .lock_tasks(&[task_id])
-            .await?
-            .remove(&task_id)
-            .ok_or_else(|| Error::NotFound(format!("task {task_id} not found")))?;
+        let mut task = tx.lock_task(task_id).await?;
         let mut step =
             tx.steps(&[step_id]).await?.pop().ok_or_else(|| Error::NotFound(format!("step {step_id} not found")))?;
         if step.status != StepState::Error {

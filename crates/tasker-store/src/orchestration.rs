@@ -157,6 +157,14 @@ impl Tx {
             .collect()
     }
 
+    /// Locks one task; `NotFound` when there is none.
+    pub async fn lock_task(&mut self, task_id: Uuid) -> Result<TaskHead> {
+        self.lock_tasks(&[task_id])
+            .await?
+            .remove(&task_id)
+            .ok_or_else(|| Error::NotFound(format!("task {task_id} not found")))
+    }
+
     /// The steps with these ids, in the order asked (unknown ids left out).
     pub async fn steps(&mut self, ids: &[Uuid]) -> Result<Vec<StepRow>> {
         let sql = format!("SELECT {STEP_COLUMNS} FROM workflow_steps s WHERE s.id = ANY($1)");

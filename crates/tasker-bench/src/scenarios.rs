@@ -197,6 +197,7 @@ impl Bench {
         let tasks = if self.quick { 20 } else { 60 };
         let mut throughput = Vec::new();
         for workers in [1usize, 2, 4] {
+            let mark = services.workers();
             services.start_workers(workers, "[bench_sleep]", 4).await?;
             let start = Instant::now();
             let submitted = self.submit_many("bench_sleep", "sleep10", tasks, 8).await?;
@@ -205,7 +206,7 @@ impl Bench {
                 last = last.max(self.completions.wait(id).await?);
             }
             throughput.push((tasks * 10) as f64 / (last - start).as_secs_f64());
-            services.stop_workers().await;
+            services.stop_workers_from(mark).await;
         }
         let scaling = |i: usize, n: f64| throughput[i] / (n * throughput[0]);
         Ok(vec![

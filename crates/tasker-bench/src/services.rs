@@ -67,14 +67,20 @@ impl Services {
         Ok(())
     }
 
-    pub async fn stop_workers(&mut self) {
-        for child in self.workers.drain(..) {
+    /// How many worker processes run now (a mark for [`Services::stop_workers_from`]).
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Stops the workers started after `mark`, leaving the earlier ones running.
+    pub async fn stop_workers_from(&mut self, mark: usize) {
+        for child in self.workers.drain(mark.min(self.workers.len())..) {
             terminate(child).await;
         }
     }
 
     pub async fn stop(mut self) {
-        self.stop_workers().await;
+        self.stop_workers_from(0).await;
         for child in self.core.drain(..).rev() {
             terminate(child).await;
         }

@@ -125,7 +125,7 @@ async fn run(args: &Args, services: &mut Services) -> anyhow::Result<Vec<Vec<Fig
     config.amqp.prefix = PREFIX.into();
     let broker = tasker_runtime::connect_broker(&config.amqp, "tasker-bench").await?;
     let completions = scenarios::Completions::listen(broker.subscribe_events(&["*.*.task.completed"]).await?);
-    let bench = Bench { client: TaskServiceClient::new(channel), completions, quick: args.quick };
+    let bench = Bench { client: TaskServiceClient::new(channel), broker, completions, quick: args.quick };
     // warm up: connections, prepared statements, queue declarations
     bench.b1_b2().await?;
 
@@ -149,7 +149,7 @@ async fn run(args: &Args, services: &mut Services) -> anyhow::Result<Vec<Vec<Fig
         }
         repeats.push(figures);
     }
-    broker.close().await?;
+    bench.broker.close().await?;
     Ok(repeats)
 }
 

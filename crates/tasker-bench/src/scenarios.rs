@@ -67,6 +67,7 @@ impl Completions {
 
 pub struct Bench {
     pub client: TaskServiceClient<Channel>,
+    pub broker: tasker_messaging::Broker,
     pub completions: Completions,
     pub quick: bool,
 }
@@ -189,6 +190,8 @@ impl Bench {
             }
         }))
         .await?;
+        // and drop their executions from the queue nobody serves
+        self.broker.purge(&self.broker.topology().steps_queue("bench_idle")).await?;
         Ok(vec![
             figure("B4", "CreateTask, 16 clients: requests/s", "req/s", total as f64 / elapsed.as_secs_f64(), None),
             figure("B4", "CreateTask latency p50", "ms", latencies.quantile_ms(0.5), Some("≤ 5")),

@@ -119,21 +119,6 @@ impl StepState {
                 | (Pending | Enqueued | InProgress | WaitingForRetry, Cancelled)
         )
     }
-
-    /// Complete or resolved: the step's children may count it as done.
-    pub fn satisfies_children(self) -> bool {
-        matches!(self, StepState::Complete | StepState::ResolvedManually)
-    }
-
-    /// Will not change without an operator.
-    pub fn is_settled(self) -> bool {
-        matches!(self, StepState::Complete | StepState::Error | StepState::ResolvedManually | StepState::Cancelled)
-    }
-
-    /// Work is in flight or scheduled for it.
-    pub fn is_active(self) -> bool {
-        matches!(self, StepState::Enqueued | StepState::InProgress | StepState::WaitingForRetry)
-    }
 }
 
 #[cfg(test)]

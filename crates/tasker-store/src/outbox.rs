@@ -1,7 +1,6 @@
 //! The transactional outbox: events written with their state change, relayed in order by
 //! the event-publisher and deleted once the broker confirmed them.
 
-use crate::counter::Counted;
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
@@ -58,13 +57,6 @@ impl Store {
             .map(|r| OutboxRow { id: r.get(0), event_id: r.get(1), routing_key: r.get(2), payload: r.get(3) })
             .collect();
         Ok(Some(OutboxBatch { tx, rows }))
-    }
-
-    /// Events waiting to be relayed (a gauge for the admin endpoint).
-    pub async fn outbox_depth(&self) -> Result<i64> {
-        let client = self.client().await?;
-        let stmt = client.statement("SELECT count(*) FROM outbox").await?;
-        Ok(client.query_one(&stmt, &[]).await?.get(0))
     }
 
     /// Listens for `tasker_outbox` notifications on a dedicated connection, reconnecting

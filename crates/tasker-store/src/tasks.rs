@@ -18,6 +18,10 @@ use crate::{
     },
 };
 
+/// A step's transition rows, in the column order `transition_row` reads.
+const STEP_TRANSITIONS: &str = "SELECT workflow_step_id, from_state, to_state, sort_key, most_recent, metadata::text, \
+    created_at, id FROM workflow_step_transitions";
+
 /// A validated CreateTask request.
 #[derive(Debug, Clone)]
 pub struct NewTask<'a> {
@@ -268,10 +272,7 @@ impl Store {
                 )
                 .await?;
             let step_stmt = client
-                .statement(
-                    "SELECT workflow_step_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at, id \
-                     FROM workflow_step_transitions WHERE task_id = $1 ORDER BY workflow_step_id, sort_key",
-                )
+                .statement(&format!("{STEP_TRANSITIONS} WHERE task_id = $1 ORDER BY workflow_step_id, sort_key"))
                 .await?;
             let (own, of_steps) =
                 futures::try_join!(client.query(&task_stmt, &params), client.query(&step_stmt, &params))?;
@@ -297,12 +298,8 @@ impl Store {
             client.query_opt(&stmt, &[&id]).await?.ok_or_else(|| Error::NotFound(format!("step {id} not found")))?;
         let mut step = step_view(&row)?;
         if include_transitions {
-            let stmt = client
-                .statement(
-                    "SELECT workflow_step_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at, id \
-                     FROM workflow_step_transitions WHERE workflow_step_id = $1 ORDER BY sort_key",
-                )
-                .await?;
+            let stmt =
+                client.statement(&format!("{STEP_TRANSITIONS} WHERE workflow_step_id = $1 ORDER BY sort_key")).await?;
             step.transitions = client.query(&stmt, &[&id]).await?.iter().map(transition_row).collect();
         }
         Ok(step)

@@ -1,11 +1,11 @@
 //! The workflow engine: applies a batch of work items in one transaction and returns the
 //! step executions to publish once it commits.
 //!
-//! A batch costs a fixed number of statements, whatever its size: lock the tasks, load
-//! the steps the items name, apply every item to those rows (transitions are buffered),
-//! release the children of every completed step in one statement, enqueue what became
-//! ready, count progress for every task in one statement, settle the tasks, and read the
-//! dispatch data in two statements. Every item is re-checked under the task lock: reports
+//! A batch costs three round trips to Postgres, whatever its size: (1) lock the tasks and
+//! load the steps the items name; apply every item to those rows in memory (transitions
+//! are buffered); (2) write them, release the children of every completed step, read the
+//! ready steps and count progress for every task; enqueue what became ready and settle the
+//! tasks in memory; (3) write that, read the dispatch data and commit. Every item is re-checked under the task lock: reports
 //! are fenced by attempt and state, so duplicates, stale and late reports are dropped (and
 //! counted), never applied twice.
 
@@ -70,9 +70,8 @@ impl Engine {
     pub async fn apply(&self, items: Vec<(Uuid, Work)>) -> tasker_store::Result<Outcome> {
         let mut tx = self.store.begin().await?;
         let task_ids: Vec<Uuid> = items.iter().map(|(task, _)| *task).collect();
-        let tasks = tx.lock_tasks(&task_ids).await?;
         let step_ids: Vec<Uuid> = items.iter().filter_map(|(_, w)| w.step_id()).collect();
-        let steps = tx.steps(&step_ids).await?.into_iter().map(|s| (s.id, s)).collect();
+        let (tasks, steps) = tx.lock_batch(&task_ids, &step_ids).await?;
         let mut batch = Batch {
             engine: self,
             tx,
@@ -313,36 +312,34 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Releases children, enqueues what is ready, settles the tasks, reads the dispatch
-    /// data and commits.
+    /// Two more round trips. First: write what the items changed, release the children of
+    /// the completed steps, read the ready steps of evaluated tasks and count every open
+    /// task's progress. Then: enqueue what is ready, settle the tasks, and in the last
+    /// round trip write it all, read the dispatch data and commit.
     async fn finish(mut self) -> tasker_store::Result<Outcome> {
         let completed = std::mem::take(&mut self.completed);
-        let mut ready = self.tx.release_children(&completed).await?;
-        if !self.evaluate.is_empty() {
-            let evaluate = std::mem::take(&mut self.evaluate);
-            ready.extend(self.tx.ready_steps(&evaluate).await?);
-        }
+        let evaluate = std::mem::take(&mut self.evaluate);
+        let open: Vec<Uuid> =
+            self.touched.iter().copied().filter(|id| self.tasks[id].status == TaskState::InProgress).collect();
+        let settled = self.tx.settle(&completed, &evaluate, &open).await?;
+
         let mut seen = HashSet::new();
-        for mut step in ready {
+        for mut step in settled.ready {
             let open = self.tasks.get(&step.task_id).is_some_and(|t| t.status == TaskState::InProgress);
             if open && step.status == StepState::Pending && seen.insert(step.id) {
                 self.transition(&mut step, StepState::Enqueued, json!({}), StepChange::default())?;
             }
         }
-
-        let open: Vec<Uuid> =
-            self.touched.iter().copied().filter(|id| self.tasks[id].status == TaskState::InProgress).collect();
-        if !open.is_empty() {
-            let progress = self.tx.progress(&open).await?;
-            for task_id in open {
-                let task = self.tasks.get_mut(&task_id).expect("locked task");
-                match progress.get(&task_id) {
-                    None => self.tx.transition_task(task, TaskState::Complete, json!({}))?,
-                    Some(p) if p.is_stuck() => {
-                        self.tx.transition_task(task, TaskState::Error, json!({ "unfinished_steps": p.unfinished }))?
-                    }
-                    Some(_) => {}
+        // Released children count as ready in the progress, so a task with any step
+        // enqueued above is neither complete nor stuck.
+        for task_id in open {
+            let task = self.tasks.get_mut(&task_id).expect("locked task");
+            match settled.progress.get(&task_id) {
+                None => self.tx.transition_task(task, TaskState::Complete, json!({}))?,
+                Some(p) if p.is_stuck() => {
+                    self.tx.transition_task(task, TaskState::Error, json!({ "unfinished_steps": p.unfinished }))?
                 }
+                Some(_) => {}
             }
         }
 
@@ -353,13 +350,9 @@ impl Batch<'_> {
             .filter(|s| s.status == StepState::Enqueued)
             .cloned()
             .collect();
-        for id in &self.republished {
-            self.tx.touch_step(*id).await?;
-        }
         to_dispatch.extend(self.republished.iter().filter_map(|id| self.steps.get(id)).cloned());
-        let dispatches = self.tx.dispatches(&self.tasks, &to_dispatch).await?;
+        let dispatches = self.tx.commit_dispatching(&self.tasks, &to_dispatch, &self.republished).await?;
         self.engine.metrics.dispatched(dispatches.len());
-        self.tx.commit().await?;
         Ok(Outcome { dispatches, next_retry_at: self.next_retry_at })
     }
 }

@@ -2,6 +2,7 @@
 //! separate release processes on real Postgres and RabbitMQ, beside the machine's physical
 //! reference points, and prints min/median/max over repeats (plus a JSON file).
 
+mod cpu;
 mod reference;
 mod scenarios;
 mod services;
@@ -38,6 +39,9 @@ struct Args {
     /// Smaller counts, for a quick look.
     #[arg(long)]
     quick: bool,
+    /// Run only these scenarios (e.g. `--only B1,B4`); the table then has only their rows.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 const PREFIX: &str = "bench";
@@ -128,20 +132,28 @@ async fn run(args: &Args, services: &mut Services) -> anyhow::Result<Vec<Vec<Fig
     let bench = Bench { client: TaskServiceClient::new(channel), broker, completions, quick: args.quick };
     // warm up: connections, prepared statements, queue declarations
     bench.b1_b2().await?;
+    let vacuum = Vacuum::connect(&args.database_url).await?;
 
     let mut repeats = Vec::new();
     for r in 1..=args.repeats {
         eprintln!("bench: repeat {r}/{}", args.repeats);
         let mut figures = Vec::new();
-        for (label, result) in [
-            ("B1/B2", bench.b1_b2().await),
-            ("B3", bench.b3().await),
-            ("B4", bench.b4().await),
-            ("B5", bench.b5().await),
-            ("B6", bench.b6(services).await),
-            ("B7", bench.b7().await),
-        ] {
+        for label in ["B1/B2", "B3", "B4", "B5", "B6", "B7"] {
+            if !args.only.is_empty() && !args.only.iter().any(|o| label.split('/').any(|l| l.eq_ignore_ascii_case(o))) {
+                continue;
+            }
+            vacuum.run().await?;
+            let cpu_before = cpu::snapshot();
+            let result = match label {
+                "B1/B2" => bench.b1_b2().await,
+                "B3" => bench.b3().await,
+                "B4" => bench.b4().await,
+                "B5" => bench.b5().await,
+                "B6" => bench.b6(services).await,
+                _ => bench.b7().await,
+            };
             let got = result.with_context(|| format!("scenario {label}"))?;
+            eprintln!("  {label}: {}", cpu::used(&cpu_before, &cpu::snapshot()));
             for f in &got {
                 eprintln!("  {:<3} {:<48} {:>10.2} {}", f.id, f.name, f.value, f.unit);
             }
@@ -151,6 +163,33 @@ async fn run(args: &Args, services: &mut Services) -> anyhow::Result<Vec<Vec<Fig
     }
     bench.broker.close().await?;
     Ok(repeats)
+}
+
+/// Stands in for autovacuum when the server has it off (a non-default setting some
+/// development servers use): without it every update leaves its dead row versions in the
+/// tables and indexes for good, and each scenario would run slower than the one before.
+struct Vacuum {
+    client: Option<tokio_postgres::Client>,
+}
+
+impl Vacuum {
+    async fn connect(url: &str) -> anyhow::Result<Vacuum> {
+        let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+        tokio::spawn(connection);
+        let setting: String = client.query_one("SHOW autovacuum", &[]).await?.get(0);
+        if setting == "on" {
+            return Ok(Vacuum { client: None });
+        }
+        eprintln!("bench: the server has autovacuum off; running VACUUM (ANALYZE) between scenarios in its stead");
+        Ok(Vacuum { client: Some(client) })
+    }
+
+    async fn run(&self) -> anyhow::Result<()> {
+        if let Some(client) = &self.client {
+            client.batch_execute("VACUUM (ANALYZE)").await?;
+        }
+        Ok(())
+    }
 }
 
 fn report(args: &Args, repeats: &[Vec<Figure>], pg: f64, amqp_one: f64, amqp_pipelined: f64) -> anyhow::Result<()> {

@@ -25,7 +25,7 @@ use tokio_postgres::NoTls;
 pub use counter::statements_executed;
 pub use error::{Error, Result};
 pub use operator::Actor;
-pub use orchestration::{Dispatch, Progress, StepRow, TaskHead};
+pub use orchestration::{Dispatch, Progress, Settled, StepRow, TaskHead};
 pub use outbox::{OutboxBatch, OutboxListener, OutboxRow};
 pub use rows::{EdgeRow, StepView, TaskRow, TaskView, TransitionRow};
 pub use tasks::{CreateOutcome, NewTask, TaskFilter, TaskPage};
@@ -106,9 +106,9 @@ impl Store {
         Ok(())
     }
 
-    /// Starts a transaction.
+    /// Starts a transaction (its `BEGIN` goes out with its first round trip).
     pub async fn begin(&self) -> Result<Tx> {
-        Tx::begin(self.pool.get().await?).await
+        Ok(Tx::new(self.pool.get().await?))
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {

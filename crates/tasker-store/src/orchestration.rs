@@ -125,36 +125,114 @@ pub struct Dispatch {
     pub timeout_ms: u64,
 }
 
+/// The parameters of a one-parameter statement.
+type Param1<'a> = [&'a (dyn ToSql + Sync); 1];
+
+const LOCK_TASKS: &str = "SELECT t.id, t.status, t.namespace, t.name, t.version, t.started_at, t.completed_at, \
+       COALESCE((SELECT tt.sort_key FROM task_transitions tt WHERE tt.task_id = t.id AND tt.most_recent), 0) \
+     FROM tasks t WHERE t.id = ANY($1) ORDER BY t.id FOR UPDATE OF t";
+
+fn task_head(row: &Row) -> Result<TaskHead> {
+    Ok(TaskHead {
+        id: row.get(0),
+        status: row.get::<_, &str>(1).parse()?,
+        namespace: row.get(2),
+        name: row.get(3),
+        version: row.get(4),
+        started_at: row.get(5),
+        completed_at: row.get(6),
+        last_sort_key: row.get(7),
+    })
+}
+
+fn steps_sql() -> String {
+    format!("SELECT {STEP_COLUMNS} FROM workflow_steps s WHERE s.id = ANY($1)")
+}
+
+fn ready_steps_sql() -> String {
+    format!(
+        "SELECT {STEP_COLUMNS} FROM workflow_steps s \
+         WHERE s.task_id = ANY($1) AND s.status = 'pending' AND s.pending_parents = 0 \
+         ORDER BY s.task_id, s.dependency_level, s.id"
+    )
+}
+
+/// Counts each of the steps in $1 as done for its children; returns every child it
+/// counted for (a child is ready when it reaches 0 and is still pending).
+fn release_children_sql() -> String {
+    format!(
+        "UPDATE workflow_steps s SET pending_parents = s.pending_parents - e.done \
+         FROM (SELECT to_step_id, count(*)::int4 AS done FROM workflow_step_edges \
+               WHERE from_step_id = ANY($1) GROUP BY to_step_id) e \
+         WHERE s.id = e.to_step_id \
+         RETURNING {STEP_COLUMNS}"
+    )
+}
+
+const PROGRESS: &str = "SELECT task_id, count(*), \
+       count(*) FILTER (WHERE status IN ('enqueued', 'in_progress', 'waiting_for_retry')), \
+       count(*) FILTER (WHERE status = 'pending' AND pending_parents = 0) \
+     FROM workflow_steps WHERE task_id = ANY($1) AND status NOT IN ('complete', 'resolved_manually') \
+     GROUP BY task_id";
+
+const CONTEXTS: &str = "SELECT id, context::text FROM tasks WHERE id = ANY($1)";
+
+const PARENT_RESULTS: &str = "SELECT e.to_step_id, p.name, COALESCE(p.results::text, 'null') \
+     FROM workflow_step_edges e JOIN workflow_steps p ON p.id = e.from_step_id \
+     WHERE e.to_step_id = ANY($1)";
+
+fn ready_children(released: &[Row]) -> Result<Vec<StepRow>> {
+    released
+        .iter()
+        .map(step_row)
+        .filter(|s| s.as_ref().map_or(true, |s| s.pending_parents == 0 && s.status == StepState::Pending))
+        .collect()
+}
+
+fn progress_by_task(rows: &[Row]) -> HashMap<Uuid, Progress> {
+    rows.iter().map(|r| (r.get(0), Progress { unfinished: r.get(1), active: r.get(2), ready: r.get(3) })).collect()
+}
+
+/// What an orchestrator batch learns in its middle round trip.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Pending steps whose parents are now all done: children of the completed steps and
+    /// ready steps of the evaluated tasks (a step may appear twice).
+    pub ready: Vec<StepRow>,
+    /// Counts over the unfinished steps of each task asked about (a task with none is
+    /// absent: it is complete).
+    pub progress: HashMap<Uuid, Progress>,
+}
+
 impl Tx {
     /// Locks the tasks (in id order, so concurrent batches cannot deadlock) and returns
     /// them by id. Unknown ids are left out.
     pub async fn lock_tasks(&mut self, ids: &[Uuid]) -> Result<HashMap<Uuid, TaskHead>> {
-        let mut ids = ids.to_vec();
+        Ok(self.lock_batch(ids, &[]).await?.0)
+    }
+
+    /// Locks the tasks (in id order) and reads the steps, in one round trip (the server
+    /// reads the steps once it holds the locks). Unknown ids are left out.
+    pub async fn lock_batch(
+        &mut self,
+        task_ids: &[Uuid],
+        step_ids: &[Uuid],
+    ) -> Result<(HashMap<Uuid, TaskHead>, HashMap<Uuid, StepRow>)> {
+        let mut ids = task_ids.to_vec();
         ids.sort_unstable();
         ids.dedup();
-        let rows = self
-            .query(
-                "SELECT t.id, t.status, t.namespace, t.name, t.version, t.started_at, t.completed_at, \
-                   COALESCE((SELECT tt.sort_key FROM task_transitions tt WHERE tt.task_id = t.id AND tt.most_recent), 0) \
-                 FROM tasks t WHERE t.id = ANY($1) ORDER BY t.id FOR UPDATE OF t",
-                &[&ids],
-            )
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let head = TaskHead {
-                    id: row.get(0),
-                    status: row.get::<_, &str>(1).parse()?,
-                    namespace: row.get(2),
-                    name: row.get(3),
-                    version: row.get(4),
-                    started_at: row.get(5),
-                    completed_at: row.get(6),
-                    last_sort_key: row.get(7),
-                };
-                Ok((head.id, head))
-            })
-            .collect()
+        let steps_sql = steps_sql();
+        let (lock, steps): (Param1, Param1) = ([&ids], [&step_ids]);
+        let mut reads = vec![(LOCK_TASKS, &lock[..])];
+        if !step_ids.is_empty() {
+            reads.push((steps_sql.as_str(), &steps[..]));
+        }
+        let mut rows = self.round_trip(&reads, false).await?.into_iter();
+        let tasks =
+            rows.next().unwrap_or_default().iter().map(|r| task_head(r).map(|t| (t.id, t))).collect::<Result<_>>()?;
+        let steps =
+            rows.next().unwrap_or_default().iter().map(|r| step_row(r).map(|s| (s.id, s))).collect::<Result<_>>()?;
+        Ok((tasks, steps))
     }
 
     /// Locks one task; `NotFound` when there is none.
@@ -167,8 +245,7 @@ impl Tx {
 
     /// The steps with these ids, in the order asked (unknown ids left out).
     pub async fn steps(&mut self, ids: &[Uuid]) -> Result<Vec<StepRow>> {
-        let sql = format!("SELECT {STEP_COLUMNS} FROM workflow_steps s WHERE s.id = ANY($1)");
-        let rows = self.query(&sql, &[&ids]).await?;
+        let rows = self.query(&steps_sql(), &[&ids]).await?;
         let order: HashMap<&Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (id, i)).collect();
         let mut steps: Vec<StepRow> = rows.iter().map(step_row).collect::<Result<_>>()?;
         steps.sort_by_key(|s| order.get(&s.id).copied());
@@ -177,13 +254,7 @@ impl Tx {
 
     /// Pending steps of these tasks whose parents are all done.
     pub async fn ready_steps(&mut self, task_ids: &[Uuid]) -> Result<Vec<StepRow>> {
-        let sql = format!(
-            "SELECT {STEP_COLUMNS} FROM workflow_steps s \
-             WHERE s.task_id = ANY($1) AND s.status = 'pending' AND s.pending_parents = 0 \
-             ORDER BY s.task_id, s.dependency_level, s.id"
-        );
-        let rows = self.query(&sql, &[&task_ids]).await?;
-        rows.iter().map(step_row).collect()
+        self.query(&ready_steps_sql(), &[&task_ids]).await?.iter().map(step_row).collect()
     }
 
     /// Unfinished steps of the task that the given states include.
@@ -204,79 +275,76 @@ impl Tx {
         if step_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let released = self
-            .query(
-                "UPDATE workflow_steps c SET pending_parents = c.pending_parents - e.done \
-                 FROM (SELECT to_step_id, count(*)::int4 AS done FROM workflow_step_edges \
-                       WHERE from_step_id = ANY($1) GROUP BY to_step_id) e \
-                 WHERE c.id = e.to_step_id \
-                 RETURNING c.id, c.pending_parents, c.status",
-                &[&step_ids],
-            )
-            .await?;
-        let ready: Vec<Uuid> = released
-            .iter()
-            .filter(|r| r.get::<_, i32>(1) == 0 && r.get::<_, &str>(2) == StepState::Pending.as_str())
-            .map(|r| r.get(0))
-            .collect();
-        if ready.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.steps(&ready).await
+        ready_children(&self.query(&release_children_sql(), &[&step_ids]).await?)
     }
 
-    /// Marks an enqueued step as published again now (the sweeper's re-publish).
-    pub async fn touch_step(&mut self, step_id: Uuid) -> Result<()> {
-        self.execute("UPDATE workflow_steps SET enqueued_at = now(), updated_at = now() WHERE id = $1", &[&step_id])
-            .await?;
-        Ok(())
+    /// One round trip: writes what is buffered, releases the children of the `completed`
+    /// steps, reads the ready steps of the `evaluate` tasks, then counts the progress of
+    /// the `open` tasks (after the release, so released children count as ready).
+    pub async fn settle(&mut self, completed: &[Uuid], evaluate: &[Uuid], open: &[Uuid]) -> Result<Settled> {
+        let (release_sql, ready_sql) = (release_children_sql(), ready_steps_sql());
+        let (c, e, o): (Param1, Param1, Param1) = ([&completed], [&evaluate], [&open]);
+        let mut reads = Vec::with_capacity(3);
+        if !completed.is_empty() {
+            reads.push((release_sql.as_str(), &c[..]));
+        }
+        if !evaluate.is_empty() {
+            reads.push((ready_sql.as_str(), &e[..]));
+        }
+        if !open.is_empty() {
+            reads.push((PROGRESS, &o[..]));
+        }
+        let mut rows = self.round_trip(&reads, false).await?.into_iter();
+        let mut settled = Settled::default();
+        if !completed.is_empty() {
+            settled.ready.extend(ready_children(&rows.next().unwrap_or_default())?);
+        }
+        if !evaluate.is_empty() {
+            for row in rows.next().unwrap_or_default() {
+                settled.ready.push(step_row(&row)?);
+            }
+        }
+        if !open.is_empty() {
+            settled.progress = progress_by_task(&rows.next().unwrap_or_default());
+        }
+        Ok(settled)
     }
 
     /// Counts over the unfinished steps of each task (a task with none is absent: it is
     /// complete).
     pub async fn progress(&mut self, task_ids: &[Uuid]) -> Result<HashMap<Uuid, Progress>> {
-        let rows = self
-            .query(
-                "SELECT task_id, count(*), \
-                   count(*) FILTER (WHERE status IN ('enqueued', 'in_progress', 'waiting_for_retry')), \
-                   count(*) FILTER (WHERE status = 'pending' AND pending_parents = 0) \
-                 FROM workflow_steps WHERE task_id = ANY($1) AND status NOT IN ('complete', 'resolved_manually') \
-                 GROUP BY task_id",
-                &[&task_ids],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), Progress { unfinished: r.get(1), active: r.get(2), ready: r.get(3) }))
-            .collect())
+        Ok(progress_by_task(&self.query(PROGRESS, &[&task_ids]).await?))
     }
 
-    /// Builds the executions for steps just enqueued (of any of the given tasks): each
-    /// task's context and each step's parents' results by name, in two statements.
-    pub async fn dispatches(&mut self, tasks: &HashMap<Uuid, TaskHead>, steps: &[StepRow]) -> Result<Vec<Dispatch>> {
+    /// One round trip: writes what is buffered, marks the `republished` steps as published
+    /// again now, reads what the executions of `steps` carry (each task's context, each
+    /// step's parents' results by name) and commits. Returns the executions to publish.
+    pub async fn commit_dispatching(
+        mut self,
+        tasks: &HashMap<Uuid, TaskHead>,
+        steps: &[StepRow],
+        republished: &[Uuid],
+    ) -> Result<Vec<Dispatch>> {
+        if !republished.is_empty() {
+            self.push_write(
+                "UPDATE workflow_steps SET enqueued_at = now(), updated_at = now() WHERE id = ANY($1)",
+                vec![Box::new(republished.to_vec())],
+            );
+        }
         if steps.is_empty() {
+            self.commit().await?;
             return Ok(Vec::new());
         }
         let ids: Vec<Uuid> = steps.iter().map(|s| s.id).collect();
         let mut task_ids: Vec<Uuid> = steps.iter().map(|s| s.task_id).collect();
         task_ids.sort_unstable();
         task_ids.dedup();
-        // both reads pipelined: sent together, one round trip
-        let client = self.reader().await?;
-        let (contexts_stmt, parents_stmt) = futures::try_join!(
-            client.statement("SELECT id, context::text FROM tasks WHERE id = ANY($1)"),
-            client.statement(
-                "SELECT e.to_step_id, p.name, COALESCE(p.results::text, 'null') \
-                 FROM workflow_step_edges e JOIN workflow_steps p ON p.id = e.from_step_id \
-                 WHERE e.to_step_id = ANY($1)"
-            ),
-        )?;
-        let (task_param, step_param): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) = ([&task_ids], [&ids]);
-        let (contexts, parents) =
-            futures::try_join!(client.query(&contexts_stmt, &task_param), client.query(&parents_stmt, &step_param))?;
-        let contexts: HashMap<Uuid, String> = contexts.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let (t, st): (Param1, Param1) = ([&task_ids], [&ids]);
+        let mut rows = self.commit_reading(&[(CONTEXTS, &t[..]), (PARENT_RESULTS, &st[..])]).await?.into_iter();
+        let contexts: HashMap<Uuid, String> =
+            rows.next().unwrap_or_default().iter().map(|r| (r.get(0), r.get(1))).collect();
         let mut by_child: HashMap<Uuid, HashMap<String, String>> = HashMap::new();
-        for row in &parents {
+        for row in rows.next().unwrap_or_default() {
             by_child.entry(row.get(0)).or_default().insert(row.get(1), row.get(2));
         }
         steps

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use tasker_domain::{CloudEvent, StepState, TaskState, event::EventSubject};
-use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::{
@@ -74,36 +73,6 @@ impl Store {
         let template = &new.template.template;
         let task_id = tasker_domain::new_id();
         let now = Utc::now();
-        let mut tx = self.begin().await?;
-        let inserted = tx
-            .query(
-                "INSERT INTO tasks (id, named_task_id, namespace, name, version, status, context, tags, initiator, \
-                   source_system, reason, priority, idempotency_key, request_hash, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, 'pending', $6::text::jsonb, $7, $8, $9, $10, $11, $12, $13, $14, $14) \
-                 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
-                &[
-                    &task_id,
-                    &new.template.id,
-                    &template.namespace,
-                    &template.name,
-                    &template.version.to_string(),
-                    &new.context,
-                    &new.tags,
-                    &new.initiator,
-                    &new.source_system,
-                    &new.reason,
-                    &new.priority,
-                    &new.idempotency_key,
-                    &new.request_hash,
-                    &now,
-                ],
-            )
-            .await?;
-        if inserted.is_empty() {
-            tx.rollback().await?;
-            return self.deduplicate(new).await;
-        }
-
         let ids: Vec<Uuid> = template.steps.iter().map(|_| tasker_domain::new_id()).collect();
         let by_name: HashMap<&str, Uuid> =
             template.steps.iter().zip(&ids).map(|(s, id)| (s.name.as_str(), *id)).collect();
@@ -122,55 +91,88 @@ impl Store {
             .unzip();
         let metadata = json!({ "initiator": new.initiator, "reason": new.reason });
         let transition_id = tasker_domain::new_id();
-        // steps, edges and the first transition, pipelined: sent together, run in order
-        let client = tx.client();
-        let (steps_stmt, edges_stmt, transition_stmt) = futures::try_join!(
-            client.statement(
-                "INSERT INTO workflow_steps (id, task_id, name, handler, handler_config, retryable, max_attempts, \
-                   timeout_ms, status, pending_parents, dependency_level, updated_at) \
-                 SELECT u.id, $1, u.name, u.handler, u.config::jsonb, u.retryable, u.max_attempts, u.timeout_ms, \
-                   'pending', u.parents, u.level, $11 \
-                 FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::int4[], $8::int8[], \
-                             $9::int4[], $10::int4[]) \
-                   AS u(id, name, handler, config, retryable, max_attempts, timeout_ms, parents, level)"
-            ),
-            client.statement(
-                "INSERT INTO workflow_step_edges (task_id, from_step_id, to_step_id) \
-                 SELECT $1, f, t FROM unnest($2::uuid[], $3::uuid[]) AS u(f, t)"
-            ),
-            client.statement(
-                "INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, most_recent, metadata, \
-                   created_at) VALUES ($1, $2, NULL, 'pending', 1, true, $3, $4)"
-            ),
-        )?;
-        let steps_params: [&(dyn ToSql + Sync); 11] = [
-            &task_id,
-            &ids,
-            &names,
-            &handlers,
-            &configs,
-            &retryable,
-            &max_attempts,
-            &timeouts,
-            &parents,
-            &levels,
-            &now,
-        ];
-        let edges_params: [&(dyn ToSql + Sync); 3] = [&task_id, &from, &to];
-        let transition_params: [&(dyn ToSql + Sync); 4] = [&transition_id, &task_id, &metadata, &now];
-        futures::try_join!(
-            client.execute(&steps_stmt, &steps_params),
-            async { if from.is_empty() { Ok(0) } else { client.execute(&edges_stmt, &edges_params).await } },
-            client.execute(&transition_stmt, &transition_params),
-        )?;
         let subject = EventSubject {
             task_id,
             namespace: template.namespace.clone(),
             task_name: template.name.clone(),
             task_version: template.version.to_string(),
         };
-        tx.push_event(task_id, &CloudEvent::task(transition_id, &subject, None, TaskState::Pending, &metadata, now));
-        tx.commit().await?;
+        let event = CloudEvent::task(transition_id, &subject, None, TaskState::Pending, &metadata, now);
+        let payload = serde_json::to_string(&event).map_err(|e| Error::Corrupt(format!("event: {e}")))?;
+        let version = template.version.to_string();
+        // One statement, so one round trip and its own transaction: the task, and only if
+        // it was inserted (not an idempotency-key conflict) its steps, edges, first
+        // transition and event.
+        let client = self.client().await?;
+        let stmt = client
+            .statement(
+                "WITH task AS ( \
+                   INSERT INTO tasks (id, named_task_id, namespace, name, version, status, context, tags, initiator, \
+                     source_system, reason, priority, idempotency_key, request_hash, created_at, updated_at) \
+                   VALUES ($1, $2, $3, $4, $5, 'pending', $6::text::jsonb, $7, $8, $9, $10, $11, $12, $13, $14, $14) \
+                   ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id \
+                 ), steps AS ( \
+                   INSERT INTO workflow_steps (id, task_id, name, handler, handler_config, retryable, max_attempts, \
+                     timeout_ms, status, pending_parents, dependency_level, updated_at) \
+                   SELECT u.id, task.id, u.name, u.handler, u.config::jsonb, u.retryable, u.max_attempts, \
+                     u.timeout_ms, 'pending', u.parents, u.level, $14 \
+                   FROM task, unnest($15::uuid[], $16::text[], $17::text[], $18::text[], $19::bool[], $20::int4[], \
+                                     $21::int8[], $22::int4[], $23::int4[]) \
+                     AS u(id, name, handler, config, retryable, max_attempts, timeout_ms, parents, level) \
+                 ), edges AS ( \
+                   INSERT INTO workflow_step_edges (task_id, from_step_id, to_step_id) \
+                   SELECT task.id, u.f, u.t FROM task, unnest($24::uuid[], $25::uuid[]) AS u(f, t) \
+                 ), transition AS ( \
+                   INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, most_recent, metadata, \
+                     created_at) \
+                   SELECT $26, task.id, NULL, 'pending', 1, true, $27, $14 FROM task \
+                 ), event AS ( \
+                   INSERT INTO outbox (event_id, task_id, routing_key, payload) \
+                   SELECT $26, task.id, $28, $29 FROM task \
+                 ) \
+                 SELECT id FROM task",
+            )
+            .await?;
+        let inserted = client
+            .query(
+                &stmt,
+                &[
+                    &task_id,
+                    &new.template.id,
+                    &template.namespace,
+                    &template.name,
+                    &version,
+                    &new.context,
+                    &new.tags,
+                    &new.initiator,
+                    &new.source_system,
+                    &new.reason,
+                    &new.priority,
+                    &new.idempotency_key,
+                    &new.request_hash,
+                    &now,
+                    &ids,
+                    &names,
+                    &handlers,
+                    &configs,
+                    &retryable,
+                    &max_attempts,
+                    &timeouts,
+                    &parents,
+                    &levels,
+                    &from,
+                    &to,
+                    &transition_id,
+                    &metadata,
+                    &event.routingkey,
+                    &payload,
+                ],
+            )
+            .await?;
+        drop(client);
+        if inserted.is_empty() {
+            return self.deduplicate(new).await;
+        }
         let task = TaskRow {
             id: task_id,
             namespace: template.namespace.clone(),

@@ -1,18 +1,23 @@
-//! A transaction that buffers its writes.
+//! A transaction that buffers its writes and pipelines its round trips.
 //!
 //! Status columns, transition rows and outbox events are buffered and written in a
-//! handful of batched statements: before any read (so reads see them) and before commit.
-//! A `Tx` dropped without `commit` discards its connection, which rolls it back.
+//! handful of batched statements, sent in the same pipeline as the next read (so the read
+//! sees them) or as the COMMIT. `BEGIN` itself goes out with the first round trip, so a
+//! transaction costs one round trip per dependent read, plus one to commit, whatever it
+//! writes. A `Tx` dropped without `commit` discards its connection, which rolls it back.
 
 use crate::counter::Counted;
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Object;
+use futures::future::try_join_all;
 use serde_json::Value;
 use tasker_domain::{
     CloudEvent, StepState, TaskState,
     event::{EventSubject, StepRef},
 };
-use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, types::ToSql};
 use uuid::Uuid;
 
 use crate::{
@@ -76,8 +81,24 @@ pub struct StepChange {
     pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
+/// A parameter of a buffered write, owned until the pipeline that sends it.
+type Param = Box<dyn ToSql + Sync + Send>;
+
+/// A statement to send in the next round trip, with its parameters.
+struct Write {
+    sql: Cow<'static, str>,
+    params: Vec<Param>,
+}
+
+/// A read (or any statement whose rows the caller wants) for [`Tx::round_trip`].
+pub(crate) type Read<'a> = (&'a str, &'a [&'a (dyn ToSql + Sync)]);
+
 pub struct Tx {
     client: Option<Object>,
+    /// `BEGIN` has been sent.
+    begun: bool,
+    /// Statements to send ahead of the buffered rows (e.g. a sweeper's touch).
+    writes: Vec<Write>,
     steps: Vec<StepWrite>,
     tasks: Vec<TaskWrite>,
     step_transitions: Vec<TransitionWrite>,
@@ -86,43 +107,65 @@ pub struct Tx {
 }
 
 impl Tx {
-    pub(crate) async fn begin(client: Object) -> Result<Tx> {
-        crate::counter::count(1);
-        client.batch_execute("BEGIN").await?;
-        Ok(Tx {
+    /// A transaction on this connection; nothing is sent until the first round trip.
+    pub(crate) fn new(client: Object) -> Tx {
+        Tx {
             client: Some(client),
+            begun: false,
+            writes: Vec::new(),
             steps: Vec::new(),
             tasks: Vec::new(),
             step_transitions: Vec::new(),
             task_transitions: Vec::new(),
             events: Vec::new(),
-        })
+        }
     }
 
-    /// The connection, after writing everything buffered so a read sees it.
-    pub(crate) async fn reader(&mut self) -> Result<&Object> {
-        self.flush().await?;
-        Ok(self.client())
+    /// One round trip: sends `BEGIN` (the first time), every buffered write, the reads
+    /// and, with `commit`, `COMMIT`, all in one pipeline (the server runs them in that
+    /// order; the first error aborts the rest), and returns each read's rows.
+    pub(crate) async fn round_trip(&mut self, reads: &[Read<'_>], commit: bool) -> Result<Vec<Vec<Row>>> {
+        let writes = self.take_writes();
+        let client = self.client.as_ref().expect("transaction is open");
+        // prepared statements are cached per connection: after the first use these are
+        // look-ups, so everything below goes out back to back
+        let mut write_statements = Vec::with_capacity(writes.len());
+        for write in &writes {
+            write_statements.push(client.statement(&write.sql).await?);
+        }
+        let mut read_statements = Vec::with_capacity(reads.len());
+        for (sql, _) in reads {
+            read_statements.push(client.statement(sql).await?);
+        }
+        let write_params: Vec<Vec<&(dyn ToSql + Sync)>> =
+            writes.iter().map(|w| w.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect()).collect();
+        let begin = !self.begun;
+        // from here on the connection may hold an open transaction: never pool it as is
+        self.begun = true;
+        crate::counter::count(u64::from(begin) + u64::from(commit));
+        // futures are first polled, and so sent, in the order they are listed
+        let (_, _, rows, _) = futures::try_join!(
+            async { if begin { client.batch_execute("BEGIN").await } else { Ok(()) } },
+            try_join_all(write_statements.iter().zip(&write_params).map(|(st, params)| client.execute(st, params))),
+            try_join_all(read_statements.iter().zip(reads).map(|(st, (_, params))| client.query(st, params))),
+            async { if commit { client.batch_execute("COMMIT").await } else { Ok(()) } },
+        )?;
+        Ok(rows)
     }
 
-    pub(crate) fn client(&self) -> &Object {
-        self.client.as_ref().expect("transaction is open")
+    /// Writes what is buffered and runs one read, in one round trip.
+    pub(crate) async fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        Ok(self.round_trip(&[(sql, params)], false).await?.pop().unwrap_or_default())
     }
 
-    pub(crate) async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        let client = self.reader().await?;
-        let stmt = client.statement(sql).await?;
-        Ok(client.execute(&stmt, params).await?)
+    /// Writes what is buffered and runs one statement, in one round trip.
+    pub(crate) async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<()> {
+        self.query(sql, params).await.map(drop)
     }
 
-    pub(crate) async fn query(
-        &mut self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<tokio_postgres::Row>> {
-        let client = self.reader().await?;
-        let stmt = client.statement(sql).await?;
-        Ok(client.query(&stmt, params).await?)
+    /// Buffers a statement to send with the next round trip, before the buffered rows.
+    pub(crate) fn push_write(&mut self, sql: impl Into<Cow<'static, str>>, params: Vec<Param>) {
+        self.writes.push(Write { sql: sql.into(), params });
     }
 
     /// Moves a task to `to`: checks the transition is legal, then buffers the status
@@ -228,41 +271,51 @@ impl Tx {
         self.events.push((event.id, task_id, event.routingkey.clone(), payload));
     }
 
-    /// Writes everything buffered: one statement per kind of row, pipelined on the
-    /// connection (sent together, executed in order), so a flush costs about two round
-    /// trips whatever the batch holds.
-    async fn flush(&mut self) -> Result<()> {
-        let client = self.client.as_ref().expect("transaction is open");
-        futures::try_join!(
-            write_steps(client, std::mem::take(&mut self.steps)),
-            write_tasks(client, std::mem::take(&mut self.tasks)),
-            write_transitions(
-                client,
-                "workflow_step_transitions",
-                "workflow_step_id",
-                std::mem::take(&mut self.step_transitions)
-            ),
-            write_transitions(client, "task_transitions", "task_id", std::mem::take(&mut self.task_transitions)),
-            write_events(client, std::mem::take(&mut self.events)),
-        )?;
-        Ok(())
+    /// Writes everything buffered and commits: one round trip.
+    pub async fn commit(self) -> Result<()> {
+        self.commit_reading(&[]).await.map(drop)
     }
 
-    /// Writes everything buffered and commits.
-    pub async fn commit(mut self) -> Result<()> {
-        self.flush().await?;
-        let client = self.client.take().expect("transaction is open");
-        crate::counter::count(1);
-        client.batch_execute("COMMIT").await?;
-        Ok(())
+    /// Writes everything buffered, runs the reads and commits, in one round trip; returns
+    /// the reads' rows.
+    pub(crate) async fn commit_reading(mut self, reads: &[Read<'_>]) -> Result<Vec<Vec<Row>>> {
+        if !self.begun && reads.is_empty() && self.is_clean() {
+            return Ok(Vec::new());
+        }
+        let rows = self.round_trip(reads, true).await?;
+        self.begun = false;
+        Ok(rows)
     }
 
     /// Discards the transaction.
     pub async fn rollback(mut self) -> Result<()> {
-        let client = self.client.take().expect("transaction is open");
-        crate::counter::count(1);
-        client.batch_execute("ROLLBACK").await?;
+        if self.begun {
+            let client = self.client.as_ref().expect("transaction is open");
+            crate::counter::count(1);
+            client.batch_execute("ROLLBACK").await?;
+            self.begun = false;
+        }
         Ok(())
+    }
+
+    fn is_clean(&self) -> bool {
+        self.writes.is_empty()
+            && self.steps.is_empty()
+            && self.tasks.is_empty()
+            && self.step_transitions.is_empty()
+            && self.task_transitions.is_empty()
+            && self.events.is_empty()
+    }
+
+    /// The buffered rows as statements, one per kind of row, in dependency order.
+    fn take_writes(&mut self) -> Vec<Write> {
+        let mut writes = std::mem::take(&mut self.writes);
+        writes.extend(steps_write(std::mem::take(&mut self.steps)));
+        writes.extend(tasks_write(std::mem::take(&mut self.tasks)));
+        writes.extend(transitions_writes(StepTransitions, std::mem::take(&mut self.step_transitions)));
+        writes.extend(transitions_writes(TaskTransitions, std::mem::take(&mut self.task_transitions)));
+        writes.extend(events_write(std::mem::take(&mut self.events)));
+        writes
     }
 }
 
@@ -270,28 +323,34 @@ impl Drop for Tx {
     fn drop(&mut self) {
         // A transaction abandoned half-way (an error, a cancelled future) must not go back
         // to the pool: closing the connection makes the server roll it back.
-        if let Some(client) = self.client.take() {
+        if let Some(client) = self.client.take()
+            && self.begun
+        {
             drop(Object::take(client));
         }
     }
 }
 
-async fn write_steps(client: &Object, steps: Vec<StepWrite>) -> Result<()> {
+fn boxed<T: ToSql + Sync + Send + 'static>(value: T) -> Param {
+    Box::new(value)
+}
+
+fn steps_write(steps: Vec<StepWrite>) -> Option<Write> {
     if steps.is_empty() {
-        return Ok(());
+        return None;
     }
     let ids: Vec<Uuid> = steps.iter().map(|s| s.id).collect();
-    let status: Vec<&str> = steps.iter().map(|s| s.status).collect();
+    let status: Vec<&'static str> = steps.iter().map(|s| s.status).collect();
     let attempts: Vec<i32> = steps.iter().map(|s| s.attempts).collect();
     let next: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.next_attempt_at).collect();
-    let error: Vec<Option<&str>> = steps.iter().map(|s| s.last_error.as_deref()).collect();
     let set_results: Vec<bool> = steps.iter().map(|s| s.results.is_some()).collect();
-    let results: Vec<Option<&str>> = steps.iter().map(|s| s.results.as_deref()).collect();
     let enqueued: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.enqueued_at).collect();
     let started: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.started_at).collect();
     let completed: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.completed_at).collect();
-    let stmt = client
-        .statement(
+    let (error, results): (Vec<Option<String>>, Vec<Option<String>>) =
+        steps.into_iter().map(|s| (s.last_error, s.results)).unzip();
+    Some(Write {
+        sql: Cow::Borrowed(
             "UPDATE workflow_steps s SET status = u.status, attempts = u.attempts, \
                next_attempt_at = u.next_attempt_at, last_error = u.last_error::jsonb, \
                results = CASE WHEN u.set_results THEN u.results::jsonb ELSE s.results END, \
@@ -302,95 +361,124 @@ async fn write_steps(client: &Object, steps: Vec<StepWrite>) -> Result<()> {
                AS u(id, status, attempts, next_attempt_at, last_error, set_results, results, \
                     enqueued_at, started_at, completed_at) \
              WHERE s.id = u.id",
-        )
-        .await?;
-    client
-        .execute(
-            &stmt,
-            &[&ids, &status, &attempts, &next, &error, &set_results, &results, &enqueued, &started, &completed],
-        )
-        .await?;
-    Ok(())
+        ),
+        params: vec![
+            boxed(ids),
+            boxed(status),
+            boxed(attempts),
+            boxed(next),
+            boxed(error),
+            boxed(set_results),
+            boxed(results),
+            boxed(enqueued),
+            boxed(started),
+            boxed(completed),
+        ],
+    })
 }
 
-async fn write_tasks(client: &Object, tasks: Vec<TaskWrite>) -> Result<()> {
+fn tasks_write(tasks: Vec<TaskWrite>) -> Option<Write> {
     if tasks.is_empty() {
-        return Ok(());
+        return None;
     }
     let ids: Vec<Uuid> = tasks.iter().map(|t| t.0).collect();
-    let status: Vec<&str> = tasks.iter().map(|t| t.1).collect();
+    let status: Vec<&'static str> = tasks.iter().map(|t| t.1).collect();
     let started: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.2).collect();
     let completed: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.3).collect();
-    let stmt = client
-        .statement(
+    Some(Write {
+        sql: Cow::Borrowed(
             "UPDATE tasks t SET status = u.status, started_at = u.started_at, \
                completed_at = u.completed_at, updated_at = now() \
              FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[]) \
                AS u(id, status, started_at, completed_at) \
              WHERE t.id = u.id",
-        )
-        .await?;
-    client.execute(&stmt, &[&ids, &status, &started, &completed]).await?;
-    Ok(())
+        ),
+        params: vec![boxed(ids), boxed(status), boxed(started), boxed(completed)],
+    })
 }
 
-async fn write_events(client: &Object, events: Vec<(Uuid, Uuid, String, String)>) -> Result<()> {
+fn events_write(events: Vec<(Uuid, Uuid, String, String)>) -> Option<Write> {
     if events.is_empty() {
-        return Ok(());
+        return None;
     }
     let ids: Vec<Uuid> = events.iter().map(|e| e.0).collect();
     let tasks: Vec<Uuid> = events.iter().map(|e| e.1).collect();
-    let keys: Vec<&str> = events.iter().map(|e| e.2.as_str()).collect();
-    let payloads: Vec<&str> = events.iter().map(|e| e.3.as_str()).collect();
-    let stmt = client
-        .statement(
+    let (keys, payloads): (Vec<String>, Vec<String>) = events.into_iter().map(|e| (e.2, e.3)).unzip();
+    Some(Write {
+        sql: Cow::Borrowed(
             "INSERT INTO outbox (event_id, task_id, routing_key, payload) \
              SELECT e.event_id, e.task_id, e.routing_key, e.payload \
              FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[]) WITH ORDINALITY \
                AS e(event_id, task_id, routing_key, payload, n) ORDER BY e.n",
-        )
-        .await?;
-    client.execute(&stmt, &[&ids, &tasks, &keys, &payloads]).await?;
-    Ok(())
+        ),
+        params: vec![boxed(ids), boxed(tasks), boxed(keys), boxed(payloads)],
+    })
+}
+
+/// A transition table's two statements.
+trait TransitionTable {
+    /// Turns `most_recent` off on the current rows of the owners in $1.
+    const FLIP: &'static str;
+    const INSERT: &'static str;
+}
+
+struct StepTransitions;
+struct TaskTransitions;
+
+impl TransitionTable for StepTransitions {
+    const FLIP: &'static str =
+        "UPDATE workflow_step_transitions SET most_recent = false WHERE workflow_step_id = ANY($1) AND most_recent";
+    const INSERT: &'static str = "INSERT INTO workflow_step_transitions \
+           (id, workflow_step_id, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at) \
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int4[], $7::bool[], \
+                              $8::jsonb[], $9::timestamptz[])";
+}
+
+impl TransitionTable for TaskTransitions {
+    const FLIP: &'static str =
+        "UPDATE task_transitions SET most_recent = false WHERE task_id = ANY($1) AND most_recent";
+    const INSERT: &'static str = "INSERT INTO task_transitions \
+           (id, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at) \
+         SELECT u.id, u.owner, u.from_state, u.to_state, u.sort_key, u.most_recent, u.metadata, u.created_at \
+         FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int4[], $7::bool[], \
+                     $8::jsonb[], $9::timestamptz[]) \
+           AS u(id, owner, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at)";
 }
 
 /// Flips `most_recent` off the previous rows of every owner, then inserts the new rows,
 /// `most_recent` on the last one per owner.
-async fn write_transitions(client: &Object, table: &str, owner_column: &str, rows: Vec<TransitionWrite>) -> Result<()> {
+fn transitions_writes<T: TransitionTable>(_table: T, rows: Vec<TransitionWrite>) -> Vec<Write> {
     if rows.is_empty() {
-        return Ok(());
+        return Vec::new();
     }
     let mut owners: Vec<Uuid> = rows.iter().map(|r| r.owner).collect();
     owners.sort_unstable();
     owners.dedup();
-    let flip = client
-        .statement(&format!("UPDATE {table} SET most_recent = false WHERE {owner_column} = ANY($1) AND most_recent"))
-        .await?;
-    client.execute(&flip, &[&owners]).await?;
-
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let owner: Vec<Uuid> = rows.iter().map(|r| r.owner).collect();
     let task: Vec<Uuid> = rows.iter().map(|r| r.task_id).collect();
-    let from: Vec<Option<&str>> = rows.iter().map(|r| r.from).collect();
-    let to: Vec<&str> = rows.iter().map(|r| r.to).collect();
+    let from: Vec<Option<&'static str>> = rows.iter().map(|r| r.from).collect();
+    let to: Vec<&'static str> = rows.iter().map(|r| r.to).collect();
     let sort: Vec<i32> = rows.iter().map(|r| r.sort_key).collect();
     let most_recent: Vec<bool> =
         rows.iter().enumerate().map(|(i, r)| !rows[i + 1..].iter().any(|later| later.owner == r.owner)).collect();
-    let metadata: Vec<&Value> = rows.iter().map(|r| &r.metadata).collect();
     let at: Vec<DateTime<Utc>> = rows.iter().map(|r| r.at).collect();
-    let sql = if table == "task_transitions" {
-        "INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at) \
-         SELECT u.id, u.owner, u.from_state, u.to_state, u.sort_key, u.most_recent, u.metadata, u.created_at \
-         FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int4[], $7::bool[], \
-                     $8::jsonb[], $9::timestamptz[]) \
-           AS u(id, owner, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at)"
-    } else {
-        "INSERT INTO workflow_step_transitions \
-           (id, workflow_step_id, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at) \
-         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int4[], $7::bool[], \
-                              $8::jsonb[], $9::timestamptz[])"
-    };
-    let insert = client.statement(sql).await?;
-    client.execute(&insert, &[&ids, &owner, &task, &from, &to, &sort, &most_recent, &metadata, &at]).await?;
-    Ok(())
+    let metadata: Vec<Value> = rows.into_iter().map(|r| r.metadata).collect();
+    vec![
+        Write { sql: Cow::Borrowed(T::FLIP), params: vec![boxed(owners)] },
+        Write {
+            sql: Cow::Borrowed(T::INSERT),
+            params: vec![
+                boxed(ids),
+                boxed(owner),
+                boxed(task),
+                boxed(from),
+                boxed(to),
+                boxed(sort),
+                boxed(most_recent),
+                boxed(metadata),
+                boxed(at),
+            ],
+        },
+    ]
 }

@@ -24,3 +24,12 @@ ALTER TABLE workflow_steps SET (autovacuum_vacuum_scale_factor = 0.02, autovacuu
 ALTER TABLE tasks SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.05);
 ALTER TABLE workflow_step_transitions SET (autovacuum_vacuum_scale_factor = 0.05);
 ALTER TABLE task_transitions SET (autovacuum_vacuum_scale_factor = 0.05);
+
+-- A transaction that sends NOTIFY holds a database-wide lock from just before its commit
+-- until the commit is flushed, so notifying from the outbox trigger made every commit
+-- that wrote an event wait for the one before it (no group commit; seen as
+-- Lock:object waits on COMMIT). The store now sends NOTIFY right after COMMIT instead,
+-- outside the transaction, where it writes nothing and holds the lock only briefly. A
+-- notification lost to a crash in between is covered by the relay's polling.
+DROP TRIGGER outbox_notify ON outbox;
+DROP FUNCTION outbox_notify();

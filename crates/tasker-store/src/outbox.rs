@@ -15,6 +15,10 @@ use crate::{Result, Store, Tx};
 /// event-publisher replicas never interleave and per-task order holds.
 const RELAY_LOCK: i64 = 0x7461_736b_6572; // "tasker"
 
+/// Sent after a transaction that wrote events commits (outside it: see the migration
+/// `hot_path`), to wake the relay.
+pub(crate) const NOTIFY_OUTBOX: &str = "NOTIFY tasker_outbox";
+
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub id: i64,

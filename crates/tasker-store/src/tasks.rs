@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use tasker_domain::{CloudEvent, StepState, TaskState, event::EventSubject};
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::{
@@ -133,42 +134,45 @@ impl Store {
                  SELECT id FROM task",
             )
             .await?;
-        let inserted = client
-            .query(
-                &stmt,
-                &[
-                    &task_id,
-                    &new.template.id,
-                    &template.namespace,
-                    &template.name,
-                    &version,
-                    &new.context,
-                    &new.tags,
-                    &new.initiator,
-                    &new.source_system,
-                    &new.reason,
-                    &new.priority,
-                    &new.idempotency_key,
-                    &new.request_hash,
-                    &now,
-                    &ids,
-                    &names,
-                    &handlers,
-                    &configs,
-                    &retryable,
-                    &max_attempts,
-                    &timeouts,
-                    &parents,
-                    &levels,
-                    &from,
-                    &to,
-                    &transition_id,
-                    &metadata,
-                    &event.routingkey,
-                    &payload,
-                ],
-            )
-            .await?;
+        let params: &[&(dyn ToSql + Sync)] = &[
+            &task_id,
+            &new.template.id,
+            &template.namespace,
+            &template.name,
+            &version,
+            &new.context,
+            &new.tags,
+            &new.initiator,
+            &new.source_system,
+            &new.reason,
+            &new.priority,
+            &new.idempotency_key,
+            &new.request_hash,
+            &now,
+            &ids,
+            &names,
+            &handlers,
+            &configs,
+            &retryable,
+            &max_attempts,
+            &timeouts,
+            &parents,
+            &levels,
+            &from,
+            &to,
+            &transition_id,
+            &metadata,
+            &event.routingkey,
+            &payload,
+        ];
+        crate::counter::count(1);
+        // the relay's wake-up goes right behind it (see outbox::NOTIFY_OUTBOX)
+        let (inserted, _) = futures::try_join!(client.query(&stmt, params), async {
+            if let Err(error) = client.batch_execute(crate::outbox::NOTIFY_OUTBOX).await {
+                tracing::debug!(%error, "could not wake the event relay");
+            }
+            Ok(())
+        })?;
         drop(client);
         if inserted.is_empty() {
             return self.deduplicate(new).await;

@@ -97,6 +97,8 @@ pub struct Tx {
     client: Option<Object>,
     /// `BEGIN` has been sent.
     begun: bool,
+    /// Events were written: wake the relay once committed.
+    notify: bool,
     /// Statements to send ahead of the buffered rows (e.g. a sweeper's touch).
     writes: Vec<Write>,
     steps: Vec<StepWrite>,
@@ -112,6 +114,7 @@ impl Tx {
         Tx {
             client: Some(client),
             begun: false,
+            notify: false,
             writes: Vec::new(),
             steps: Vec::new(),
             tasks: Vec::new(),
@@ -139,16 +142,25 @@ impl Tx {
         }
         let write_params: Vec<Vec<&(dyn ToSql + Sync)>> =
             writes.iter().map(|w| w.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect()).collect();
+        let notify = commit && self.notify;
         let begin = !self.begun;
         // from here on the connection may hold an open transaction: never pool it as is
         self.begun = true;
-        crate::counter::count(u64::from(begin) + u64::from(commit));
+        crate::counter::count(u64::from(begin) + u64::from(commit) + u64::from(notify));
         // futures are first polled, and so sent, in the order they are listed
-        let (_, _, rows, _) = futures::try_join!(
+        let (_, _, rows, _, _) = futures::try_join!(
             async { if begin { client.batch_execute("BEGIN").await } else { Ok(()) } },
             try_join_all(write_statements.iter().zip(&write_params).map(|(st, params)| client.execute(st, params))),
             try_join_all(read_statements.iter().zip(reads).map(|(st, (_, params))| client.query(st, params))),
             async { if commit { client.batch_execute("COMMIT").await } else { Ok(()) } },
+            async {
+                // after the commit, outside the transaction: if it fails, the relay only
+                // waits for its next poll
+                if notify && let Err(error) = client.batch_execute(crate::outbox::NOTIFY_OUTBOX).await {
+                    tracing::debug!(%error, "could not wake the event relay");
+                }
+                Ok::<_, tokio_postgres::Error>(())
+            },
         )?;
         Ok(rows)
     }
@@ -314,6 +326,7 @@ impl Tx {
         writes.extend(tasks_write(std::mem::take(&mut self.tasks)));
         writes.extend(transitions_writes(StepTransitions, std::mem::take(&mut self.step_transitions)));
         writes.extend(transitions_writes(TaskTransitions, std::mem::take(&mut self.task_transitions)));
+        self.notify |= !self.events.is_empty();
         writes.extend(events_write(std::mem::take(&mut self.events)));
         writes
     }

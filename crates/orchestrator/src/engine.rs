@@ -185,16 +185,22 @@ impl Batch<'_> {
             return Ok(());
         }
         let worker = json!({ "worker": report.worker_id });
+        let started_at = reported_start(report.started_at_unix_ms, &step);
         match report.outcome {
             Some(Reported::Started(_)) => {
                 if step.status != StepState::Enqueued {
                     self.drop_stale(task_id, step_id, report.attempt, "already started or settled");
                     return Ok(());
                 }
-                self.transition(&mut step, StepState::InProgress, worker, StepChange::default())
+                self.transition(
+                    &mut step,
+                    StepState::InProgress,
+                    worker,
+                    StepChange { started_at, ..Default::default() },
+                )
             }
             Some(Reported::Completed(done)) => {
-                if !self.begin_if_enqueued(&mut step, &worker)? {
+                if !self.begin_if_enqueued(&mut step, &worker, started_at)? {
                     self.drop_stale(task_id, step_id, report.attempt, "step is not running");
                     return Ok(());
                 }
@@ -210,7 +216,7 @@ impl Batch<'_> {
                 }
             }
             Some(Reported::Failed(failed)) => {
-                if !self.begin_if_enqueued(&mut step, &worker)? {
+                if !self.begin_if_enqueued(&mut step, &worker, started_at)? {
                     self.drop_stale(task_id, step_id, report.attempt, "step is not running");
                     return Ok(());
                 }
@@ -229,10 +235,17 @@ impl Batch<'_> {
         }
     }
 
-    /// A result can overtake its own `started` report: apply the start first.
-    fn begin_if_enqueued(&mut self, step: &mut StepRow, worker: &Value) -> tasker_store::Result<bool> {
+    /// An outcome may come without a `started` report (workers report the start of quick
+    /// steps with their outcome) or overtake it: apply the start first.
+    fn begin_if_enqueued(
+        &mut self,
+        step: &mut StepRow,
+        worker: &Value,
+        started_at: Option<DateTime<Utc>>,
+    ) -> tasker_store::Result<bool> {
         if step.status == StepState::Enqueued {
-            self.transition(step, StepState::InProgress, worker.clone(), StepChange::default())?;
+            let change = StepChange { started_at, ..Default::default() };
+            self.transition(step, StepState::InProgress, worker.clone(), change)?;
         }
         Ok(step.status == StepState::InProgress)
     }
@@ -355,4 +368,13 @@ impl Batch<'_> {
         self.engine.metrics.dispatched(dispatches.len());
         Ok(Outcome { dispatches, next_retry_at: self.next_retry_at })
     }
+}
+
+/// The start a worker reported (by its clock), kept between the step's enqueue and now,
+/// so clock skew can never order a start before its enqueue or after its report.
+fn reported_start(unix_ms: i64, step: &StepRow) -> Option<DateTime<Utc>> {
+    let at = DateTime::from_timestamp_millis(unix_ms).filter(|_| unix_ms > 0)?;
+    let now = Utc::now();
+    let earliest = step.enqueued_at.unwrap_or(now).min(now);
+    Some(at.clamp(earliest, now))
 }

@@ -32,6 +32,7 @@ struct Runner {
     publisher: Publisher,
     worker_id: String,
     metrics: Metrics,
+    started_report_after: Duration,
 }
 
 impl Worker {
@@ -92,6 +93,7 @@ async fn consume_all(
         publisher: broker.publisher().await?,
         worker_id: worker_id.to_owned(),
         metrics: metrics.clone(),
+        started_report_after: settings.started_report_after,
     };
     let local = stop.child_token();
     let mut set = JoinSet::new();
@@ -156,18 +158,35 @@ impl Runner {
             let _ = ack.reject().await;
             return;
         };
+        let started_at_unix_ms = chrono::Utc::now().timestamp_millis();
         let report = |outcome| StepReport {
             task_id: exec.task_id.clone(),
             step_id: exec.step_id.clone(),
             attempt: exec.attempt,
             worker_id: self.worker_id.clone(),
             outcome: Some(outcome),
+            started_at_unix_ms,
         };
-        let started = [Command::Report(report(Outcome::Started(Started {})))];
-        let (started, outcome) = tokio::join!(self.publisher.send(&started), self.run_handler(&exec));
-        if let Err(error) = started {
-            tracing::warn!(%error, step_id = exec.step_id, "could not report the start of a step");
-        }
+        // A quick step's start travels with its outcome; a longer one is reported started
+        // once it has run for `started_report_after`, while it goes on running.
+        let run = self.run_handler(&exec);
+        tokio::pin!(run);
+        let quick = if self.started_report_after.is_zero() {
+            None
+        } else {
+            tokio::time::timeout(self.started_report_after, &mut run).await.ok()
+        };
+        let outcome = match quick {
+            Some(outcome) => outcome,
+            None => {
+                let started = [Command::Report(report(Outcome::Started(Started {})))];
+                let (started, outcome) = tokio::join!(self.publisher.send(&started), run);
+                if let Err(error) = started {
+                    tracing::warn!(%error, step_id = exec.step_id, "could not report the start of a step");
+                }
+                outcome
+            }
+        };
         self.metrics.executed.inc();
         if matches!(outcome, Outcome::Failed(_)) {
             self.metrics.failed.inc();

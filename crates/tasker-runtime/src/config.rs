@@ -157,6 +157,11 @@ pub struct WorkerConfig {
     /// How long in-flight steps may take to finish at shutdown.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// A step still running after this long is reported `started` on its own; a quicker
+    /// one's start is reported with its outcome (one message and one orchestrator
+    /// transaction fewer per step). Zero reports every start at once.
+    #[serde(with = "humantime_serde")]
+    pub started_report_after: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -167,6 +172,7 @@ impl Default for WorkerConfig {
             concurrency: 16,
             id: None,
             drain_timeout: Duration::from_secs(30),
+            started_report_after: Duration::from_millis(100),
         }
     }
 }

@@ -79,6 +79,8 @@ pub struct StepChange {
     pub error: Option<String>,
     /// When the next attempt is due (waiting_for_retry).
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// When the attempt began, if known better than "now" (in_progress).
+    pub started_at: Option<DateTime<Utc>>,
 }
 
 /// A parameter of a buffered write, owned until the pipeline that sends it.
@@ -241,7 +243,7 @@ impl Tx {
                 step.enqueued_at = Some(now);
                 step.next_attempt_at = None;
             }
-            StepState::InProgress => step.started_at = Some(now),
+            StepState::InProgress => step.started_at = Some(change.started_at.unwrap_or(now)),
             StepState::WaitingForRetry => step.next_attempt_at = change.next_attempt_at,
             StepState::Complete | StepState::Error | StepState::ResolvedManually | StepState::Cancelled => {
                 step.completed_at = Some(now)

@@ -144,3 +144,45 @@ async fn watch_task_streams_the_history_and_live_events_until_final() {
     system.stop().await;
     env.cleanup().await;
 }
+
+const SLOW_THEN_QUICK: &str = r#"
+namespace: timing
+name: slow_then_quick
+version: 1.0.0
+steps:
+  - { name: slow, handler: sleep, config: { ms: 1500 } }
+  - { name: quick, handler: noop, depends_on: [slow] }
+"#;
+
+/// Workers report a step's start on its own only once it has run a while (100 ms by
+/// default); a quick step's start comes with its outcome. Either way the start is
+/// recorded, in order, at the time the worker began.
+#[tokio::test]
+async fn a_long_step_shows_in_progress_while_it_runs_and_every_start_is_recorded() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![WorkerSpec::new("w1", &["timing"])]).await;
+    system.register(&env, SLOW_THEN_QUICK).await;
+    let task = system.submit("timing", "slow_then_quick", json!({})).await;
+
+    // while the slow step runs, it is in progress and the task is not finished
+    let running = system.wait_for(&task.id, |t| steps_by_name(t)["slow"].status() == pb::StepStatus::InProgress).await;
+    assert_eq!(running.status(), pb::TaskStatus::InProgress);
+    assert!(steps_by_name(&running)["slow"].completed_at.is_none());
+
+    let done = system.wait_final(&task.id).await;
+    assert_eq!(done.status(), pb::TaskStatus::Complete);
+    let steps = steps_by_name(&done);
+    for step in steps.values() {
+        assert_eq!(path(step), ["pending", "enqueued", "in_progress", "complete"], "{}", step.name);
+        let enqueued = step.transitions.iter().find(|t| t.to_state == "enqueued").unwrap();
+        assert!(ts(&enqueued.created_at) <= ts(&step.started_at), "{} started before it was enqueued", step.name);
+        assert!(ts(&step.started_at) <= ts(&step.completed_at), "{}", step.name);
+    }
+    // the slow step's start is when the worker began, not when its report arrived
+    let (slow, quick) = (steps["slow"], steps["quick"]);
+    let ran = ts(&slow.completed_at) - ts(&slow.started_at);
+    assert!(ran >= chrono::Duration::milliseconds(1500), "slow step recorded as running only {ran}");
+    assert!(ts(&quick.started_at) >= ts(&slow.completed_at));
+    system.stop().await;
+    env.cleanup().await;
+}

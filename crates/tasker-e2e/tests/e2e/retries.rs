@@ -258,6 +258,7 @@ steps:
         attempt: 1,
         worker_id: "rogue".into(),
         outcome: Some(outcome),
+        started_at_unix_ms: 0,
     };
     publisher.send(&[Command::Report(report(Outcome::Started(Started {})))]).await.unwrap();
     taken.ack.ack().await.unwrap();

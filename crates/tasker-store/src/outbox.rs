@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::{AsyncMessage, NoTls, types::ToSql};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -39,7 +39,7 @@ impl OutboxBatch {
     /// Deletes the relayed rows and commits.
     pub async fn complete(mut self) -> Result<()> {
         let ids: Vec<i64> = self.rows.iter().map(|r| r.id).collect();
-        self.tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids]).await?;
+        self.tx.push_write("DELETE FROM outbox WHERE id = ANY($1)", vec![Box::new(ids)]);
         self.tx.commit().await
     }
 }
@@ -49,14 +49,26 @@ impl Store {
     /// lock; an empty batch when there is nothing to relay.
     pub async fn claim_outbox(&self, limit: i64) -> Result<Option<OutboxBatch>> {
         let mut tx = self.begin().await?;
-        let locked: bool = tx.query("SELECT pg_try_advisory_xact_lock($1)", &[&RELAY_LOCK]).await?[0].get(0);
+        // one round trip: the rows are read only to be thrown away when the lock is taken
+        let (lock, rows): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) = ([&RELAY_LOCK], [&limit]);
+        let mut results = tx
+            .round_trip(
+                &[
+                    ("SELECT pg_try_advisory_xact_lock($1)", &lock),
+                    ("SELECT id, event_id, routing_key, payload FROM outbox ORDER BY id LIMIT $1", &rows),
+                ],
+                false,
+            )
+            .await?
+            .into_iter();
+        let locked: bool = results.next().and_then(|r| r.first().map(|r| r.get(0))).unwrap_or(false);
         if !locked {
             tx.rollback().await?;
             return Ok(None);
         }
-        let rows = tx
-            .query("SELECT id, event_id, routing_key, payload FROM outbox ORDER BY id LIMIT $1", &[&limit])
-            .await?
+        let rows = results
+            .next()
+            .unwrap_or_default()
             .iter()
             .map(|r| OutboxRow { id: r.get(0), event_id: r.get(1), routing_key: r.get(2), payload: r.get(3) })
             .collect();

@@ -172,11 +172,6 @@ impl Tx {
         Ok(self.round_trip(&[(sql, params)], false).await?.pop().unwrap_or_default())
     }
 
-    /// Writes what is buffered and runs one statement, in one round trip.
-    pub(crate) async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<()> {
-        self.query(sql, params).await.map(drop)
-    }
-
     /// Buffers a statement to send with the next round trip, before the buffered rows.
     pub(crate) fn push_write(&mut self, sql: impl Into<Cow<'static, str>>, params: Vec<Param>) {
         self.writes.push(Write { sql: sql.into(), params });

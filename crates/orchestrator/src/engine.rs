@@ -1,13 +1,14 @@
 //! The workflow engine: applies a batch of work items in one transaction and returns the
 //! step executions to publish once it commits.
 //!
-//! A batch costs three round trips to Postgres, whatever its size: (1) lock the tasks and
-//! load the steps the items name; apply every item to those rows in memory (transitions
-//! are buffered); (2) write them, release the children of every completed step, read the
-//! ready steps and count progress for every task; enqueue what became ready and settle the
-//! tasks in memory; (3) write that, read the dispatch data and commit. Every item is re-checked under the task lock: reports
-//! are fenced by attempt and state, so duplicates, stale and late reports are dropped (and
-//! counted), never applied twice.
+//! A batch costs two round trips to Postgres, whatever its size. (1) Lock the tasks and,
+//! under the locks, read the steps the items name, the children of the steps reported
+//! complete, the ready steps of tasks to evaluate and every task's progress counts. Then,
+//! in memory: apply every item (transitions are buffered), count down the children of
+//! each completed step, enqueue what became ready, keep the progress counts true and
+//! settle the tasks by them. (2) Write it all, read what the executions carry, and commit.
+//! Every item is re-checked under the task lock: reports are fenced by attempt and state,
+//! so duplicates, stale and late reports are dropped (and counted), never applied twice.
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use tasker_domain::{Backoff, FailureDecision, FailureKind, Limits, StepState, TaskState, backoff::decide};
 use tasker_proto::messages::{StepReport, step_report::Outcome as Reported};
-use tasker_store::{Dispatch, StepChange, StepRow, Store, TaskHead, Tx};
+use tasker_store::{Dispatch, Progress, StepChange, StepRow, Store, TaskHead, Tx};
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
@@ -71,15 +72,25 @@ impl Engine {
         let mut tx = self.store.begin().await?;
         let task_ids: Vec<Uuid> = items.iter().map(|(task, _)| *task).collect();
         let step_ids: Vec<Uuid> = items.iter().filter_map(|(_, w)| w.step_id()).collect();
-        let (tasks, steps) = tx.lock_batch(&task_ids, &step_ids).await?;
+        let completed: Vec<Uuid> = items
+            .iter()
+            .filter_map(|(_, w)| match w {
+                Work::Report(r) if matches!(r.outcome, Some(Reported::Completed(_))) => w.step_id(),
+                _ => None,
+            })
+            .collect();
+        let evaluate: Vec<Uuid> =
+            items.iter().filter(|(_, w)| matches!(w, Work::Evaluate)).map(|(task, _)| *task).collect();
+        let loaded = tx.load_batch(&task_ids, &step_ids, &completed, &evaluate).await?;
         let mut batch = Batch {
             engine: self,
             tx,
-            tasks,
-            steps,
+            tasks: loaded.tasks,
+            steps: loaded.steps,
+            children: loaded.children,
+            progress: loaded.progress,
             touched: HashSet::new(),
-            evaluate: Vec::new(),
-            completed: Vec::new(),
+            ready: loaded.ready,
             enqueued: Vec::new(),
             republished: Vec::new(),
             next_retry_at: None,
@@ -98,12 +109,15 @@ struct Batch<'a> {
     tasks: HashMap<Uuid, TaskHead>,
     /// Every step the batch has read, as it is now.
     steps: HashMap<Uuid, StepRow>,
+    /// The children of the steps reported complete.
+    children: HashMap<Uuid, Vec<Uuid>>,
+    /// Each task's counts over its unfinished steps, kept true as steps change.
+    progress: HashMap<Uuid, Progress>,
     /// Tasks to settle at the end.
     touched: HashSet<Uuid>,
-    /// Tasks whose ready steps to dispatch.
-    evaluate: Vec<Uuid>,
-    /// Steps completed in this batch: their children are released together.
-    completed: Vec<Uuid>,
+    /// Steps that may be ready to enqueue: of evaluated tasks, and children whose last
+    /// parent completed (re-checked at the end).
+    ready: Vec<Uuid>,
     /// Steps enqueued in this batch, to dispatch after commit.
     enqueued: Vec<Uuid>,
     /// Steps whose current attempt is published again.
@@ -135,9 +149,7 @@ impl Batch<'_> {
         if task.status == TaskState::Pending {
             self.tx.transition_task(task, TaskState::InProgress, json!({}))?;
         }
-        if task.status == TaskState::InProgress {
-            self.evaluate.push(task_id);
-        }
+        // its ready steps were read with the batch and are enqueued at the end
         Ok(())
     }
 
@@ -158,8 +170,48 @@ impl Batch<'_> {
         if to == StepState::Enqueued {
             self.enqueued.push(step.id);
         }
-        self.steps.insert(step.id, step.clone());
+        self.replace(step.clone());
         Ok(())
+    }
+
+    /// Debug builds (the tests) check the counts kept in memory against the database
+    /// (one more round trip, before commit).
+    #[cfg(debug_assertions)]
+    async fn check_progress(&mut self, open: &[Uuid]) -> tasker_store::Result<()> {
+        if open.is_empty() {
+            return Ok(());
+        }
+        let stored = self.tx.progress(open).await?;
+        for id in open {
+            let kept = self.progress.get(id).copied().unwrap_or_default();
+            let counted = stored.get(id).copied().unwrap_or_default();
+            assert_eq!(kept, counted, "progress of task {id} kept in memory differs from the database");
+        }
+        Ok(())
+    }
+
+    /// Puts the step's new version in place, keeping its task's progress counts true.
+    fn replace(&mut self, step: StepRow) {
+        let progress = self.progress.entry(step.task_id).or_default();
+        if let Some(before) = self.steps.get(&step.id) {
+            progress.count(before, -1);
+        }
+        progress.count(&step, 1);
+        self.steps.insert(step.id, step);
+    }
+
+    /// Counts a completed step as done for each of its children; a child whose last
+    /// parent this was becomes ready.
+    fn release_children(&mut self, step_id: Uuid) {
+        for child_id in self.children.get(&step_id).cloned().unwrap_or_default() {
+            let Some(mut child) = self.steps.get(&child_id).cloned() else { continue };
+            child.pending_parents -= 1;
+            self.tx.parents_done(&child);
+            if child.pending_parents == 0 {
+                self.ready.push(child.id);
+            }
+            self.replace(child);
+        }
     }
 
     fn drop_stale(&self, task_id: Uuid, step: Uuid, attempt: u32, why: &str) {
@@ -209,7 +261,7 @@ impl Batch<'_> {
                         let change = StepChange { results: Some(results), ..Default::default() };
                         self.transition(&mut step, StepState::Complete, worker, change)?;
                         self.engine.metrics.completed();
-                        self.completed.push(step.id);
+                        self.release_children(step.id);
                         Ok(())
                     }
                     Err(problem) => self.fail(&mut step, FailureKind::Permanent, &problem, None, worker),
@@ -325,34 +377,30 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Two more round trips. First: write what the items changed, release the children of
-    /// the completed steps, read the ready steps of evaluated tasks and count every open
-    /// task's progress. Then: enqueue what is ready, settle the tasks, and in the last
-    /// round trip write it all, read the dispatch data and commit.
+    /// Enqueues what is ready, settles the tasks by their progress counts, then the
+    /// second round trip: writes it all, reads the dispatch data and commits.
     async fn finish(mut self) -> tasker_store::Result<Outcome> {
-        let completed = std::mem::take(&mut self.completed);
-        let evaluate = std::mem::take(&mut self.evaluate);
-        let open: Vec<Uuid> =
-            self.touched.iter().copied().filter(|id| self.tasks[id].status == TaskState::InProgress).collect();
-        let settled = self.tx.settle(&completed, &evaluate, &open).await?;
-
         let mut seen = HashSet::new();
-        for mut step in settled.ready {
+        for id in std::mem::take(&mut self.ready) {
+            let Some(mut step) = self.steps.get(&id).cloned() else { continue };
             let open = self.tasks.get(&step.task_id).is_some_and(|t| t.status == TaskState::InProgress);
-            if open && step.status == StepState::Pending && seen.insert(step.id) {
+            let ready = step.status == StepState::Pending && step.pending_parents == 0;
+            if open && ready && seen.insert(id) {
                 self.transition(&mut step, StepState::Enqueued, json!({}), StepChange::default())?;
             }
         }
-        // Released children count as ready in the progress, so a task with any step
-        // enqueued above is neither complete nor stuck.
+        let open: Vec<Uuid> =
+            self.touched.iter().copied().filter(|id| self.tasks[id].status == TaskState::InProgress).collect();
+        #[cfg(debug_assertions)]
+        self.check_progress(&open).await?;
         for task_id in open {
             let task = self.tasks.get_mut(&task_id).expect("locked task");
-            match settled.progress.get(&task_id) {
-                None => self.tx.transition_task(task, TaskState::Complete, json!({}))?,
-                Some(p) if p.is_stuck() => {
+            match self.progress.get(&task_id).copied().unwrap_or_default() {
+                p if p.is_complete() => self.tx.transition_task(task, TaskState::Complete, json!({}))?,
+                p if p.is_stuck() => {
                     self.tx.transition_task(task, TaskState::Error, json!({ "unfinished_steps": p.unfinished }))?
                 }
-                Some(_) => {}
+                _ => {}
             }
         }
 

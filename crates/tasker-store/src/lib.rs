@@ -25,7 +25,7 @@ use tokio_postgres::NoTls;
 pub use counter::statements_executed;
 pub use error::{Error, Result};
 pub use operator::Actor;
-pub use orchestration::{Dispatch, Progress, Settled, StepRow, TaskHead};
+pub use orchestration::{Dispatch, Loaded, Progress, StepRow, TaskHead};
 pub use outbox::{OutboxBatch, OutboxListener, OutboxRow};
 pub use rows::{EdgeRow, StepView, TaskRow, TaskView, TransitionRow};
 pub use tasks::{CreateOutcome, NewTask, TaskFilter, TaskPage};

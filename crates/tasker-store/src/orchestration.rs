@@ -9,7 +9,7 @@ use tasker_domain::{StepState, TaskState, event::EventSubject};
 use tokio_postgres::{Row, types::ToSql};
 use uuid::Uuid;
 
-use crate::{Error, Result, Store, Tx};
+use crate::{Error, Result, Store, Tx, tx::Read};
 
 /// A locked task: what the engine needs to decide and to label events.
 #[derive(Debug, Clone)]
@@ -63,6 +63,9 @@ const STEP_COLUMNS: &str = "s.id, s.task_id, s.name, s.handler, s.handler_config
     s.enqueued_at, s.started_at, s.completed_at, \
     COALESCE((SELECT t.sort_key FROM workflow_step_transitions t WHERE t.workflow_step_id = s.id AND t.most_recent), 0)";
 
+/// How many columns `STEP_COLUMNS` has (a query may add its own after them).
+const STEP_COLUMN_COUNT: usize = 17;
+
 fn step_row(row: &Row) -> Result<StepRow> {
     Ok(StepRow {
         id: row.get(0),
@@ -86,7 +89,7 @@ fn step_row(row: &Row) -> Result<StepRow> {
 }
 
 /// How far a task has got: counts over its unfinished steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Progress {
     /// Steps neither complete nor resolved.
     pub unfinished: i64,
@@ -105,6 +108,18 @@ impl Progress {
     /// Nothing is running or can run, yet steps are unfinished: a step failed.
     pub fn is_stuck(&self) -> bool {
         self.unfinished > 0 && self.active == 0 && self.ready == 0
+    }
+
+    /// Counts a step as it is now (`sign` 1), or stops counting it as it was (`sign` -1):
+    /// keeps the counts true in memory as a batch changes steps (the same rules as the
+    /// `PROGRESS` query).
+    pub fn count(&mut self, step: &StepRow, sign: i64) {
+        let unfinished = !matches!(step.status, StepState::Complete | StepState::ResolvedManually);
+        let active = matches!(step.status, StepState::Enqueued | StepState::InProgress | StepState::WaitingForRetry);
+        let ready = step.status == StepState::Pending && step.pending_parents == 0;
+        self.unfinished += sign * i64::from(unfinished);
+        self.active += sign * i64::from(active);
+        self.ready += sign * i64::from(ready);
     }
 }
 
@@ -193,14 +208,18 @@ fn progress_by_task(rows: &[Row]) -> HashMap<Uuid, Progress> {
     rows.iter().map(|r| (r.get(0), Progress { unfinished: r.get(1), active: r.get(2), ready: r.get(3) })).collect()
 }
 
-/// What an orchestrator batch learns in its middle round trip.
+/// What an orchestrator batch reads in its first round trip, under the task locks.
 #[derive(Debug, Default)]
-pub struct Settled {
-    /// Pending steps whose parents are now all done: children of the completed steps and
-    /// ready steps of the evaluated tasks (a step may appear twice).
-    pub ready: Vec<StepRow>,
-    /// Counts over the unfinished steps of each task asked about (a task with none is
-    /// absent: it is complete).
+pub struct Loaded {
+    pub tasks: HashMap<Uuid, TaskHead>,
+    /// Every step read: those the items name, the children of the steps reported
+    /// complete, and the ready steps of the tasks to evaluate.
+    pub steps: HashMap<Uuid, StepRow>,
+    /// The children of each step reported complete.
+    pub children: HashMap<Uuid, Vec<Uuid>>,
+    /// The ready steps of the tasks to evaluate, in dispatch order.
+    pub ready: Vec<Uuid>,
+    /// Counts over the unfinished steps of each task (a task with none is absent).
     pub progress: HashMap<Uuid, Progress>,
 }
 
@@ -233,6 +252,65 @@ impl Tx {
         let steps =
             rows.next().unwrap_or_default().iter().map(|r| step_row(r).map(|s| (s.id, s))).collect::<Result<_>>()?;
         Ok((tasks, steps))
+    }
+
+    /// The first round trip of an orchestrator batch: locks the tasks (in id order) and,
+    /// once the server holds the locks, reads the `steps`, the children of the steps in
+    /// `completed`, the ready steps of the tasks in `evaluate`, and every task's progress.
+    pub async fn load_batch(
+        &mut self,
+        task_ids: &[Uuid],
+        steps: &[Uuid],
+        completed: &[Uuid],
+        evaluate: &[Uuid],
+    ) -> Result<Loaded> {
+        let mut ids = task_ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let (steps_sql, ready_sql) = (steps_sql(), ready_steps_sql());
+        let children_sql = format!(
+            "SELECT {STEP_COLUMNS}, e.from_step_id FROM workflow_step_edges e \
+             JOIN workflow_steps s ON s.id = e.to_step_id WHERE e.from_step_id = ANY($1)"
+        );
+        let (t, st, c, e): (Param1, Param1, Param1, Param1) = ([&ids], [&steps], [&completed], [&evaluate]);
+        let reads = [
+            (LOCK_TASKS, &t[..]),
+            (steps_sql.as_str(), &st[..]),
+            (children_sql.as_str(), &c[..]),
+            (ready_sql.as_str(), &e[..]),
+            (PROGRESS, &t[..]),
+        ];
+        // skip the reads with nothing to read (the lock and progress always run)
+        let wanted = [true, !steps.is_empty(), !completed.is_empty(), !evaluate.is_empty(), true];
+        let reads: Vec<Read> = reads.into_iter().zip(wanted).filter(|(_, w)| *w).map(|(r, _)| r).collect();
+        let mut rows = self.round_trip(&reads, false).await?.into_iter();
+        let mut loaded = Loaded::default();
+        for row in rows.next().unwrap_or_default() {
+            let task = task_head(&row)?;
+            loaded.tasks.insert(task.id, task);
+        }
+        if wanted[1] {
+            for row in rows.next().unwrap_or_default() {
+                let step = step_row(&row)?;
+                loaded.steps.insert(step.id, step);
+            }
+        }
+        if wanted[2] {
+            for row in rows.next().unwrap_or_default() {
+                let child = step_row(&row)?;
+                loaded.children.entry(row.get(STEP_COLUMN_COUNT)).or_default().push(child.id);
+                loaded.steps.entry(child.id).or_insert(child);
+            }
+        }
+        if wanted[3] {
+            for row in rows.next().unwrap_or_default() {
+                let step = step_row(&row)?;
+                loaded.ready.push(step.id);
+                loaded.steps.entry(step.id).or_insert(step);
+            }
+        }
+        loaded.progress = progress_by_task(&rows.next().unwrap_or_default());
+        Ok(loaded)
     }
 
     /// Locks one task; `NotFound` when there is none.
@@ -276,38 +354,6 @@ impl Tx {
             return Ok(Vec::new());
         }
         ready_children(&self.query(&release_children_sql(), &[&step_ids]).await?)
-    }
-
-    /// One round trip: writes what is buffered, releases the children of the `completed`
-    /// steps, reads the ready steps of the `evaluate` tasks, then counts the progress of
-    /// the `open` tasks (after the release, so released children count as ready).
-    pub async fn settle(&mut self, completed: &[Uuid], evaluate: &[Uuid], open: &[Uuid]) -> Result<Settled> {
-        let (release_sql, ready_sql) = (release_children_sql(), ready_steps_sql());
-        let (c, e, o): (Param1, Param1, Param1) = ([&completed], [&evaluate], [&open]);
-        let mut reads = Vec::with_capacity(3);
-        if !completed.is_empty() {
-            reads.push((release_sql.as_str(), &c[..]));
-        }
-        if !evaluate.is_empty() {
-            reads.push((ready_sql.as_str(), &e[..]));
-        }
-        if !open.is_empty() {
-            reads.push((PROGRESS, &o[..]));
-        }
-        let mut rows = self.round_trip(&reads, false).await?.into_iter();
-        let mut settled = Settled::default();
-        if !completed.is_empty() {
-            settled.ready.extend(ready_children(&rows.next().unwrap_or_default())?);
-        }
-        if !evaluate.is_empty() {
-            for row in rows.next().unwrap_or_default() {
-                settled.ready.push(step_row(&row)?);
-            }
-        }
-        if !open.is_empty() {
-            settled.progress = progress_by_task(&rows.next().unwrap_or_default());
-        }
-        Ok(settled)
     }
 
     /// Counts over the unfinished steps of each task (a task with none is absent: it is

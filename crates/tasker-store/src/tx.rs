@@ -43,6 +43,7 @@ struct StepWrite {
     id: Uuid,
     status: &'static str,
     attempts: i32,
+    pending_parents: i32,
     next_attempt_at: Option<DateTime<Utc>>,
     last_error: Option<String>,
     results: Option<String>,
@@ -57,6 +58,7 @@ impl StepRow {
             id: self.id,
             status: self.status.as_str(),
             attempts: self.attempts,
+            pending_parents: self.pending_parents,
             next_attempt_at: self.next_attempt_at,
             last_error: self.last_error.clone(),
             results,
@@ -247,13 +249,7 @@ impl Tx {
         if change.error.is_some() {
             step.last_error = change.error;
         }
-        let results = change.results;
-        if let Some(existing) = self.steps.iter_mut().find(|w| w.id == step.id) {
-            let keep_results = existing.results.take();
-            *existing = step.snapshot(results.or(keep_results));
-        } else {
-            self.steps.push(step.snapshot(results));
-        }
+        self.buffer_step(step, change.results);
         let mut metadata = metadata;
         if let Value::Object(map) = &mut metadata {
             map.insert("attempt".into(), step.attempts.into());
@@ -273,6 +269,22 @@ impl Tx {
             at: now,
         });
         Ok(())
+    }
+
+    /// Buffers a step's counted-down `pending_parents` (its parents completed in memory,
+    /// under the task lock).
+    pub fn parents_done(&mut self, step: &StepRow) {
+        self.buffer_step(step, None);
+    }
+
+    /// Buffers the step's row as it is now, keeping results buffered earlier.
+    fn buffer_step(&mut self, step: &StepRow, results: Option<String>) {
+        if let Some(existing) = self.steps.iter_mut().find(|w| w.id == step.id) {
+            let keep_results = existing.results.take();
+            *existing = step.snapshot(results.or(keep_results));
+        } else {
+            self.steps.push(step.snapshot(results));
+        }
     }
 
     pub(crate) fn push_event(&mut self, task_id: Uuid, event: &CloudEvent) {
@@ -352,6 +364,7 @@ fn steps_write(steps: Vec<StepWrite>) -> Option<Write> {
     let ids: Vec<Uuid> = steps.iter().map(|s| s.id).collect();
     let status: Vec<&'static str> = steps.iter().map(|s| s.status).collect();
     let attempts: Vec<i32> = steps.iter().map(|s| s.attempts).collect();
+    let pending_parents: Vec<i32> = steps.iter().map(|s| s.pending_parents).collect();
     let next: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.next_attempt_at).collect();
     let set_results: Vec<bool> = steps.iter().map(|s| s.results.is_some()).collect();
     let enqueued: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.enqueued_at).collect();
@@ -365,11 +378,11 @@ fn steps_write(steps: Vec<StepWrite>) -> Option<Write> {
                next_attempt_at = u.next_attempt_at, last_error = u.last_error::jsonb, \
                results = CASE WHEN u.set_results THEN u.results::jsonb ELSE s.results END, \
                enqueued_at = u.enqueued_at, started_at = u.started_at, completed_at = u.completed_at, \
-               updated_at = now() \
+               pending_parents = u.pending_parents, updated_at = now() \
              FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::timestamptz[], $5::text[], $6::bool[], \
-                         $7::text[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[]) \
+                         $7::text[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::int4[]) \
                AS u(id, status, attempts, next_attempt_at, last_error, set_results, results, \
-                    enqueued_at, started_at, completed_at) \
+                    enqueued_at, started_at, completed_at, pending_parents) \
              WHERE s.id = u.id",
         ),
         params: vec![
@@ -383,6 +396,7 @@ fn steps_write(steps: Vec<StepWrite>) -> Option<Write> {
             boxed(enqueued),
             boxed(started),
             boxed(completed),
+            boxed(pending_parents),
         ],
     })
 }

@@ -118,6 +118,7 @@ async fn relay_batch(
     let Some(batch) = store.claim_outbox(limit).await? else { return Ok(None) };
     let n = batch.rows.len();
     if n == 0 {
+        batch.release().await?;
         return Ok(Some(0));
     }
     if let Some(oldest) = batch.rows.first() {

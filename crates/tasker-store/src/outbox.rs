@@ -29,13 +29,19 @@ pub struct OutboxRow {
 }
 
 /// Rows claimed for relaying. Call [`OutboxBatch::complete`] once every row is confirmed
-/// by the broker; dropping the batch releases the rows for another try.
+/// by the broker, or [`OutboxBatch::release`] to relay nothing; dropping the batch (on an
+/// error) closes its connection, which releases the rows and the lock too, but later.
 pub struct OutboxBatch {
     tx: Tx,
     pub rows: Vec<OutboxRow>,
 }
 
 impl OutboxBatch {
+    /// Gives the rows back without relaying them (and releases the relay lock at once).
+    pub async fn release(self) -> Result<()> {
+        self.tx.rollback().await
+    }
+
     /// Deletes the relayed rows and commits.
     pub async fn complete(mut self) -> Result<()> {
         let ids: Vec<i64> = self.rows.iter().map(|r| r.id).collect();

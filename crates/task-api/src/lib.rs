@@ -99,7 +99,7 @@ impl TaskApi {
             .add_service(TemplateServiceServer::new(templates))
             .add_service(TaskServiceServer::new(tasks))
             .add_service(StepServiceServer::new(steps))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stop.clone().cancelled_owned())
+            .serve_with_incoming_shutdown(incoming(grpc), stop.clone().cancelled_owned())
             .await
             .context("gRPC server");
         stop.cancel();
@@ -107,4 +107,19 @@ impl TaskApi {
         let _ = broker.close().await;
         served
     }
+}
+
+/// The accepted connections, with Nagle's algorithm off: tonic sets `TCP_NODELAY` only on
+/// listeners it binds itself, and with it on, a response written while an earlier one on
+/// the same HTTP/2 connection is unacknowledged waits for the client's delayed ACK (up to
+/// 40 ms on Linux): concurrent requests on one channel were each that much slower.
+fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
 }

@@ -16,7 +16,7 @@ pub enum Error {
     InvalidArgument(String),
     #[error(transparent)]
     IllegalTransition(#[from] IllegalTransition),
-    #[error("database: {0}")]
+    #[error("database: {}", describe(.0))]
     Database(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
@@ -41,6 +41,14 @@ impl Error {
     /// being wrong: worth retrying later.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Error::Database(_) | Error::Pool(_) | Error::Migrate(_))
+    }
+}
+
+/// The server's message when it sent one (tokio-postgres shows only "db error").
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
     }
 }
 

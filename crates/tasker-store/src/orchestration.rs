@@ -143,9 +143,15 @@ pub struct Dispatch {
 /// The parameters of a one-parameter statement.
 type Param1<'a> = [&'a (dyn ToSql + Sync); 1];
 
-const LOCK_TASKS: &str = "SELECT t.id, t.status, t.namespace, t.name, t.version, t.started_at, t.completed_at, \
-       COALESCE((SELECT tt.sort_key FROM task_transitions tt WHERE tt.task_id = t.id AND tt.most_recent), 0) \
+/// Locks the tasks. Only columns of `tasks` itself: a row lock that waited re-reads the
+/// locked row at its latest version, but anything else in the statement (a subquery on
+/// the transitions, say) keeps the snapshot from before the wait.
+const LOCK_TASKS: &str = "SELECT t.id, t.status, t.namespace, t.name, t.version, t.started_at, t.completed_at \
      FROM tasks t WHERE t.id = ANY($1) ORDER BY t.id FOR UPDATE OF t";
+
+/// The tasks' last transition sort keys: a statement of its own after the lock, so it sees
+/// whatever the previous holder of the lock committed.
+const TASK_SORT_KEYS: &str = "SELECT task_id, sort_key FROM task_transitions WHERE task_id = ANY($1) AND most_recent";
 
 fn task_head(row: &Row) -> Result<TaskHead> {
     Ok(TaskHead {
@@ -156,7 +162,7 @@ fn task_head(row: &Row) -> Result<TaskHead> {
         version: row.get(4),
         started_at: row.get(5),
         completed_at: row.get(6),
-        last_sort_key: row.get(7),
+        last_sort_key: 0,
     })
 }
 
@@ -227,31 +233,7 @@ impl Tx {
     /// Locks the tasks (in id order, so concurrent batches cannot deadlock) and returns
     /// them by id. Unknown ids are left out.
     pub async fn lock_tasks(&mut self, ids: &[Uuid]) -> Result<HashMap<Uuid, TaskHead>> {
-        Ok(self.lock_batch(ids, &[]).await?.0)
-    }
-
-    /// Locks the tasks (in id order) and reads the steps, in one round trip (the server
-    /// reads the steps once it holds the locks). Unknown ids are left out.
-    pub async fn lock_batch(
-        &mut self,
-        task_ids: &[Uuid],
-        step_ids: &[Uuid],
-    ) -> Result<(HashMap<Uuid, TaskHead>, HashMap<Uuid, StepRow>)> {
-        let mut ids = task_ids.to_vec();
-        ids.sort_unstable();
-        ids.dedup();
-        let steps_sql = steps_sql();
-        let (lock, steps): (Param1, Param1) = ([&ids], [&step_ids]);
-        let mut reads = vec![(LOCK_TASKS, &lock[..])];
-        if !step_ids.is_empty() {
-            reads.push((steps_sql.as_str(), &steps[..]));
-        }
-        let mut rows = self.round_trip(&reads, false).await?.into_iter();
-        let tasks =
-            rows.next().unwrap_or_default().iter().map(|r| task_head(r).map(|t| (t.id, t))).collect::<Result<_>>()?;
-        let steps =
-            rows.next().unwrap_or_default().iter().map(|r| step_row(r).map(|s| (s.id, s))).collect::<Result<_>>()?;
-        Ok((tasks, steps))
+        Ok(self.load_batch(ids, &[], &[], &[]).await?.tasks)
     }
 
     /// The first round trip of an orchestrator batch: locks the tasks (in id order) and,
@@ -275,13 +257,14 @@ impl Tx {
         let (t, st, c, e): (Param1, Param1, Param1, Param1) = ([&ids], [&steps], [&completed], [&evaluate]);
         let reads = [
             (LOCK_TASKS, &t[..]),
+            (TASK_SORT_KEYS, &t[..]),
             (steps_sql.as_str(), &st[..]),
             (children_sql.as_str(), &c[..]),
             (ready_sql.as_str(), &e[..]),
             (PROGRESS, &t[..]),
         ];
-        // skip the reads with nothing to read (the lock and progress always run)
-        let wanted = [true, !steps.is_empty(), !completed.is_empty(), !evaluate.is_empty(), true];
+        // skip the reads with nothing to read (the lock, sort keys and progress always run)
+        let wanted = [true, true, !steps.is_empty(), !completed.is_empty(), !evaluate.is_empty(), true];
         let reads: Vec<Read> = reads.into_iter().zip(wanted).filter(|(_, w)| *w).map(|(r, _)| r).collect();
         let mut rows = self.round_trip(&reads, false).await?.into_iter();
         let mut loaded = Loaded::default();
@@ -289,20 +272,25 @@ impl Tx {
             let task = task_head(&row)?;
             loaded.tasks.insert(task.id, task);
         }
-        if wanted[1] {
+        for row in rows.next().unwrap_or_default() {
+            if let Some(task) = loaded.tasks.get_mut(&row.get::<_, Uuid>(0)) {
+                task.last_sort_key = row.get(1);
+            }
+        }
+        if wanted[2] {
             for row in rows.next().unwrap_or_default() {
                 let step = step_row(&row)?;
                 loaded.steps.insert(step.id, step);
             }
         }
-        if wanted[2] {
+        if wanted[3] {
             for row in rows.next().unwrap_or_default() {
                 let child = step_row(&row)?;
                 loaded.children.entry(row.get(STEP_COLUMN_COUNT)).or_default().push(child.id);
                 loaded.steps.entry(child.id).or_insert(child);
             }
         }
-        if wanted[3] {
+        if wanted[4] {
             for row in rows.next().unwrap_or_default() {
                 let step = step_row(&row)?;
                 loaded.ready.push(step.id);

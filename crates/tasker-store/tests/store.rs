@@ -166,3 +166,47 @@ async fn illegal_transitions_are_refused_and_nothing_is_written() {
     drop(db);
     env.cleanup().await;
 }
+
+/// A writer that waited for a task's lock sees what the holder committed: its transition
+/// follows the holder's (the next sort key), it does not collide with it.
+#[tokio::test]
+async fn a_writer_that_waited_for_the_lock_continues_the_history() {
+    let env = TestEnv::new().await;
+    let (store, task_id) = setup(&env).await;
+
+    let mut first = store.begin().await.unwrap();
+    let mut task = first.lock_task(task_id).await.unwrap();
+    first.transition_task(&mut task, TaskState::InProgress, json!({})).unwrap();
+
+    let waiting = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let mut second = store.begin().await.unwrap();
+            let mut task = second.lock_task(task_id).await.unwrap();
+            assert_eq!(task.status, TaskState::InProgress, "the waiter sees the committed status");
+            second.transition_task(&mut task, TaskState::Cancelled, json!({})).unwrap();
+            second.commit().await
+        }
+    });
+    // let the second transaction reach the lock and wait on it
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished());
+    first.commit().await.unwrap();
+    waiting.await.unwrap().unwrap();
+
+    let db = env.database().await;
+    let rows = db
+        .query(
+            "SELECT to_state, sort_key, most_recent FROM task_transitions WHERE task_id = $1 ORDER BY sort_key",
+            &[&task_id],
+        )
+        .await
+        .unwrap();
+    let history: Vec<(String, i32, bool)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        history,
+        [("pending".into(), 1, false), ("in_progress".into(), 2, false), ("cancelled".into(), 3, true)]
+    );
+    drop(db);
+    env.cleanup().await;
+}

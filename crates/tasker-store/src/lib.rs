@@ -2,10 +2,10 @@
 //! advisory-locked) and every SQL statement the services run (deadpool-postgres, prepared
 //! statements). Nothing outside this crate writes SQL.
 //!
-//! State changes go through a [`Tx`]: it holds the task row locks, writes status columns
-//! immediately and buffers transition rows and outbox events, which it writes in a few
-//! batched statements just before it commits, so a change, its audit row and its event
-//! always commit together.
+//! State changes go through a [`Tx`]: it holds the task row locks and buffers status
+//! changes, transition rows and outbox events, which it writes in a few batched statements
+//! sent with its next read or its commit (one pipeline, one round trip), so a change, its
+//! audit row and its event always commit together.
 
 mod counter;
 mod error;

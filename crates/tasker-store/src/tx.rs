@@ -135,15 +135,12 @@ impl Tx {
         let writes = self.take_writes();
         let client = self.client.as_ref().expect("transaction is open");
         // prepared statements are cached per connection: after the first use these are
-        // look-ups, so everything below goes out back to back
-        let mut write_statements = Vec::with_capacity(writes.len());
-        for write in &writes {
-            write_statements.push(client.statement(&write.sql).await?);
-        }
-        let mut read_statements = Vec::with_capacity(reads.len());
-        for (sql, _) in reads {
-            read_statements.push(client.statement(sql).await?);
-        }
+        // look-ups (a new connection prepares them all in one pipelined round trip), so
+        // everything below goes out back to back
+        let (write_statements, read_statements) = futures::try_join!(
+            try_join_all(writes.iter().map(|w| client.statement(&w.sql))),
+            try_join_all(reads.iter().map(|(sql, _)| client.statement(sql))),
+        )?;
         let write_params: Vec<Vec<&(dyn ToSql + Sync)>> =
             writes.iter().map(|w| w.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect()).collect();
         let notify = commit && self.notify;

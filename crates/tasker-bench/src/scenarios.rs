@@ -169,9 +169,15 @@ impl Bench {
     /// B4: CreateTask for a 7-step template, 16 clients (its namespace has no worker).
     pub async fn b4(&self) -> anyhow::Result<Vec<Figure>> {
         let total = if self.quick { 300 } else { 2_000 };
+        let cpu_before = crate::cpu::snapshot();
         let start = Instant::now();
         let submitted = self.submit_many("bench_idle", "diamond7", total, 16).await?;
         let elapsed = start.elapsed();
+        eprintln!(
+            "  B4 creating ({:.1} s): {}",
+            elapsed.as_secs_f64(),
+            crate::cpu::used(&cpu_before, &crate::cpu::snapshot())
+        );
         let mut latencies = Latencies::new();
         for (_, _, took) in &submitted {
             latencies.record(*took);

@@ -46,6 +46,16 @@ impl Dispatcher {
         }
     }
 
+    /// Whether the executions of a namespace's stale steps should be published again: only
+    /// when its queue is served and has nothing waiting. Messages waiting (a backlog) or no
+    /// worker at all mean the executions may simply not have been taken yet; publishing
+    /// them again would only pile up copies. Once the queue is served and drained, a step
+    /// still enqueued lost its execution.
+    pub async fn is_drained_and_served(&self, namespace: &str) -> tasker_messaging::Result<bool> {
+        let queue = self.broker.topology().steps_queue(namespace);
+        Ok(self.broker.queue_state(&queue).await?.is_some_and(|q| q.consumers > 0 && q.ready == 0))
+    }
+
     /// Declares the step queue of each namespace not declared yet by this process (the
     /// lock is not held across the broker round trip; declaring twice is harmless).
     async fn declare(&self, dispatches: &[Dispatch]) -> tasker_messaging::Result<()> {

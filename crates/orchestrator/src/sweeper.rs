@@ -2,6 +2,8 @@
 //! indexed, lock-free queries); the engine re-checks each under its task lock, so several
 //! orchestrator replicas can run them at once.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use tasker_runtime::OrchestratorConfig;
 use tasker_store::Store;
@@ -87,8 +89,21 @@ async fn sweep(pipeline: &Pipeline, store: &Store, config: &OrchestratorConfig) 
     for task in store.stale_pending_tasks(config.pending_task_timeout, SWEEP_LIMIT).await? {
         items.push((task, Work::Evaluate));
     }
-    for (task, step) in store.stale_enqueued_steps(config.enqueued_step_timeout, SWEEP_LIMIT).await? {
-        items.push((task, Work::Republish { step, older_than: config.enqueued_step_timeout }));
+    let mut checked: HashMap<String, bool> = HashMap::new();
+    for (task, step, namespace) in store.stale_enqueued_steps(config.enqueued_step_timeout, SWEEP_LIMIT).await? {
+        let republish = match checked.get(&namespace) {
+            Some(answer) => *answer,
+            None => {
+                let answer = pipeline.dispatcher.is_drained_and_served(&namespace).await?;
+                if !answer {
+                    tracing::debug!(namespace, "steps enqueued long ago, but their queue has a backlog or no worker");
+                }
+                *checked.entry(namespace).or_insert(answer)
+            }
+        };
+        if republish {
+            items.push((task, Work::Republish { step, older_than: config.enqueued_step_timeout }));
+        }
     }
     for (task, step) in store.overdue_steps(config.timeout_grace, SWEEP_LIMIT).await? {
         items.push((task, Work::Overdue { step, grace: config.timeout_grace }));

@@ -63,3 +63,28 @@ async fn a_lost_step_execution_is_published_again() {
     system.stop().await;
     env.cleanup().await;
 }
+
+/// A step waiting in the queue of a namespace no worker serves is not published again
+/// (copies would pile up, one per sweep); once a worker comes, it runs the one execution.
+#[tokio::test]
+async fn an_unserved_namespace_is_not_flooded_with_copies() {
+    let env = TestEnv::new().await;
+    let mut system = System::start(&env, vec![]).await;
+    system.register(&env, CHAIN).await;
+    let broker = env.broker().await;
+    let task = system.submit("recovery", "chain", json!({})).await;
+    system.wait_for(&task.id, |t| t.steps[0].status() == pb::StepStatus::Enqueued).await;
+    // well past enqueued_step_timeout (2 s in tests), several sweeps (every 0.5 s)
+    tokio::time::sleep(env.config.orchestrator.enqueued_step_timeout * 2 + std::time::Duration::from_secs(1)).await;
+    let queue = broker.topology().steps_queue("recovery");
+    let state = broker.queue_state(&queue).await.unwrap().expect("the namespace's queue");
+    assert_eq!((state.ready, state.consumers), (1, 0), "one execution waiting, no copies");
+
+    system.add_worker(&env, WorkerSpec::new("w1", &["recovery"])).await;
+    let done = system.wait_final(&task.id).await;
+    assert_eq!(done.status(), pb::TaskStatus::Complete);
+    assert_eq!(done.steps[0].attempts, 1);
+    broker.close().await.unwrap();
+    system.stop().await;
+    env.cleanup().await;
+}

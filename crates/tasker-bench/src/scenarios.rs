@@ -182,8 +182,8 @@ impl Bench {
         for (_, _, took) in &submitted {
             latencies.record(*took);
         }
-        // leave nothing behind: their enqueued roots would otherwise be republished by the
-        // sweeper during later scenarios (the namespace has no worker)
+        // leave nothing behind for later scenarios: cancel the tasks (their steps' events
+        // are part of the clean-up, not of the figures)
         let ids: Vec<String> = submitted.into_iter().map(|(id, _, _)| id).collect();
         futures::future::try_join_all(ids.chunks(ids.len().div_ceil(16).max(1)).map(|chunk| {
             let client = self.client.clone();

@@ -44,6 +44,14 @@ pub(crate) async fn bounded<T>(what: &'static str, fut: impl Future<Output = Res
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A connection to the broker plus the naming scheme.
+/// What a passive declare tells about a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueState {
+    /// Messages waiting for a consumer (not counting those delivered and unacked).
+    pub ready: u32,
+    pub consumers: u32,
+}
+
 pub struct Broker {
     connection: Connection,
     topology: Topology,
@@ -123,14 +131,20 @@ impl Broker {
 
     /// Consumers currently attached to a queue (0 when it does not exist).
     pub async fn consumer_count(&self, queue: &str) -> Result<u32> {
+        Ok(self.queue_state(queue).await?.map_or(0, |q| q.consumers))
+    }
+
+    /// A queue's messages waiting for a consumer and its consumers; `None` when it does
+    /// not exist.
+    pub async fn queue_state(&self, queue: &str) -> Result<Option<QueueState>> {
         let channel = self.connection.create_channel().await?;
         let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-        let count = match channel.queue_declare(queue.into(), options, Default::default()).await {
-            Ok(q) => q.consumer_count(),
-            Err(_) => return Ok(0), // a failed passive declare closes the channel
+        let state = match channel.queue_declare(queue.into(), options, Default::default()).await {
+            Ok(q) => QueueState { ready: q.message_count(), consumers: q.consumer_count() },
+            Err(_) => return Ok(None), // a failed passive declare closes the channel
         };
         channel.close(200, "checked".into()).await?;
-        Ok(count)
+        Ok(Some(state))
     }
 
     /// Drops every message waiting in a queue (an operator's repair tool; tests use it to

@@ -443,17 +443,23 @@ impl Store {
         Ok(client.query_one(&stmt, &[]).await?.get(0))
     }
 
-    /// `(task, step)` of attempts enqueued longer than `older_than` ago and never started.
-    pub async fn stale_enqueued_steps(&self, older_than: std::time::Duration, limit: i64) -> Result<Vec<(Uuid, Uuid)>> {
+    /// `(task, step, namespace)` of attempts enqueued longer than `older_than` ago and
+    /// never started.
+    pub async fn stale_enqueued_steps(
+        &self,
+        older_than: std::time::Duration,
+        limit: i64,
+    ) -> Result<Vec<(Uuid, Uuid, String)>> {
         let client = self.client().await?;
         let stmt = client
             .statement(
-                "SELECT task_id, id FROM workflow_steps WHERE status = 'enqueued' \
-                 AND updated_at < now() - make_interval(secs => $1::float8) ORDER BY updated_at LIMIT $2",
+                "SELECT s.task_id, s.id, t.namespace FROM workflow_steps s JOIN tasks t ON t.id = s.task_id \
+                 WHERE s.status = 'enqueued' AND s.updated_at < now() - make_interval(secs => $1::float8) \
+                 ORDER BY s.updated_at LIMIT $2",
             )
             .await?;
         let rows = client.query(&stmt, &[&older_than.as_secs_f64(), &limit]).await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
     }
 
     /// `(task, step)` of attempts in progress past their timeout plus `grace`.

@@ -88,3 +88,43 @@ async fn an_unserved_namespace_is_not_flooded_with_copies() {
     system.stop().await;
     env.cleanup().await;
 }
+
+/// Messages the orchestrator cannot use (ids that are not ids) are refused to the
+/// dead-letter queue, not retried forever, and work goes on.
+#[tokio::test]
+async fn unusable_messages_are_dead_lettered_and_work_goes_on() {
+    use tasker_messaging::Command;
+    use tasker_proto::messages::{Completed, StepReport, TaskRequest, step_report::Outcome};
+
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![WorkerSpec::new("w1", &["recovery"])]).await;
+    system.register(&env, CHAIN).await;
+    let broker = env.broker().await;
+    let publisher = broker.publisher().await.unwrap();
+    let report = StepReport {
+        task_id: "not-a-task".into(),
+        step_id: "not-a-step".into(),
+        attempt: 1,
+        worker_id: "poison".into(),
+        outcome: Some(Outcome::Completed(Completed { results_json: "{}".into() })),
+        started_at_unix_ms: 0,
+    };
+    let request = TaskRequest { task_id: "not-a-task".into() };
+    publisher.send(&[Command::Report(report), Command::Task(request)]).await.unwrap();
+
+    let dead = broker.topology().dead_letter_queue();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let state = broker.queue_state(&dead).await.unwrap().expect("the dead-letter queue");
+        if state.ready == 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "dead-lettered: {state:?}, expected 2");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let task = system.submit("recovery", "chain", json!({})).await;
+    assert_eq!(system.wait_final(&task.id).await.status(), pb::TaskStatus::Complete);
+    broker.close().await.unwrap();
+    system.stop().await;
+    env.cleanup().await;
+}

@@ -15,9 +15,16 @@ use crate::{Result, Store, Tx};
 /// event-publisher replicas never interleave and per-task order holds.
 const RELAY_LOCK: i64 = 0x7461_736b_6572; // "tasker"
 
-/// Sent after a transaction that wrote events commits (outside it: see the migration
-/// `hot_path`), to wake the relay.
-pub(crate) const NOTIFY_OUTBOX: &str = "NOTIFY tasker_outbox";
+/// Wakes the relay: sent right after a transaction that wrote events commits, outside it
+/// (see the migration `hot_path`). Never fails: without the wake-up, the relay only waits
+/// for its next poll.
+pub(crate) async fn wake_relay(client: &tokio_postgres::Client) -> std::result::Result<(), tokio_postgres::Error> {
+    crate::counter::count(1);
+    if let Err(error) = client.batch_execute("NOTIFY tasker_outbox").await {
+        tracing::debug!(%error, "could not wake the event relay");
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone)]
 pub struct OutboxRow {

@@ -165,14 +165,8 @@ impl Store {
             &event.routingkey,
             &payload,
         ];
-        crate::counter::count(1);
-        // the relay's wake-up goes right behind it (see outbox::NOTIFY_OUTBOX)
-        let (inserted, _) = futures::try_join!(client.query(&stmt, params), async {
-            if let Err(error) = client.batch_execute(crate::outbox::NOTIFY_OUTBOX).await {
-                tracing::debug!(%error, "could not wake the event relay");
-            }
-            Ok(())
-        })?;
+        // the relay's wake-up goes right behind it
+        let (inserted, _) = futures::try_join!(client.query(&stmt, params), crate::outbox::wake_relay(&client))?;
         drop(client);
         if inserted.is_empty() {
             return self.deduplicate(new).await;

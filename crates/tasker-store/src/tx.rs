@@ -147,21 +147,14 @@ impl Tx {
         let begin = !self.begun;
         // from here on the connection may hold an open transaction: never pool it as is
         self.begun = true;
-        crate::counter::count(u64::from(begin) + u64::from(commit) + u64::from(notify));
+        crate::counter::count(u64::from(begin) + u64::from(commit));
         // futures are first polled, and so sent, in the order they are listed
         let (_, _, rows, _, _) = futures::try_join!(
             async { if begin { client.batch_execute("BEGIN").await } else { Ok(()) } },
             try_join_all(write_statements.iter().zip(&write_params).map(|(st, params)| client.execute(st, params))),
             try_join_all(read_statements.iter().zip(reads).map(|(st, (_, params))| client.query(st, params))),
             async { if commit { client.batch_execute("COMMIT").await } else { Ok(()) } },
-            async {
-                // after the commit, outside the transaction: if it fails, the relay only
-                // waits for its next poll
-                if notify && let Err(error) = client.batch_execute(crate::outbox::NOTIFY_OUTBOX).await {
-                    tracing::debug!(%error, "could not wake the event relay");
-                }
-                Ok::<_, tokio_postgres::Error>(())
-            },
+            async { if notify { crate::outbox::wake_relay(client).await } else { Ok(()) } },
         )?;
         Ok(rows)
     }

@@ -166,6 +166,22 @@ fn task_head(row: &Row) -> Result<TaskHead> {
     })
 }
 
+/// The locked tasks by id, with their last sort keys (rows of `LOCK_TASKS` and
+/// `TASK_SORT_KEYS`).
+fn task_heads(locked: Vec<Row>, sort_keys: Vec<Row>) -> Result<HashMap<Uuid, TaskHead>> {
+    let mut tasks = HashMap::with_capacity(locked.len());
+    for row in &locked {
+        let task = task_head(row)?;
+        tasks.insert(task.id, task);
+    }
+    for row in &sort_keys {
+        if let Some(task) = tasks.get_mut(&row.get::<_, Uuid>(0)) {
+            task.last_sort_key = row.get(1);
+        }
+    }
+    Ok(tasks)
+}
+
 fn steps_sql() -> String {
     format!("SELECT {STEP_COLUMNS} FROM workflow_steps s WHERE s.id = ANY($1)")
 }
@@ -233,7 +249,12 @@ impl Tx {
     /// Locks the tasks (in id order, so concurrent batches cannot deadlock) and returns
     /// them by id. Unknown ids are left out.
     pub async fn lock_tasks(&mut self, ids: &[Uuid]) -> Result<HashMap<Uuid, TaskHead>> {
-        Ok(self.load_batch(ids, &[], &[], &[]).await?.tasks)
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let t: Param1 = [&ids];
+        let mut rows = self.round_trip(&[(LOCK_TASKS, &t), (TASK_SORT_KEYS, &t)], false).await?.into_iter();
+        task_heads(rows.next().unwrap_or_default(), rows.next().unwrap_or_default())
     }
 
     /// The first round trip of an orchestrator batch: locks the tasks (in id order) and,
@@ -267,16 +288,10 @@ impl Tx {
         let wanted = [true, true, !steps.is_empty(), !completed.is_empty(), !evaluate.is_empty(), true];
         let reads: Vec<Read> = reads.into_iter().zip(wanted).filter(|(_, w)| *w).map(|(r, _)| r).collect();
         let mut rows = self.round_trip(&reads, false).await?.into_iter();
-        let mut loaded = Loaded::default();
-        for row in rows.next().unwrap_or_default() {
-            let task = task_head(&row)?;
-            loaded.tasks.insert(task.id, task);
-        }
-        for row in rows.next().unwrap_or_default() {
-            if let Some(task) = loaded.tasks.get_mut(&row.get::<_, Uuid>(0)) {
-                task.last_sort_key = row.get(1);
-            }
-        }
+        let mut loaded = Loaded {
+            tasks: task_heads(rows.next().unwrap_or_default(), rows.next().unwrap_or_default())?,
+            ..Loaded::default()
+        };
         if wanted[2] {
             for row in rows.next().unwrap_or_default() {
                 let step = step_row(&row)?;

@@ -188,13 +188,28 @@ async fn a_writer_that_waited_for_the_lock_continues_the_history() {
             second.commit().await
         }
     });
-    // let the second transaction reach the lock and wait on it
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // commit only once the second transaction is waiting for the lock
+    let db = env.database().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting_on_locks: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting_on_locks == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the second writer never waited for the lock");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert!(!waiting.is_finished());
     first.commit().await.unwrap();
     waiting.await.unwrap().unwrap();
 
-    let db = env.database().await;
     let rows = db
         .query(
             "SELECT to_state, sort_key, most_recent FROM task_transitions WHERE task_id = $1 ORDER BY sort_key",

@@ -6,12 +6,14 @@
 pub mod backoff;
 pub mod event;
 pub mod limits;
+pub mod payload;
 pub mod state;
 pub mod template;
 
 pub use backoff::{Backoff, FailureDecision, FailureKind};
 pub use event::{CloudEvent, EventKind, EventSubject};
 pub use limits::Limits;
+pub use payload::{PayloadError, quote};
 pub use state::{IllegalTransition, StepState, TaskState};
 pub use template::{StepTemplate, Template, TemplateError};
 

@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::Limits;
+use crate::{
+    Limits,
+    payload::{self, PayloadError, quote},
+};
 
 /// Why a template was refused. Each message names the problem and where it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -20,20 +23,21 @@ pub enum TemplateError {
     #[error("template is {size} bytes, more than the limit of {max}")]
     TooLarge { size: usize, max: usize },
     #[error(
-        "{field}: `{value}` is not a valid name (lowercase letters, digits and `_`, starting with a letter, at most 64 characters)"
+        "{field}: {} is not a valid name (lowercase letters, digits and `_`, starting with a letter, at most 64 characters)",
+        quote(.value)
     )]
     InvalidName { field: String, value: String },
-    #[error("handler of step `{step}`: `{value}` is not a valid handler name")]
+    #[error("handler of step {}: {} is not a valid handler name", quote(.step), quote(.value))]
     InvalidHandler { step: String, value: String },
-    #[error("version: `{0}` is not a semantic version (e.g. 1.2.0)")]
+    #[error("version: {} is not a semantic version (e.g. 1.2.0)", quote(.0))]
     InvalidVersion(String),
     #[error("steps: a template needs at least one step")]
     NoSteps,
     #[error("steps: {count} steps, more than the limit of {max}")]
     TooManySteps { count: usize, max: usize },
-    #[error("steps: duplicate step name `{0}`")]
+    #[error("steps: duplicate step name {}", quote(.0))]
     DuplicateStep(String),
-    #[error("step `{step}` depends on unknown step `{dependency}`")]
+    #[error("step {} depends on unknown step {}", quote(.step), quote(.dependency))]
     UnknownDependency { step: String, dependency: String },
     #[error("steps: dependency cycle {}", .0.join(" -> "))]
     Cycle(Vec<String>),
@@ -43,8 +47,10 @@ pub enum TemplateError {
     InvalidTimeout { field: String },
     #[error("input_schema: does not compile: {0}")]
     InvalidSchema(String),
-    #[error("config of step `{0}`: must be a mapping")]
+    #[error("config of step {}: must be a mapping", quote(.0))]
     InvalidConfig(String),
+    #[error("{field}: {problem}")]
+    Payload { field: String, problem: PayloadError },
 }
 
 /// A task context refused by the template's input schema.
@@ -161,7 +167,9 @@ impl Template {
         if text.len() > limits.max_template_bytes {
             return Err(TemplateError::TooLarge { size: text.len(), max: limits.max_template_bytes });
         }
-        let raw: RawTemplate = serde_yaml_ng::from_str(text).map_err(|e| TemplateError::Yaml(e.to_string()))?;
+        // the parser's message may quote the input (an unknown key, a bad value): keep a prefix
+        let raw: RawTemplate =
+            serde_yaml_ng::from_str(text).map_err(|e| TemplateError::Yaml(truncate(&e.to_string(), 300)))?;
         Self::validate(raw, limits)
     }
 
@@ -183,7 +191,11 @@ impl Template {
         if raw.steps.len() > limits.max_steps {
             return Err(TemplateError::TooManySteps { count: raw.steps.len(), max: limits.max_steps });
         }
+        if !payload::storable(&raw.description) {
+            return Err(TemplateError::Payload { field: "description".into(), problem: PayloadError::Nul });
+        }
         if let Some(schema) = &raw.input_schema {
+            check_payload("input_schema", schema)?;
             jsonschema::validator_for(schema).map_err(|e| TemplateError::InvalidSchema(e.to_string()))?;
         }
         if raw.defaults.max_attempts == Some(0) {
@@ -219,6 +231,9 @@ impl Template {
             }
             if step.config.as_ref().is_some_and(|c| !c.is_object() && !c.is_null()) {
                 return Err(TemplateError::InvalidConfig(step.name.clone()));
+            }
+            if let Some(config) = &step.config {
+                check_payload(&format!("config of step `{}`", step.name), config)?;
             }
         }
         let parents: Vec<Vec<usize>> =
@@ -282,6 +297,21 @@ impl Template {
 
     pub fn step(&self, name: &str) -> Option<&StepTemplate> {
         self.steps.iter().find(|s| s.name == name)
+    }
+}
+
+/// A payload carried by the template (handler config, input schema) must be storable and
+/// deliverable like any other (see [`payload`]).
+fn check_payload(field: &str, value: &Value) -> Result<(), TemplateError> {
+    payload::check(&value.to_string(), usize::MAX)
+        .map_err(|problem| TemplateError::Payload { field: field.to_owned(), problem })
+}
+
+/// At most `max` bytes of a message, cut at a character boundary.
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().map(|(i, _)| i).take_while(|&i| i <= max).last() {
+        Some(end) if text.len() > max => format!("{}…", &text[..end]),
+        _ => text.to_owned(),
     }
 }
 

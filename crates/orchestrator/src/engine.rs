@@ -236,7 +236,8 @@ impl Batch<'_> {
             self.drop_stale(task_id, step_id, report.attempt, "not the current attempt");
             return Ok(());
         }
-        let worker = json!({ "worker": report.worker_id });
+        // what a worker says is recorded, never trusted to be storable
+        let worker = json!({ "worker": recordable(&report.worker_id, MAX_WORKER_ID) });
         let started_at = reported_start(report.started_at_unix_ms, &step);
         match report.outcome {
             Some(Reported::Started(_)) => {
@@ -278,7 +279,7 @@ impl Batch<'_> {
                     _ => FailureKind::Retryable,
                 };
                 let retry_after = failed.retry_after_ms.map(std::time::Duration::from_millis);
-                self.fail(&mut step, kind, &failed.message, retry_after, worker)
+                self.fail(&mut step, kind, &recordable(&failed.message, MAX_ERROR_MESSAGE), retry_after, worker)
             }
             None => {
                 self.drop_stale(task_id, step_id, report.attempt, "report without an outcome");
@@ -302,14 +303,13 @@ impl Batch<'_> {
         Ok(step.status == StepState::InProgress)
     }
 
-    /// Results must be JSON within the size limit; returns the JSON text to store.
+    /// Results must be a payload the system can store and hand on to the step's children
+    /// (size, JSON, depth, no U+0000: [`tasker_domain::payload`]); returns the JSON text to
+    /// store, or why the attempt fails.
     fn check_results(&self, text: &str) -> Result<String, String> {
         let text = if text.trim().is_empty() { "null" } else { text };
-        let limit = self.engine.limits.max_results_bytes;
-        if text.len() > limit {
-            return Err(format!("results are {} bytes, more than the limit of {limit}", text.len()));
-        }
-        serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| format!("results are not valid JSON: {e}"))?;
+        tasker_domain::payload::check(text, self.engine.limits.max_results_bytes)
+            .map_err(|problem| format!("results refused: {problem}"))?;
         Ok(text.to_owned())
     }
 
@@ -325,7 +325,9 @@ impl Batch<'_> {
         let error = json!({ "message": message, "kind": kind.as_str(), "attempt": step.attempts });
         metadata["error"] = error.clone();
         let backoff = &self.engine.backoff;
-        match decide(kind, step.attempts as u32, step.max_attempts as u32, step.retryable, backoff, retry_after) {
+        // the budget and the backoff count attempts of the current round only
+        let round = (step.attempts - step.attempts_before_retry) as u32;
+        match decide(kind, round, step.max_attempts as u32, step.retryable, backoff, retry_after) {
             FailureDecision::Retry { delay } => {
                 let due = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
                 metadata["retry_in_ms"] = json!(delay.as_millis() as u64);
@@ -415,6 +417,20 @@ impl Batch<'_> {
         let dispatches = self.tx.commit_dispatching(&self.tasks, &to_dispatch, &self.republished).await?;
         self.engine.metrics.dispatched(dispatches.len());
         Ok(Outcome { dispatches, next_retry_at: self.next_retry_at })
+    }
+}
+
+/// Longest worker id recorded (characters).
+const MAX_WORKER_ID: usize = 256;
+/// Longest error message recorded (characters).
+const MAX_ERROR_MESSAGE: usize = 16 * 1024;
+
+/// A worker's text as it can be recorded: U+0000 replaced, at most `max` characters.
+fn recordable(text: &str, max: usize) -> String {
+    let text = tasker_domain::payload::scrub(text);
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}… (cut at {max} characters)", &text[..cut]),
+        None => text.into_owned(),
     }
 }
 

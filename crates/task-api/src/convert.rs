@@ -79,6 +79,7 @@ pub fn transition(t: &TransitionRow) -> pb::Transition {
         sort_key: t.sort_key as u32,
         metadata_json: t.metadata.clone(),
         created_at: Some(timestamp(t.created_at)),
+        id: t.id.to_string(),
     }
 }
 
@@ -90,6 +91,7 @@ pub fn step(s: &StepView) -> pb::Step {
         handler: s.handler.clone(),
         status: step_status(s.status) as i32,
         attempts: s.attempts as u32,
+        attempts_before_retry: s.attempts_before_retry as u32,
         max_attempts: s.max_attempts as u32,
         retryable: s.retryable,
         timeout_ms: s.timeout_ms as u64,

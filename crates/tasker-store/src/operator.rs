@@ -42,7 +42,9 @@ impl Store {
         tx.commit().await
     }
 
-    /// Puts an `error` step back to `pending` with its attempts reset, and resumes the task.
+    /// Puts an `error` step back to `pending` for a new round of `max_attempts` attempts
+    /// (attempt numbers keep counting: see [`crate::StepRow::attempts_before_retry`]), and
+    /// resumes the task.
     /// Returns the task id; the orchestrator then dispatches the step.
     pub async fn retry_step(&self, step_id: Uuid, actor: &Actor) -> Result<Uuid> {
         self.repair_step(step_id, StepState::Pending, None, actor.metadata("retry")).await

@@ -45,7 +45,10 @@ pub struct StepRow {
     /// JSON text.
     pub config: String,
     pub status: StepState,
+    /// Attempts made in the step's whole life: the current attempt's number, never reused.
     pub attempts: i32,
+    /// Attempts made before the latest operator retry (the current round began after them).
+    pub attempts_before_retry: i32,
     pub max_attempts: i32,
     pub retryable: bool,
     pub timeout_ms: i64,
@@ -60,11 +63,11 @@ pub struct StepRow {
 
 const STEP_COLUMNS: &str = "s.id, s.task_id, s.name, s.handler, s.handler_config::text, s.status, s.attempts, \
     s.max_attempts, s.retryable, s.timeout_ms, s.pending_parents, s.next_attempt_at, s.last_error::text, \
-    s.enqueued_at, s.started_at, s.completed_at, \
+    s.enqueued_at, s.started_at, s.completed_at, s.attempts_before_retry, \
     COALESCE((SELECT t.sort_key FROM workflow_step_transitions t WHERE t.workflow_step_id = s.id AND t.most_recent), 0)";
 
 /// How many columns `STEP_COLUMNS` has (a query may add its own after them).
-const STEP_COLUMN_COUNT: usize = 17;
+const STEP_COLUMN_COUNT: usize = 18;
 
 fn step_row(row: &Row) -> Result<StepRow> {
     Ok(StepRow {
@@ -84,7 +87,8 @@ fn step_row(row: &Row) -> Result<StepRow> {
         enqueued_at: row.get(13),
         started_at: row.get(14),
         completed_at: row.get(15),
-        last_sort_key: row.get(16),
+        attempts_before_retry: row.get(16),
+        last_sort_key: row.get(17),
     })
 }
 

@@ -57,7 +57,10 @@ pub struct StepView {
     pub name: String,
     pub handler: String,
     pub status: StepState,
+    /// Attempts made in the step's whole life (the latest attempt's number).
     pub attempts: i32,
+    /// Attempts made before the latest operator retry.
+    pub attempts_before_retry: i32,
     pub max_attempts: i32,
     pub retryable: bool,
     pub timeout_ms: i64,
@@ -73,7 +76,7 @@ pub struct StepView {
 
 pub(crate) const STEP_VIEW_COLUMNS: &str = "s.id, s.task_id, s.name, s.handler, s.status, s.attempts, s.max_attempts, \
     s.retryable, s.timeout_ms, s.dependency_level, s.handler_config::text, s.results::text, s.last_error::text, \
-    s.next_attempt_at, s.started_at, s.completed_at";
+    s.next_attempt_at, s.started_at, s.completed_at, s.attempts_before_retry";
 
 pub(crate) fn step_view(row: &Row) -> Result<StepView> {
     Ok(StepView {
@@ -93,6 +96,7 @@ pub(crate) fn step_view(row: &Row) -> Result<StepView> {
         next_attempt_at: row.get(13),
         started_at: row.get(14),
         completed_at: row.get(15),
+        attempts_before_retry: row.get(16),
         transitions: Vec::new(),
     })
 }

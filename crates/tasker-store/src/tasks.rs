@@ -200,6 +200,7 @@ impl Store {
                 handler: s.handler.clone(),
                 status: StepState::Pending,
                 attempts: 0,
+                attempts_before_retry: 0,
                 max_attempts: s.max_attempts as i32,
                 retryable: s.retryable,
                 timeout_ms: s.timeout_ms as i64,

@@ -43,6 +43,7 @@ struct StepWrite {
     id: Uuid,
     status: &'static str,
     attempts: i32,
+    attempts_before_retry: i32,
     pending_parents: i32,
     next_attempt_at: Option<DateTime<Utc>>,
     last_error: Option<String>,
@@ -58,6 +59,7 @@ impl StepRow {
             id: self.id,
             status: self.status.as_str(),
             attempts: self.attempts,
+            attempts_before_retry: self.attempts_before_retry,
             pending_parents: self.pending_parents,
             next_attempt_at: self.next_attempt_at,
             last_error: self.last_error.clone(),
@@ -219,7 +221,9 @@ impl Tx {
         step.last_sort_key += 1;
         match to {
             StepState::Pending => {
-                step.attempts = 0;
+                // an operator retry: a new round, but attempt numbers keep counting, so a
+                // report of an earlier attempt can never pass for one of this round
+                step.attempts_before_retry = step.attempts;
                 step.enqueued_at = None;
                 step.started_at = None;
                 step.completed_at = None;
@@ -355,6 +359,7 @@ fn steps_write(steps: Vec<StepWrite>) -> Option<Write> {
     let status: Vec<&'static str> = steps.iter().map(|s| s.status).collect();
     let attempts: Vec<i32> = steps.iter().map(|s| s.attempts).collect();
     let pending_parents: Vec<i32> = steps.iter().map(|s| s.pending_parents).collect();
+    let before_retry: Vec<i32> = steps.iter().map(|s| s.attempts_before_retry).collect();
     let next: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.next_attempt_at).collect();
     let set_results: Vec<bool> = steps.iter().map(|s| s.results.is_some()).collect();
     let enqueued: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.enqueued_at).collect();
@@ -368,11 +373,12 @@ fn steps_write(steps: Vec<StepWrite>) -> Option<Write> {
                next_attempt_at = u.next_attempt_at, last_error = u.last_error::jsonb, \
                results = CASE WHEN u.set_results THEN u.results::jsonb ELSE s.results END, \
                enqueued_at = u.enqueued_at, started_at = u.started_at, completed_at = u.completed_at, \
-               pending_parents = u.pending_parents, updated_at = now() \
+               pending_parents = u.pending_parents, attempts_before_retry = u.before_retry, updated_at = now() \
              FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::timestamptz[], $5::text[], $6::bool[], \
-                         $7::text[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::int4[]) \
+                         $7::text[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::int4[], \
+                         $12::int4[]) \
                AS u(id, status, attempts, next_attempt_at, last_error, set_results, results, \
-                    enqueued_at, started_at, completed_at, pending_parents) \
+                    enqueued_at, started_at, completed_at, pending_parents, before_retry) \
              WHERE s.id = u.id",
         ),
         params: vec![
@@ -387,6 +393,7 @@ fn steps_write(steps: Vec<StepWrite>) -> Option<Write> {
             boxed(started),
             boxed(completed),
             boxed(pending_parents),
+            boxed(before_retry),
         ],
     })
 }

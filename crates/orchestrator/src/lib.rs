@@ -12,8 +12,8 @@ mod sweeper;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use tasker_messaging::{Consumer, Incoming};
-use tasker_proto::messages::{StepReport, TaskRequest};
+use tasker_messaging::{Ack, Consumer, Incoming};
+use tasker_proto::messages::{Failed, FailureKind, StepReport, TaskRequest, step_report};
 use tasker_runtime::{Admin, Config, prometheus_client::registry::Registry};
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -80,7 +80,8 @@ async fn orchestrate(
     slot.set(Some(broker.clone()));
     broker.declare_orchestrator().await.context("declaring the orchestrator's queues")?;
     let engine = Engine::new(store.clone(), settings.backoff, config.limits, metrics.clone());
-    let dispatcher = Dispatcher::new(broker.clone()).await?;
+    let dispatcher = Dispatcher::new(broker.clone(), metrics.clone()).await?;
+    let own_dispatcher = dispatcher.clone();
     let (retry_tx, retry_rx) = mpsc::unbounded_channel();
     let topology = broker.topology().clone();
     let tasks: Consumer<TaskRequest> = broker.consume(&topology.tasks_queue(), settings.prefetch).await?;
@@ -103,12 +104,29 @@ async fn orchestrate(
 
     let result = tasker_runtime::join_loops(set, &local, &stop).await;
     slot.set(None);
+    own_dispatcher.close().await;
     let _ = broker.close().await;
     result
 }
 
 fn task_work(request: TaskRequest) -> Option<(Uuid, Work)> {
     Some((request.task_id.parse().ok()?, Work::Evaluate))
+}
+
+/// The report that stands for one the database refused: the same attempt, failed
+/// permanently, saying why.
+fn refused_report(report: &StepReport, error: &anyhow::Error) -> StepReport {
+    let message =
+        format!("the worker's report could not be recorded: {}", tasker_domain::payload::scrub(&format!("{error:#}")));
+    StepReport {
+        worker_id: tasker_domain::payload::scrub(&report.worker_id).into_owned(),
+        outcome: Some(step_report::Outcome::Failed(Failed {
+            message,
+            kind: FailureKind::Permanent as i32,
+            retry_after_ms: None,
+        })),
+        ..report.clone()
+    }
 }
 
 fn report_work(report: StepReport) -> Option<(Uuid, Work)> {
@@ -154,7 +172,10 @@ impl Pipeline {
     ) -> anyhow::Result<()> {
         loop {
             let batch = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => {
+                    consumer.close().await;
+                    return Ok(());
+                }
                 batch = consumer.next_batch(batch_size.max(1)) => batch?,
             };
             let mut items = Vec::with_capacity(batch.len());
@@ -181,9 +202,8 @@ impl Pipeline {
                     }
                 }
                 Err(error) if items.len() == 1 => {
-                    tracing::error!(error = format!("{error:#}"), "message failed; requeued");
-                    acks[0].retry().await?;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let (item, ack) = (items.pop().expect("one item"), acks.pop().expect("one ack"));
+                    self.settle_failure(item, ack, error).await?;
                 }
                 Err(error) => {
                     tracing::warn!(
@@ -192,17 +212,38 @@ impl Pipeline {
                         "batch failed; applying one by one"
                     );
                     for (item, ack) in items.into_iter().zip(acks) {
-                        match self.process(vec![item]).await {
+                        match self.process(vec![item.clone()]).await {
                             Ok(()) => ack.ack().await?,
-                            Err(error) => {
-                                tracing::error!(error = format!("{error:#}"), "message failed; requeued");
-                                ack.retry().await?;
-                            }
+                            Err(error) => self.settle_failure(item, ack, error).await?,
                         }
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         }
+    }
+
+    /// A message whose own transaction failed. A report carrying a value the database
+    /// refuses to store would fail the same way on every delivery (and, dead-lettered, be
+    /// republished by the sweeper for ever): it is decided once instead, its attempt
+    /// failing permanently with the reason. Anything else is requeued, and dead-lettered by
+    /// the broker after the delivery limit.
+    async fn settle_failure(&self, item: (Uuid, Work), ack: Ack, error: anyhow::Error) -> anyhow::Result<()> {
+        let refused = error.downcast_ref::<tasker_store::Error>().is_some_and(tasker_store::Error::is_refused_value);
+        if let (true, (task_id, Work::Report(report))) = (refused, &item) {
+            let failed = refused_report(report, &error);
+            match self.process(vec![(*task_id, Work::Report(failed))]).await {
+                Ok(()) => {
+                    tracing::warn!(%task_id, step_id = report.step_id, attempt = report.attempt, error = format!("{error:#}"),
+                        "report refused by the database; its attempt failed");
+                    ack.ack().await?;
+                    return Ok(());
+                }
+                Err(again) => tracing::error!(error = format!("{again:#}"), "recording a refused report failed too"),
+            }
+        }
+        tracing::error!(error = format!("{error:#}"), "message failed; requeued");
+        ack.retry().await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(())
     }
 }

@@ -38,9 +38,25 @@ impl Error {
     }
 
     /// `true` when the database could not be reached or failed, rather than the request
-    /// being wrong: worth retrying later.
+    /// being wrong: worth retrying later. (A lost connection, a server shutting down or out
+    /// of resources, a serialization failure or deadlock; not a statement the server
+    /// refused for what it held.)
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Error::Database(_) | Error::Pool(_) | Error::Migrate(_))
+        match self {
+            Error::Pool(_) | Error::Migrate(_) => true,
+            Error::Database(e) => match e.as_db_error() {
+                None => true,
+                Some(db) => ["08", "40", "53", "57", "58"].iter().any(|class| db.code().code().starts_with(class)),
+            },
+            _ => false,
+        }
+    }
+
+    /// `true` when the database refused a value it was asked to store (SQLSTATE class 22,
+    /// data exception: a character it cannot hold, a number out of range): the same
+    /// request will fail again, however often it is retried.
+    pub fn is_refused_value(&self) -> bool {
+        matches!(self, Error::Database(e) if e.as_db_error().is_some_and(|db| db.code().code().starts_with("22")))
     }
 }
 

@@ -36,8 +36,20 @@ impl From<tasker_store::Error> for ApiError {
             E::FailedPrecondition(m) => ApiError::FailedPrecondition(m),
             E::InvalidArgument(m) => ApiError::InvalidArgument(m),
             E::IllegalTransition(t) => ApiError::FailedPrecondition(t.to_string()),
-            e if e.is_unavailable() => ApiError::Unavailable(e.to_string()),
-            e => ApiError::Internal(e.to_string()),
+            // the server's own words stay in the log: they may quote the request, and they
+            // are no use to a client
+            e if e.is_unavailable() => {
+                tracing::warn!(error = %e, "database unavailable");
+                ApiError::Unavailable("the database is unavailable; try again".into())
+            }
+            e if e.is_refused_value() => {
+                tracing::warn!(error = %e, "database refused a value");
+                ApiError::InvalidArgument("the request holds a value the database cannot store".into())
+            }
+            e => {
+                tracing::error!(error = %e, "database error");
+                ApiError::Internal("internal error (logged by task-api)".into())
+            }
         }
     }
 }
@@ -59,7 +71,8 @@ impl From<ContextError> for ApiError {
 
 impl From<tasker_messaging::Error> for ApiError {
     fn from(e: tasker_messaging::Error) -> Self {
-        ApiError::Unavailable(e.to_string())
+        tracing::warn!(error = %e, "broker unavailable");
+        ApiError::Unavailable("the message broker is unavailable; try again".into())
     }
 }
 
@@ -77,16 +90,43 @@ impl From<ApiError> for Status {
         if code == Code::Internal || code == Code::Unavailable {
             tracing::error!(error = %e, ?code, "request failed");
         }
-        Status::new(code, e.to_string())
+        Status::new(code, bounded(e.to_string()))
     }
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// A store error where the only payload the database could refuse is `field` (every other
+/// field was checked before): names it.
+pub fn refused_in(field: &str) -> impl FnOnce(tasker_store::Error) -> ApiError + '_ {
+    move |e| {
+        if e.is_refused_value() {
+            tracing::info!(error = %e, field, "database refused a value");
+            ApiError::invalid(field, "holds a value the database cannot store (e.g. a number beyond its range)")
+        } else {
+            e.into()
+        }
+    }
+}
 
 /// Parses a UUID field, naming it when it is malformed.
 pub fn parse_id(field: &str, value: &str) -> ApiResult<uuid::Uuid> {
     if value.is_empty() {
         return Err(ApiError::invalid(field, "required"));
     }
-    value.parse().map_err(|_| ApiError::invalid(field, format!("`{value}` is not a UUID")))
+    value.parse().map_err(|_| ApiError::invalid(field, format!("{} is not a UUID", tasker_domain::quote(value))))
+}
+
+/// Longest status message sent (bytes): messages quote only short prefixes of input, and
+/// this bounds whatever else may grow (a status travels in HTTP/2 headers, which clients
+/// limit).
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let cut = (0..=MAX_MESSAGE_BYTES).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
 }

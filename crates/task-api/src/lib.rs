@@ -6,6 +6,7 @@
 
 mod convert;
 mod error;
+mod input;
 mod steps;
 mod tasks;
 mod templates;
@@ -60,16 +61,21 @@ impl TaskApi {
         let TaskApi { config, grpc, admin } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_not_serving::<TaskServiceServer<Tasks>>().await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(tasker_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .context("building the reflection service")?;
+        // both versions of the reflection protocol: grpcurl speaks v1, many tools
+        // (grpcio-reflection, GUI clients) still speak only v1alpha
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(tasker_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1().context("building the reflection service")?;
+        let reflection_v1alpha = reflection().build_v1alpha().context("building the reflection service")?;
 
         let store = tasker_runtime::connect_store(&config.database).await?;
         let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "task-api").await?);
         broker.declare_orchestrator().await.context("declaring the orchestrator's queues")?;
         let publisher = broker.publisher().await?;
+        let own_publisher = publisher.clone();
         let templates = Templates { store: store.clone(), limits: config.limits };
         if let Some(dir) = &config.api.templates_dir {
             let n = templates.load_dir(dir).await?;
@@ -95,7 +101,8 @@ impl TaskApi {
         tracing::info!(%addr, "task-api serving");
         let served = tonic::transport::Server::builder()
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(TemplateServiceServer::new(templates))
             .add_service(TaskServiceServer::new(tasks))
             .add_service(StepServiceServer::new(steps))
@@ -104,6 +111,7 @@ impl TaskApi {
             .context("gRPC server");
         stop.cancel();
         let _ = admin_task.await;
+        own_publisher.close().await;
         let _ = broker.close().await;
         served
     }

@@ -1,13 +1,13 @@
 //! StepService: read a step, retry or resolve a failed one.
 
-use serde_json::Value;
 use tasker_proto::v1::{self as pb, step_service_server::StepService};
 use tasker_store::Actor;
 use tonic::{Request, Response, Status};
 
 use crate::{
     convert,
-    error::{ApiError, parse_id},
+    error::{ApiError, parse_id, refused_in},
+    input,
     tasks::{Tasks, actor_of},
 };
 
@@ -29,6 +29,7 @@ impl StepService for Steps {
         let who = actor_of(request.metadata());
         let r = request.into_inner();
         let id = parse_id("step_id", &r.step_id)?;
+        input::text("reason", &r.reason, input::MAX_TEXT_BYTES)?;
         let actor = Actor { who, reason: r.reason };
         let task_id = self.tasks.store.retry_step(id, &actor).await.map_err(ApiError::from)?;
         self.tasks.request(task_id).await;
@@ -41,18 +42,11 @@ impl StepService for Steps {
         let r = request.into_inner();
         let id = parse_id("step_id", &r.step_id)?;
         let results = if r.results_json.trim().is_empty() { "{}" } else { r.results_json.as_str() };
-        if results.len() > self.tasks.limits.max_results_bytes {
-            return Err(ApiError::TooLarge(format!(
-                "results_json: {} bytes, more than the limit of {}",
-                results.len(),
-                self.tasks.limits.max_results_bytes
-            ))
-            .into());
-        }
-        serde_json::from_str::<Value>(results)
-            .map_err(|e| ApiError::invalid("results_json", format!("not valid JSON: {e}")))?;
+        // the children receive these results: the same rules as a handler's
+        input::json("results_json", results, self.tasks.limits.max_results_bytes)?;
+        input::text("reason", &r.reason, input::MAX_TEXT_BYTES)?;
         let actor = Actor { who, reason: r.reason };
-        let task_id = self.tasks.store.resolve_step(id, results, &actor).await.map_err(ApiError::from)?;
+        let task_id = self.tasks.store.resolve_step(id, results, &actor).await.map_err(refused_in("results_json"))?;
         self.tasks.request(task_id).await;
         let step = self.tasks.store.step(id, false).await.map_err(ApiError::from)?;
         Ok(Response::new(convert::step(&step)))

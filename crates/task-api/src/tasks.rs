@@ -9,11 +9,7 @@ use std::{
 use futures::Stream;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tasker_domain::{
-    CloudEvent, Limits, StepState, TaskState,
-    event::StepRef,
-    template::{ContextSchema, is_valid_name},
-};
+use tasker_domain::{CloudEvent, Limits, StepState, TaskState, event::StepRef, template::ContextSchema};
 use tasker_messaging::{Broker, Command, Publisher};
 use tasker_proto::{
     messages::TaskRequest,
@@ -27,7 +23,8 @@ use uuid::Uuid;
 
 use crate::{
     convert,
-    error::{ApiError, ApiResult, parse_id},
+    error::{ApiError, ApiResult, parse_id, refused_in},
+    input,
 };
 
 const DEFAULT_PAGE: u32 = 50;
@@ -54,28 +51,17 @@ impl Tasks {
     }
 
     async fn create(&self, r: pb::CreateTaskRequest) -> ApiResult<pb::CreateTaskResponse> {
-        for (field, value) in [("namespace", &r.namespace), ("name", &r.name)] {
-            if value.is_empty() {
-                return Err(ApiError::invalid(field, "required"));
-            }
-            if !is_valid_name(value) {
-                return Err(ApiError::invalid(field, format!("`{value}` is not a valid name")));
-            }
-        }
-        if !r.version.is_empty() && semver::Version::parse(&r.version).is_err() {
-            return Err(ApiError::invalid("version", format!("`{}` is not a semantic version", r.version)));
-        }
-        if r.idempotency_key.len() > 255 {
-            return Err(ApiError::invalid("idempotency_key", "longer than 255 characters"));
-        }
+        input::name("namespace", &r.namespace)?;
+        input::name("name", &r.name)?;
+        input::version("version", &r.version)?;
+        input::text("idempotency_key", &r.idempotency_key, input::MAX_IDEMPOTENCY_KEY_BYTES)?;
+        input::text("initiator", &r.initiator, input::MAX_TEXT_BYTES)?;
+        input::text("source_system", &r.source_system, input::MAX_TEXT_BYTES)?;
+        input::text("reason", &r.reason, input::MAX_TEXT_BYTES)?;
+        input::tags(&r.tags)?;
         let context_text = if r.context_json.trim().is_empty() { "{}" } else { r.context_json.as_str() };
-        if context_text.len() > self.limits.max_context_bytes {
-            return Err(ApiError::TooLarge(format!(
-                "context_json: {} bytes, more than the limit of {}",
-                context_text.len(),
-                self.limits.max_context_bytes
-            )));
-        }
+        input::json("context_json", context_text, self.limits.max_context_bytes)?;
+        // parsed for the schema and the request hash only; the text is stored as given
         let context: Value = serde_json::from_str(context_text)
             .map_err(|e| ApiError::invalid("context_json", format!("not valid JSON: {e}")))?;
         if !context.is_object() {
@@ -97,7 +83,7 @@ impl Tasks {
             idempotency_key: if r.idempotency_key.is_empty() { None } else { Some(r.idempotency_key.as_str()) },
             request_hash: &request_hash,
         };
-        let outcome = self.store.create_task(&new).await?;
+        let outcome = self.store.create_task(&new).await.map_err(refused_in("context_json"))?;
         let view = match outcome.view {
             Some(view) => {
                 self.request(outcome.task_id).await;
@@ -114,6 +100,8 @@ impl Tasks {
     }
 
     async fn list(&self, r: pb::ListTasksRequest) -> ApiResult<pb::ListTasksResponse> {
+        input::optional_name("namespace", &r.namespace)?;
+        input::optional_name("name", &r.name)?;
         let status = r.status();
         let page_size = if r.page_size == 0 { DEFAULT_PAGE } else { r.page_size.min(MAX_PAGE) };
         let filter = TaskFilter {
@@ -275,6 +263,7 @@ impl TaskService for Tasks {
         let who = actor_of(request.metadata());
         let r = request.into_inner();
         let id = parse_id("task_id", &r.task_id)?;
+        input::text("reason", &r.reason, input::MAX_TEXT_BYTES)?;
         let actor = Actor { who, reason: r.reason };
         self.store.cancel_task(id, &actor).await.map_err(ApiError::from)?;
         let view = self.store.task(id, false).await.map_err(ApiError::from)?;

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     convert,
     error::{ApiError, ApiResult},
+    input,
 };
 
 #[derive(Clone)]
@@ -66,12 +67,9 @@ impl TemplateService for Templates {
 
     async fn get_template(&self, request: Request<pb::GetTemplateRequest>) -> Result<Response<pb::Template>, Status> {
         let r = request.into_inner();
-        if r.namespace.is_empty() {
-            return Err(ApiError::invalid("namespace", "required").into());
-        }
-        if r.name.is_empty() {
-            return Err(ApiError::invalid("name", "required").into());
-        }
+        input::name("namespace", &r.namespace)?;
+        input::name("name", &r.name)?;
+        input::version("version", &r.version)?;
         let record = self.store.template(&r.namespace, &r.name, optional(&r.version)).await.map_err(ApiError::from)?;
         Ok(Response::new(convert::template(&record)))
     }
@@ -81,6 +79,7 @@ impl TemplateService for Templates {
         request: Request<pb::ListTemplatesRequest>,
     ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
         let r = request.into_inner();
+        input::optional_name("namespace", &r.namespace)?;
         let records = self.store.list_templates(optional(&r.namespace)).await.map_err(ApiError::from)?;
         Ok(Response::new(pb::ListTemplatesResponse { templates: records.iter().map(convert::template).collect() }))
     }

@@ -62,6 +62,7 @@ impl EventPublisher {
             tracing::info!(exchange = broker.topology().events_exchange(), "event publisher running");
             let relayed = relay(&store, &publisher, &config.publisher, &metrics, stop.clone()).await;
             slot.set(None);
+            publisher.close().await;
             let _ = broker.close().await;
             relayed
         })

@@ -8,6 +8,8 @@ use std::{
 };
 
 use tasker_messaging::{Broker, Command, Publisher};
+
+use crate::metrics::Metrics;
 use tasker_proto::messages::StepExecution;
 use tasker_store::Dispatch;
 
@@ -16,12 +18,18 @@ pub struct Dispatcher {
     broker: Arc<Broker>,
     publisher: Publisher,
     declared: Arc<Mutex<HashSet<String>>>,
+    metrics: Metrics,
 }
 
 impl Dispatcher {
-    pub async fn new(broker: Arc<Broker>) -> tasker_messaging::Result<Dispatcher> {
+    pub async fn new(broker: Arc<Broker>, metrics: Metrics) -> tasker_messaging::Result<Dispatcher> {
         let publisher = broker.publisher().await?;
-        Ok(Dispatcher { broker, publisher, declared: Default::default() })
+        Ok(Dispatcher { broker, publisher, declared: Default::default(), metrics })
+    }
+
+    /// Closes the publishing channel (at shutdown, before the connection).
+    pub async fn close(&self) {
+        self.publisher.close().await;
     }
 
     /// Publishes the executions and awaits their confirms, retrying a few times; the
@@ -58,13 +66,27 @@ impl Dispatcher {
 
     /// Declares the step queue of each namespace not declared yet by this process (the
     /// lock is not held across the broker round trip; declaring twice is harmless).
+    ///
+    /// A queue that exists with other arguments (a worker declared it its own way) is
+    /// still a queue the namespace's workers consume: the executions go to it, and the
+    /// mismatch is an alert (an ERROR log naming the arguments to use, and the
+    /// `tasker_orchestrator_queue_mismatch` gauge), not a silent stall. Such a queue may
+    /// lack the dead-lettering Tasker relies on for poison messages.
     async fn declare(&self, dispatches: &[Dispatch]) -> tasker_messaging::Result<()> {
         let missing: HashSet<String> = {
             let declared = self.declared.lock().expect("declared lock");
             dispatches.iter().map(|d| &d.namespace).filter(|ns| !declared.contains(*ns)).cloned().collect()
         };
         for namespace in missing {
-            self.broker.declare_steps(&namespace).await?;
+            match self.broker.declare_steps(&namespace).await {
+                Ok(()) => {}
+                Err(error @ tasker_messaging::Error::Mismatch { .. }) => {
+                    let queue = self.broker.topology().steps_queue(&namespace);
+                    tracing::error!(%namespace, %queue, %error, "step queue declared with other arguments; dispatching to it anyway");
+                    self.metrics.queue_mismatch(&queue);
+                }
+                Err(error) => return Err(error),
+            }
             self.declared.lock().expect("declared lock").insert(namespace);
         }
         Ok(())

@@ -1,6 +1,8 @@
 use prometheus_client::{
     metrics::{
         counter::Counter,
+        family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -16,6 +18,7 @@ pub struct Metrics {
     retried: Counter,
     dropped: Counter,
     batches: Counter,
+    queue_mismatch: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Metrics {
@@ -28,6 +31,7 @@ impl Metrics {
             retried: Counter::default(),
             dropped: Counter::default(),
             batches: Counter::default(),
+            queue_mismatch: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("tasker_orchestrator");
         r.register("steps_dispatched", "Step attempts dispatched to workers", m.dispatched.clone());
@@ -36,6 +40,11 @@ impl Metrics {
         r.register("steps_retried", "Failed attempts scheduled for a retry", m.retried.clone());
         r.register("reports_dropped", "Duplicate, stale or late reports dropped", m.dropped.clone());
         r.register("batches", "Transactions applied", m.batches.clone());
+        r.register(
+            "queue_mismatch",
+            "1 for a step queue that exists with other arguments than Tasker declares (alert on it)",
+            m.queue_mismatch.clone(),
+        );
         r.register(
             "hop_seconds",
             "From a batch of reports received to the executions it made ready confirmed by the broker",
@@ -61,6 +70,9 @@ impl Metrics {
     }
     pub fn hop(&self, seconds: f64) {
         self.hop.observe(seconds);
+    }
+    pub fn queue_mismatch(&self, queue: &str) {
+        self.queue_mismatch.get_or_create(&vec![("queue".to_owned(), queue.to_owned())]).set(1);
     }
     pub fn batch(&self) {
         self.batches.inc();

@@ -106,6 +106,7 @@ async fn consume_all(
     tracing::info!(worker_id, "step worker consuming");
     let result = tasker_runtime::join_loops(set, &local, &stop).await;
     slot.set(None);
+    runner.publisher.close().await;
     // closing the connection returns any prefetched, unstarted executions to the queue
     let _ = broker.close().await;
     result
@@ -148,6 +149,7 @@ impl Runner {
             );
             running.abort_all();
         }
+        consumer.close().await;
         Ok(())
     }
 

@@ -51,7 +51,7 @@ pub struct Incoming<T> {
 pub struct Consumer<T> {
     queue: String,
     inner: lapin::Consumer,
-    _channel: Channel,
+    channel: Channel,
     _kind: PhantomData<fn() -> T>,
 }
 
@@ -62,7 +62,12 @@ impl<T: prost::Message + Default> Consumer<T> {
         let inner = channel
             .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await?;
-        Ok(Consumer { queue: queue.to_owned(), inner, _channel: channel, _kind: PhantomData })
+        Ok(Consumer { queue: queue.to_owned(), inner, channel, _kind: PhantomData })
+    }
+
+    /// Stops consuming: deliveries not acked yet go back to the queue.
+    pub async fn close(self) {
+        crate::close_channel(&self.channel).await;
     }
 
     /// The next delivery; an error when the consumer is gone.

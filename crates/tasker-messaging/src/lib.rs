@@ -16,7 +16,7 @@ use lapin::{Connection, ConnectionProperties};
 
 pub use consumer::{Ack, Consumer, EventStream, Incoming, ReceivedEvent};
 pub use publisher::{Command, Publisher};
-pub use topology::{QueueType, Topology};
+pub use topology::{QueueArgument, QueueType, Topology};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -30,6 +30,11 @@ pub enum Error {
     ConsumerClosed(String),
     #[error("the broker did not answer {0} within {TIMEOUT:?}")]
     Timeout(&'static str),
+    #[error(
+        "queue `{queue}` exists with other arguments than Tasker declares ({expected}): {detail}; \
+         delete it, or declare it with exactly these arguments"
+    )]
+    Mismatch { queue: String, expected: String, detail: String },
 }
 
 /// How long any broker round trip (a declaration, a batch of confirms) may take before it
@@ -43,7 +48,23 @@ pub(crate) async fn bounded<T>(what: &'static str, fut: impl Future<Output = Res
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A connection to the broker plus the naming scheme.
+/// Closes a channel that is still open, and waits for the broker to agree. A service
+/// closes its long-lived channels this way before its connection: a channel left to close
+/// itself on drop races the connection's close, and lapin then logs a connection error on
+/// a perfectly clean stop.
+pub(crate) async fn close_channel(channel: &lapin::Channel) {
+    if channel.status().connected() {
+        let _ = bounded("a channel close", async { Ok(channel.close(200, "closing".into()).await?) }).await;
+    }
+}
+
+/// The broker refused a declaration because the entity exists with other properties.
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
+}
+
 /// What a passive declare tells about a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueState {
@@ -101,9 +122,18 @@ impl Broker {
     async fn declare_steps_now(&self, namespace: &str) -> Result<()> {
         let channel = self.connection.create_channel().await?;
         self.topology.declare_dead_letter(&channel).await?;
-        self.topology.declare_queue(&channel, &self.topology.steps_queue(namespace)).await?;
-        channel.close(200, "declared".into()).await?;
-        Ok(())
+        let queue = self.topology.steps_queue(namespace);
+        match self.topology.declare_queue(&channel, &queue).await {
+            // the broker closed the channel; the queue is there, just declared otherwise
+            Err(Error::Amqp(e)) if is_precondition_failed(&e) => {
+                Err(Error::Mismatch { expected: self.topology.queue_arguments_text(), detail: e.to_string(), queue })
+            }
+            Err(e) => Err(e),
+            Ok(()) => {
+                channel.close(200, "declared".into()).await?;
+                Ok(())
+            }
+        }
     }
 
     /// Declares the events exchange (idempotent).

@@ -55,6 +55,11 @@ impl Publisher {
         Ok(Publisher { channel, topology })
     }
 
+    /// Closes the channel (every clone's), before the connection closes.
+    pub async fn close(&self) {
+        crate::close_channel(&self.channel).await;
+    }
+
     /// Publishes the commands (persistent, mandatory) back to back, then awaits every
     /// confirm together: one round trip for the batch, not one per message. Fails if any
     /// is nacked or unroutable; the caller then must not ack its input.

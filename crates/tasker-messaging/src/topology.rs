@@ -35,6 +35,22 @@ impl std::str::FromStr for QueueType {
     }
 }
 
+/// A queue argument's value: a long string or a signed 32-bit integer on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueArgument {
+    Text(String),
+    Int(i32),
+}
+
+impl std::fmt::Display for QueueArgument {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueueArgument::Text(text) => write!(f, "{text:?}"),
+            QueueArgument::Int(n) => write!(f, "{n}"),
+        }
+    }
+}
+
 /// Every broker name, derived from one prefix, so deployments and tests can share a broker.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -77,12 +93,34 @@ impl Topology {
         format!("{}.dead", self.prefix)
     }
 
+    /// The arguments every Tasker queue is declared with (durable, not exclusive, not
+    /// auto-deleted): a worker in another language declares its step queues with exactly
+    /// these, or RabbitMQ refuses one of the two declarations (PRECONDITION_FAILED).
+    pub fn queue_arguments(&self) -> Vec<(&'static str, QueueArgument)> {
+        let mut args = vec![
+            ("x-queue-type", QueueArgument::Text(self.queue_type.name().to_owned())),
+            ("x-dead-letter-exchange", QueueArgument::Text(self.dead_letter_exchange())),
+        ];
+        if self.queue_type == QueueType::Quorum {
+            args.push(("x-delivery-limit", QueueArgument::Int(self.delivery_limit as i32)));
+        }
+        args
+    }
+
+    /// [`Topology::queue_arguments`] as `durable, x-queue-type=quorum, …` for messages.
+    pub fn queue_arguments_text(&self) -> String {
+        let args: Vec<String> = self.queue_arguments().iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("durable, {}", args.join(", "))
+    }
+
     pub(crate) async fn declare_queue(&self, channel: &Channel, name: &str) -> Result<()> {
         let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from(self.queue_type.name())));
-        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_letter_exchange().into()));
-        if self.queue_type == QueueType::Quorum {
-            args.insert("x-delivery-limit".into(), AMQPValue::LongInt(self.delivery_limit as i32));
+        for (key, value) in self.queue_arguments() {
+            let value = match value {
+                QueueArgument::Text(text) => AMQPValue::LongString(LongString::from(text)),
+                QueueArgument::Int(n) => AMQPValue::LongInt(n),
+            };
+            args.insert(key.into(), value);
         }
         let options = QueueDeclareOptions { durable: true, ..Default::default() };
         channel.queue_declare(name.into(), options, args).await?;

@@ -128,3 +128,24 @@ async fn unusable_messages_are_dead_lettered_and_work_goes_on() {
     system.stop().await;
     env.cleanup().await;
 }
+
+/// A SIGTERM is a normal stop: the process exits 0 and logs no error, also with a worker
+/// attached and work done.
+#[tokio::test]
+async fn a_clean_stop_logs_no_error() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![WorkerSpec::new("w1", &["recovery"])]).await;
+    system.register(&env, CHAIN).await;
+    for _ in 0..2 {
+        let binary = env!("CARGO_BIN_EXE_orchestrator");
+        let orchestrator = tasker_test_support::Service::start(binary, &env, &[], "orchestrator running").await;
+        let task = system.submit("recovery", "chain", json!({})).await;
+        assert_eq!(system.wait_final(&task.id).await.status(), pb::TaskStatus::Complete);
+        let (status, lines) = orchestrator.terminate().await;
+        assert!(status.success(), "orchestrator exited with {status}: {lines:#?}");
+        let errors: Vec<&String> = lines.iter().filter(|l| l.contains(r#""level":"ERROR""#)).collect();
+        assert!(errors.is_empty(), "a clean stop logged errors: {errors:#?}");
+    }
+    system.stop().await;
+    env.cleanup().await;
+}

@@ -7,6 +7,7 @@
 //! Set `TASKER_TEST_LOG=debug` (an `EnvFilter`) to see the services' logs.
 
 mod infra;
+mod process;
 mod system;
 
 use std::{sync::Mutex, time::Duration};
@@ -16,6 +17,7 @@ use tasker_runtime::Config;
 use tokio_postgres::NoTls;
 
 pub use infra::{Infra, infra};
+pub use process::{Service, http_get};
 pub use system::{System, WorkerSpec};
 
 /// One test's private database and broker prefix, and the configuration pointing at them.

@@ -54,6 +54,8 @@ struct Running {
 /// task-api, orchestrator, event-publisher and workers, running in this process.
 pub struct System {
     pub api_addr: SocketAddr,
+    /// The orchestrator's admin endpoint (`/metrics`, `/health/*`).
+    pub orchestrator_admin: SocketAddr,
     config: Config,
     channel: Channel,
     services: Vec<Running>,
@@ -71,13 +73,14 @@ impl System {
         let stop = CancellationToken::new();
         services.push(spawn("task-api", Box::pin(api.run(stop.clone())), stop));
         let orchestrator = orchestrator::Orchestrator::bind(config.clone()).await.expect("bind orchestrator");
+        let orchestrator_admin = orchestrator.admin_addr();
         let stop = CancellationToken::new();
         services.push(spawn("orchestrator", Box::pin(orchestrator.run(stop.clone())), stop));
         let publisher = event_publisher::EventPublisher::bind(config.clone()).await.expect("bind event-publisher");
         let stop = CancellationToken::new();
         services.push(spawn("event-publisher", Box::pin(publisher.run(stop.clone())), stop));
         let channel = connect(api_addr).await;
-        let mut system = System { api_addr, config, channel, services };
+        let mut system = System { api_addr, orchestrator_admin, config, channel, services };
         for spec in workers {
             system.add_worker(env, spec).await;
         }

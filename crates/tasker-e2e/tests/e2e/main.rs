@@ -2,7 +2,9 @@
 //! in-process, the gRPC API and a real AMQP subscriber. Each test has its own database and
 //! broker prefix.
 
+mod edges;
 mod events;
+mod foreign;
 mod operator;
 mod retries;
 mod shapes;

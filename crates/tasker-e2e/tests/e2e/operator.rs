@@ -22,7 +22,7 @@ name: broken
 version: 1.0.0
 steps:
   - { name: first, handler: noop }
-  - { name: broken, handler: fail, depends_on: [first], max_attempts: 2, config: { times: 2 } }
+  - { name: broken, handler: fail, depends_on: [first], max_attempts: 2, config: { times: 3 } }
   - { name: child, handler: echo, depends_on: [broken] }
 "#;
 
@@ -70,7 +70,7 @@ async fn resolving_a_failed_step_lets_its_children_run_with_the_given_results() 
 }
 
 #[tokio::test]
-async fn retrying_a_failed_step_runs_it_again_with_fresh_attempts() {
+async fn retrying_a_failed_step_gives_it_a_fresh_round_of_attempts_numbered_on() {
     let env = TestEnv::new().await;
     let system = System::start(&env, vec![WorkerSpec::new("w1", &["ops"])]).await;
     let task = failed_task(&env, &system).await;
@@ -78,20 +78,25 @@ async fn retrying_a_failed_step_runs_it_again_with_fresh_attempts() {
     assert_eq!(broken.attempts, 2);
 
     let request = pb::RetryStepRequest { step_id: broken.id.clone(), reason: "gateway is back".into() };
-    system.steps().retry_step(as_operator(request)).await.unwrap();
+    let reset = system.steps().retry_step(as_operator(request)).await.unwrap().into_inner();
+    assert_eq!((reset.attempts, reset.attempts_before_retry), (2, 2), "numbers go on; the round starts after 2");
     let done = system.wait_final(&task.id).await;
-    // attempts restart at 1: `fail` with times 2 fails attempts 1 and 2 again, so the step
-    // fails again after two fresh attempts — proof that the counter was reset
+    // `fail` with times 3 fails attempts 1–3: the new round's first attempt (number 3)
+    // fails and its second (number 4) succeeds. Had the round not been fresh, attempt 3
+    // would have been past max_attempts 2 and failed the step for good.
     let again = steps_by_name(&done)["broken"].clone();
-    assert_eq!(again.attempts, 2);
+    assert_eq!((again.attempts, again.attempts_before_retry), (4, 2));
     let states: Vec<&str> = again.transitions.iter().map(|t| t.to_state.as_str()).collect();
     let reset = states.iter().position(|s| *s == "pending").expect("reset transition");
     assert_eq!(
         &states[reset..],
-        ["pending", "enqueued", "in_progress", "waiting_for_retry", "enqueued", "in_progress", "error"]
+        ["pending", "enqueued", "in_progress", "waiting_for_retry", "enqueued", "in_progress", "complete"]
     );
     assert_eq!(metadata(&again.transitions[reset])["actor"], "ops-oncall");
-    assert_eq!(done.status(), pb::TaskStatus::Error);
+    let attempts: Vec<u64> =
+        again.transitions[reset + 1..].iter().map(|t| metadata(t)["attempt"].as_u64().unwrap()).collect();
+    assert_eq!(attempts, [3, 3, 3, 4, 4, 4], "no attempt number is used twice");
+    assert_eq!(done.status(), pb::TaskStatus::Complete);
     system.stop().await;
     env.cleanup().await;
 }
@@ -141,11 +146,11 @@ steps:
 
     let request = pb::RetryStepRequest { step_id: failed.id, reason: "partner is back".into() };
     let reset = system.steps().retry_step(as_operator(request)).await.unwrap().into_inner();
-    assert_eq!(reset.attempts, 0, "attempts reset");
+    assert_eq!((reset.attempts, reset.attempts_before_retry), (2, 2), "a new round after two attempts");
     let done = system.wait_final(&task.id).await;
     assert_eq!(done.status(), pb::TaskStatus::Complete);
     let steps = steps_by_name(&done);
-    assert_eq!(steps["call_partner"].attempts, 1, "one fresh attempt was enough");
+    assert_eq!(steps["call_partner"].attempts, 3, "one attempt of the new round was enough");
     let child: Value = serde_json::from_str(&steps["child"].results_json).unwrap();
     assert_eq!(child["parents"]["call_partner"]["recovered"], true);
     assert_eq!(calls.load(Ordering::SeqCst), 3);

@@ -1,0 +1,102 @@
+//! Real service binaries for process-level tests: start one against a [`TestEnv`], stop
+//! it with SIGTERM, and read what it logged.
+
+use std::{
+    process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    process::{Child, Command},
+};
+
+use crate::TestEnv;
+
+/// A service binary running against a test's database and broker prefix.
+pub struct Service {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Service {
+    /// Starts `binary` with the test's configuration (every admin and API port on an
+    /// ephemeral port, plain logs) plus `extra` variables, and waits until it logs a line
+    /// containing `ready`.
+    pub async fn start(binary: &str, env: &TestEnv, extra: &[(&str, &str)], ready: &str) -> Service {
+        let config = &env.config;
+        let mut command = Command::new(binary);
+        command
+            .env("TASKER_DATABASE__URL", &config.database.url)
+            .env("TASKER_AMQP__URL", &config.amqp.url)
+            .env("TASKER_AMQP__PREFIX", &config.amqp.prefix)
+            .env("TASKER_LOG__FORMAT", "json")
+            .env("TASKER_LOG__FILTER", "info")
+            .env_remove("RUST_LOG");
+        for key in ["API__LISTEN", "API__ADMIN_LISTEN", "ORCHESTRATOR__ADMIN_LISTEN", "WORKER__ADMIN_LISTEN"] {
+            command.env(format!("TASKER_{key}"), "127.0.0.1:0");
+        }
+        command.env("TASKER_PUBLISHER__ADMIN_LISTEN", "127.0.0.1:0");
+        for (key, value) in extra {
+            command.env(key, value);
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {binary}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        collect(child.stdout.take().expect("stdout"), lines.clone());
+        collect(child.stderr.take().expect("stderr"), lines.clone());
+        let service = Service { child, lines };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !service.logged(ready) {
+            assert!(tokio::time::Instant::now() < deadline, "{binary} not ready: {:#?}", service.lines());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        service
+    }
+
+    /// Every line logged so far (stdout and stderr).
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines lock").clone()
+    }
+
+    fn logged(&self, text: &str) -> bool {
+        self.lines.lock().expect("lines lock").iter().any(|l| l.contains(text))
+    }
+
+    /// SIGTERM, then waits (up to 30 s) for the exit; returns the status and every line.
+    pub async fn terminate(mut self) -> (ExitStatus, Vec<String>) {
+        let pid = self.child.id().expect("running").to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status().await;
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the service exits after SIGTERM")
+            .expect("wait for the service");
+        // the readers finish with the pipes
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (status, self.lines())
+    }
+}
+
+fn collect(stream: impl AsyncRead + Unpin + Send + 'static, lines: Arc<Mutex<Vec<String>>>) {
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            lines.lock().expect("lines lock").push(line);
+        }
+    });
+}
+
+/// A plain HTTP GET (an admin endpoint: `/metrics`, `/health/ready`); returns the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the admin endpoint");
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read the response");
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+}

@@ -1,0 +1,19 @@
+//! Process level: the real `task-api` binary.
+
+use tasker_test_support::{Service, TestEnv};
+
+/// A SIGTERM is a normal stop: the process exits 0 and logs no error (lapin used to log a
+/// connection error when a channel closed itself while the connection was closing).
+#[tokio::test]
+async fn a_clean_stop_logs_no_error() {
+    let env = TestEnv::new().await;
+    for _ in 0..3 {
+        let api = Service::start(env!("CARGO_BIN_EXE_task-api"), &env, &[], "task-api serving").await;
+        let (status, lines) = api.terminate().await;
+        assert!(status.success(), "task-api exited with {status}: {lines:#?}");
+        let errors: Vec<&String> = lines.iter().filter(|l| l.contains(r#""level":"ERROR""#)).collect();
+        assert!(errors.is_empty(), "a clean stop logged errors: {errors:#?}");
+        assert!(lines.iter().any(|l| l.contains("stopped")), "{lines:#?}");
+    }
+    env.cleanup().await;
+}

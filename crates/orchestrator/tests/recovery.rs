@@ -136,7 +136,7 @@ async fn a_clean_stop_logs_no_error() {
     let env = TestEnv::new().await;
     let system = System::start(&env, vec![WorkerSpec::new("w1", &["recovery"])]).await;
     system.register(&env, CHAIN).await;
-    for _ in 0..2 {
+    for _ in 0..4 {
         let binary = env!("CARGO_BIN_EXE_orchestrator");
         let orchestrator = tasker_test_support::Service::start(binary, &env, &[], "orchestrator running").await;
         let task = system.submit("recovery", "chain", json!({})).await;

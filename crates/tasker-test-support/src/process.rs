@@ -82,6 +82,18 @@ impl Service {
     }
 }
 
+impl Service {
+    /// SIGTERM, then asserts a clean stop: exit status 0 and no line logged at ERROR
+    /// (the services log JSON here). Returns every line.
+    pub async fn stop_cleanly(self) -> Vec<String> {
+        let (status, lines) = self.terminate().await;
+        assert!(status.success(), "exited with {status}: {lines:#?}");
+        let errors: Vec<&String> = lines.iter().filter(|l| l.contains(r#""level":"ERROR""#)).collect();
+        assert!(errors.is_empty(), "a clean stop logged errors: {errors:#?}");
+        lines
+    }
+}
+
 fn collect(stream: impl AsyncRead + Unpin + Send + 'static, lines: Arc<Mutex<Vec<String>>>) {
     tokio::spawn(async move {
         let mut reader = BufReader::new(stream).lines();

@@ -400,48 +400,42 @@ async fn transition_ids_are_the_event_ids() {
     env.cleanup().await;
 }
 
+/// The services a reflection client of protocol version `$v` lists.
+macro_rules! listed_services {
+    ($v:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$v::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut client = ServerReflectionClient::new($channel);
+        let mut answers = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+        let answer = answers.message().await.unwrap().expect("an answer");
+        let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+            panic!("not a service list: {answer:?}");
+        };
+        list.service.into_iter().map(|s| s.name).collect::<Vec<String>>()
+    }};
+}
+
 /// Reflection answers in v1 (grpcurl) and v1alpha (grpcio-reflection, many GUI clients).
 #[tokio::test]
 async fn reflection_lists_the_services_in_both_protocol_versions() {
-    use tonic_reflection::pb::{v1, v1alpha};
     let env = TestEnv::new().await;
     let system = System::start(&env, vec![]).await;
     let channel =
         tonic::transport::Channel::from_shared(format!("http://{}", system.api_addr)).unwrap().connect().await.unwrap();
     let expected =
         ["tasker.v1.TaskService", "tasker.v1.StepService", "tasker.v1.TemplateService", "grpc.health.v1.Health"];
-
-    let request = v1alpha::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
-    };
-    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
-    let mut answers = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
-    let answer = answers.message().await.unwrap().expect("a v1alpha answer");
-    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        answer.message_response
-    else {
-        panic!("not a service list: {answer:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for service in expected {
-        assert!(names.iter().any(|n| n == service), "v1alpha lists {service}: {names:?}");
-    }
-
-    let request = v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
-    };
-    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel);
-    let mut answers = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
-    let answer = answers.message().await.unwrap().expect("a v1 answer");
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = answer.message_response
-    else {
-        panic!("not a service list: {answer:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for service in expected {
-        assert!(names.iter().any(|n| n == service), "v1 lists {service}: {names:?}");
+    for (version, names) in
+        [("v1alpha", listed_services!(v1alpha, channel.clone())), ("v1", listed_services!(v1, channel))]
+    {
+        for service in expected {
+            assert!(names.iter().any(|n| n == service), "{version} lists {service}: {names:?}");
+        }
     }
     system.stop().await;
     env.cleanup().await;

@@ -122,7 +122,7 @@ enum TaskCommand {
 
 #[derive(Debug, Subcommand)]
 enum StepCommand {
-    /// Run a failed step again (attempts reset).
+    /// Run a failed step again: a new round of max_attempts attempts (their numbers go on).
     Retry {
         step_id: String,
         #[arg(long, default_value = "")]

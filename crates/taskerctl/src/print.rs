@@ -60,11 +60,16 @@ pub fn step_line(s: &pb::Step) {
         Ok(e) if s.status == pb::StepStatus::Error as i32 => format!("  error {}", e["message"]),
         _ => String::new(),
     };
+    // attempts of the current round against its budget, and those of earlier rounds
+    let earlier = match s.attempts_before_retry {
+        0 => String::new(),
+        n => format!(" (+{n} before retry)"),
+    };
     println!(
-        "  {:<28} {:<18} attempts {}/{}  {} → {}{results}{error}",
+        "  {:<28} {:<18} attempts {}/{}{earlier}  {} → {}{results}{error}",
         s.name,
         step_status(s.status),
-        s.attempts,
+        s.attempts - s.attempts_before_retry,
         s.max_attempts,
         time(&s.started_at),
         time(&s.completed_at),

@@ -50,17 +50,24 @@ impl EventPublisher {
         let sub = registry.sub_registry_with_prefix("tasker_events");
         sub.register("published", "Events relayed to the exchange", metrics.published.clone());
         sub.register("outbox_lag_ms", "Age of the oldest event in the last relayed batch", metrics.lag_ms.clone());
-        let slot = tasker_runtime::BrokerSlot::default();
+        let slot = tasker_runtime::BrokerSlot::new();
+        slot.register(&mut registry);
         let stop = shutdown.child_token();
         let checks = vec![tasker_runtime::store_check(&store), slot.check()];
-        let admin_task = tokio::spawn(admin.serve(checks, registry, stop.clone()));
+        let admin_task = tokio::spawn(admin.serve(checks, registry, config.health.live_timeout, stop.clone()));
         let result = tasker_runtime::supervise("event-publisher", &stop, || async {
             let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "event-publisher").await?);
             slot.set(Some(broker.clone()));
             broker.declare_events().await.context("declaring the events exchange")?;
             let publisher = broker.publisher().await?;
             tracing::info!(exchange = broker.topology().events_exchange(), "event publisher running");
-            let relayed = relay(&store, &publisher, &config.publisher, &metrics, stop.clone()).await;
+            let local = stop.child_token();
+            let relayed = tokio::select! {
+                relayed = relay(&store, &publisher, &config.publisher, &metrics, local.clone()) => relayed,
+                // noticed at once, even while the outbox is quiet
+                _ = broker.closed() => Err(anyhow::anyhow!("the broker connection was lost")),
+            };
+            local.cancel();
             slot.set(None);
             publisher.close().await;
             let _ = broker.close().await;
@@ -89,13 +96,17 @@ async fn relay(
                 continue;
             }
             Ok(_) => failures = 0,
-            Err(error) => {
+            // The broker failed a publish: the claim was given back at once (dropping it
+            // rolls back and frees the lock for a healthy replica), and this replica
+            // connects again rather than trying the same broken channel.
+            Err(Failure::Broker(error)) => return Err(error.into()),
+            // The database: nothing to reconnect on the broker side; try again shortly.
+            Err(Failure::Store(error)) => {
                 failures += 1;
-                tracing::warn!(error = format!("{error:#}"), failures, "relaying events failed; will try again");
-                anyhow::ensure!(failures < 30, "relaying events keeps failing: {error:#}");
+                tracing::warn!(%error, failures, "relaying events failed on the database; trying again");
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(10)))) => {}
+                    _ = tokio::time::sleep(tasker_runtime::reconnect_delay(failures)) => {}
                 }
                 continue;
             }
@@ -109,13 +120,22 @@ async fn relay(
     Ok(())
 }
 
+/// Why a batch was not relayed.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Store(#[from] tasker_store::Error),
+    #[error(transparent)]
+    Broker(#[from] tasker_messaging::Error),
+}
+
 /// Relays one batch; `None` when another replica holds the relay lock.
 async fn relay_batch(
     store: &Store,
     publisher: &Publisher,
     limit: i64,
     metrics: &Metrics,
-) -> anyhow::Result<Option<usize>> {
+) -> Result<Option<usize>, Failure> {
     let Some(batch) = store.claim_outbox(limit).await? else { return Ok(None) };
     let n = batch.rows.len();
     if n == 0 {

@@ -27,6 +27,17 @@ impl Dispatcher {
         Ok(Dispatcher { broker, publisher, declared: Default::default(), metrics })
     }
 
+    /// Whether the broker connection is open.
+    pub fn is_connected(&self) -> bool {
+        self.broker.is_connected()
+    }
+
+    /// Messages waiting in the dead-letter queue, if it exists.
+    pub async fn dead_letter_depth(&self) -> tasker_messaging::Result<Option<u32>> {
+        let queue = self.broker.topology().dead_letter_queue();
+        Ok(self.broker.queue_state(&queue).await?.map(|q| q.ready))
+    }
+
     /// Closes the publishing channel (at shutdown, before the connection).
     pub async fn close(&self) {
         self.publisher.close().await;

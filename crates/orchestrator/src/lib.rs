@@ -52,12 +52,14 @@ impl Orchestrator {
         let store = tasker_runtime::connect_store(&config.database).await?;
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
-        let slot = tasker_runtime::BrokerSlot::default();
+        let slot = tasker_runtime::BrokerSlot::new();
+        slot.register(&mut registry);
         let stop = shutdown.child_token();
         let checks = vec![tasker_runtime::store_check(&store), slot.check()];
-        let admin = tokio::spawn(admin.serve(checks, registry, stop.clone()));
+        let admin = tokio::spawn(admin.serve(checks, registry, config.health.live_timeout, stop.clone()));
+        let carried = Carried::default();
         let result = tasker_runtime::supervise("orchestrator", &stop, || {
-            orchestrate(&config, &store, &metrics, &slot, stop.clone())
+            orchestrate(&config, &store, &metrics, &slot, &carried, stop.clone())
         })
         .await;
         stop.cancel();
@@ -73,6 +75,7 @@ async fn orchestrate(
     store: &tasker_store::Store,
     metrics: &Metrics,
     slot: &tasker_runtime::BrokerSlot,
+    carried: &Carried,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let settings = config.orchestrator.clone();
@@ -82,6 +85,15 @@ async fn orchestrate(
     let engine = Engine::new(store.clone(), settings.backoff, config.limits, metrics.clone());
     let dispatcher = Dispatcher::new(broker.clone(), metrics.clone()).await?;
     let own_dispatcher = dispatcher.clone();
+    // executions committed while the last connection was being lost go out first
+    let unpublished = std::mem::take(&mut *carried.unpublished.lock().expect("carried lock"));
+    if !unpublished.is_empty() {
+        tracing::info!(executions = unpublished.len(), "publishing executions committed before the broker was lost");
+        if let Err(error) = dispatcher.send(unpublished.clone()).await {
+            carried.unpublished.lock().expect("carried lock").extend(unpublished);
+            return Err(error.into());
+        }
+    }
     let (retry_tx, retry_rx) = mpsc::unbounded_channel();
     let topology = broker.topology().clone();
     let tasks: Consumer<TaskRequest> = broker.consume(&topology.tasks_queue(), settings.prefetch).await?;
@@ -89,7 +101,15 @@ async fn orchestrate(
 
     let local = stop.child_token();
     let mut set = JoinSet::new();
-    let pipeline = Pipeline { engine, dispatcher, retries: retry_tx, metrics: metrics.clone() };
+    tasker_runtime::watch_connection(&mut set, broker.clone(), local.clone());
+    let pipeline = Pipeline {
+        engine,
+        dispatcher,
+        retries: retry_tx,
+        metrics: metrics.clone(),
+        carried: carried.clone(),
+        stop: local.clone(),
+    };
     set.spawn(pipeline.clone().consume(tasks, task_work, settings.batch_size, local.clone()));
     set.spawn(pipeline.clone().consume(results, report_work, settings.batch_size, local.clone()));
     set.spawn(sweeper::retry_scheduler(
@@ -133,6 +153,30 @@ fn report_work(report: StepReport) -> Option<(Uuid, Work)> {
     Some((report.task_id.parse().ok()?, Work::Report(report)))
 }
 
+/// What outlives one broker connection: executions committed but not yet published when
+/// the connection was lost, and when the infrastructure last failed.
+#[derive(Clone, Default)]
+struct Carried {
+    unpublished: Arc<std::sync::Mutex<Vec<tasker_store::Dispatch>>>,
+    last_outage: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+/// Whether a failure is the infrastructure's (the database unreachable, the broker not
+/// confirming) rather than the work's: such work is retried in place and never counted
+/// against its messages.
+fn is_infrastructure(error: &anyhow::Error) -> bool {
+    match error.downcast_ref::<tasker_store::Error>() {
+        Some(e) => e.is_unavailable(),
+        None => error.downcast_ref::<tasker_messaging::Error>().is_some(),
+    }
+}
+
+/// The wait between tries of work held through an outage: 100 ms doubling to 1 s, so
+/// work resumes within a second of the infrastructure coming back.
+fn hold_delay(failures: u32) -> Duration {
+    Duration::from_millis(100 << failures.saturating_sub(1).min(4)).min(Duration::from_secs(1))
+}
+
 /// Applies work and publishes what it dispatches; shared by the consumers, the retry
 /// scheduler and the sweeper.
 #[derive(Clone)]
@@ -141,23 +185,83 @@ pub(crate) struct Pipeline {
     dispatcher: Dispatcher,
     retries: mpsc::UnboundedSender<chrono::DateTime<chrono::Utc>>,
     metrics: Metrics,
+    carried: Carried,
+    stop: CancellationToken,
 }
 
 impl Pipeline {
     /// Applies the items in one transaction, then publishes the dispatches (confirmed).
+    /// While the database or the broker is unavailable, each step is retried in place
+    /// (the caller keeps its input unacked); an error is returned only for a failure of
+    /// the work itself, on shutdown, or when the broker connection is gone (then the
+    /// committed executions are carried over to the next connection).
     pub(crate) async fn process(&self, items: Vec<(Uuid, Work)>) -> anyhow::Result<()> {
         let received = std::time::Instant::now();
-        let outcome = self.engine.apply(items).await?;
+        let outcome =
+            self.holding("applying a batch", || async { Ok(self.engine.apply(items.clone()).await?) }).await?;
         self.metrics.batch();
         if let Some(due) = outcome.next_retry_at {
             let _ = self.retries.send(due);
         }
         let dispatched = !outcome.dispatches.is_empty();
-        self.dispatcher.send(outcome.dispatches).await?;
+        let dispatches = &outcome.dispatches;
+        let sent = self
+            .holding("publishing step executions", || async { Ok(self.dispatcher.send(dispatches.clone()).await?) })
+            .await;
+        if let Err(error) = sent {
+            self.carried.unpublished.lock().expect("carried lock").extend(outcome.dispatches);
+            return Err(error);
+        }
         if dispatched {
             self.metrics.hop(received.elapsed().as_secs_f64());
         }
         Ok(())
+    }
+
+    /// Runs `op` until it succeeds, holding on through infrastructure failures while the
+    /// broker connection lives and no stop was asked for.
+    async fn holding<T, F, Fut>(&self, what: &'static str, mut op: F) -> anyhow::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = anyhow::Result<T>>,
+    {
+        let mut failures = 0;
+        let result = loop {
+            match op().await {
+                Err(error)
+                    if is_infrastructure(&error) && !self.stop.is_cancelled() && self.dispatcher.is_connected() =>
+                {
+                    failures += 1;
+                    *self.carried.last_outage.lock().expect("carried lock") = Some(std::time::Instant::now());
+                    if failures == 1 {
+                        self.metrics.paused(1);
+                        tracing::warn!(
+                            error = format!("{error:#}"),
+                            what,
+                            "infrastructure unavailable; holding the work and trying again"
+                        );
+                    }
+                    tokio::select! {
+                        _ = self.stop.cancelled() => {}
+                        _ = tokio::time::sleep(hold_delay(failures)) => {}
+                    }
+                }
+                result => break result,
+            }
+        };
+        if failures > 0 {
+            self.metrics.paused(-1);
+            if result.is_ok() {
+                tracing::info!(what, tries = failures + 1, "infrastructure back; held work done");
+            }
+        }
+        result
+    }
+
+    /// Whether the infrastructure has failed within `window`: the sweeper then leaves
+    /// overdue steps alone, since their reports may be among the work held meanwhile.
+    pub(crate) fn outage_within(&self, window: Duration) -> bool {
+        self.carried.last_outage.lock().expect("carried lock").is_some_and(|t| t.elapsed() < window)
     }
 
     /// Consumes a queue in batches: apply in one transaction, publish, then ack. A batch
@@ -188,6 +292,7 @@ impl Pipeline {
                     }
                     None => {
                         tracing::warn!("undecodable message rejected to the dead-letter queue");
+                        self.metrics.dead_lettered("undecodable");
                         ack.reject().await?;
                     }
                 }
@@ -201,6 +306,10 @@ impl Pipeline {
                         ack.ack().await?;
                     }
                 }
+                // shutting down, or the connection is gone: the input goes back to the
+                // queue unacked, without counting against it
+                Err(_) if self.stop.is_cancelled() => return Ok(()),
+                Err(error) if is_infrastructure(&error) => return Err(error),
                 Err(error) if items.len() == 1 => {
                     let (item, ack) = (items.pop().expect("one item"), acks.pop().expect("one ack"));
                     self.settle_failure(item, ack, error).await?;

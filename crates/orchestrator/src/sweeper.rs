@@ -105,8 +105,14 @@ async fn sweep(pipeline: &Pipeline, store: &Store, config: &OrchestratorConfig) 
             items.push((task, Work::Republish { step, older_than: config.enqueued_step_timeout }));
         }
     }
-    for (task, step) in store.overdue_steps(config.timeout_grace, SWEEP_LIMIT).await? {
-        items.push((task, Work::Overdue { step, grace: config.timeout_grace }));
+    // right after an outage, reports held meanwhile may be what these steps wait for
+    if !pipeline.outage_within(config.timeout_grace + config.sweep_interval) {
+        for (task, step) in store.overdue_steps(config.timeout_grace, SWEEP_LIMIT).await? {
+            items.push((task, Work::Overdue { step, grace: config.timeout_grace }));
+        }
+    }
+    if let Ok(Some(depth)) = pipeline.dispatcher.dead_letter_depth().await {
+        pipeline.metrics.dead_letter_depth(depth);
     }
     if !items.is_empty() {
         tracing::info!(items = items.len(), "sweeper repairing stuck work");

@@ -26,6 +26,14 @@ struct Metrics {
     failed: Counter,
 }
 
+/// Outcomes whose report was not confirmed when the broker connection was lost, by
+/// `(step_id, attempt)`: the execution comes back (it was never acked) and is answered
+/// from here instead of running the handler again. Shared across connections.
+type Unreported = Arc<std::sync::Mutex<HashMap<(String, u32), Outcome>>>;
+
+/// Most outcomes kept for lack of a connection (past it, a step may run again).
+const MAX_UNREPORTED: usize = 10_000;
+
 #[derive(Clone)]
 struct Runner {
     registry: Registry,
@@ -33,6 +41,7 @@ struct Runner {
     worker_id: String,
     metrics: Metrics,
     started_report_after: Duration,
+    unreported: Unreported,
 }
 
 impl Worker {
@@ -62,12 +71,15 @@ impl Worker {
         let sub = metrics_registry.sub_registry_with_prefix("tasker_worker");
         sub.register("steps_executed", "Step attempts run", metrics.executed.clone());
         sub.register("steps_failed", "Step attempts that failed", metrics.failed.clone());
-        let slot = tasker_runtime::BrokerSlot::default();
+        let slot = tasker_runtime::BrokerSlot::new();
+        slot.register(&mut metrics_registry);
         let stop = shutdown.child_token();
-        let admin = tokio::spawn(admin.serve(vec![slot.check()], metrics_registry, stop.clone()));
+        let live_timeout = config.health.live_timeout;
+        let admin = tokio::spawn(admin.serve(vec![slot.check()], metrics_registry, live_timeout, stop.clone()));
         tracing::info!(worker_id, namespaces = ?config.worker.namespaces, handlers = ?registry.names(), "step worker starting");
+        let unreported = Unreported::default();
         let result = tasker_runtime::supervise("step-worker", &stop, || {
-            consume_all(&config, &registry, &worker_id, &metrics, &slot, stop.clone())
+            consume_all(&config, &registry, &worker_id, &metrics, &slot, &unreported, stop.clone())
         })
         .await;
         stop.cancel();
@@ -83,6 +95,7 @@ async fn consume_all(
     worker_id: &str,
     metrics: &Metrics,
     slot: &tasker_runtime::BrokerSlot,
+    unreported: &Unreported,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let settings = &config.worker;
@@ -94,9 +107,11 @@ async fn consume_all(
         worker_id: worker_id.to_owned(),
         metrics: metrics.clone(),
         started_report_after: settings.started_report_after,
+        unreported: unreported.clone(),
     };
     let local = stop.child_token();
     let mut set = JoinSet::new();
+    tasker_runtime::watch_connection(&mut set, broker.clone(), local.clone());
     for ns in &settings.namespaces {
         broker.declare_steps(ns).await.with_context(|| format!("declaring the step queue of `{ns}`"))?;
         let queue = broker.topology().steps_queue(ns);
@@ -169,6 +184,17 @@ impl Runner {
             outcome: Some(outcome),
             started_at_unix_ms,
         };
+        let key = (exec.step_id.clone(), exec.attempt);
+        let kept = self.unreported.lock().expect("unreported lock").get(&key).cloned();
+        if let Some(outcome) = kept {
+            tracing::info!(
+                step_id = exec.step_id,
+                attempt = exec.attempt,
+                "reporting an outcome kept across a lost connection"
+            );
+            self.settle(report(outcome), key, ack).await;
+            return;
+        }
         // A quick step's start travels with its outcome; a longer one is reported started
         // once it has run for `started_report_after`, while it goes on running.
         let run = self.run_handler(&exec);
@@ -193,15 +219,39 @@ impl Runner {
         if matches!(outcome, Outcome::Failed(_)) {
             self.metrics.failed.inc();
         }
-        let settled = match self.publisher.send(&[Command::Report(report(outcome))]).await {
-            Ok(()) => ack.ack().await,
-            Err(error) => {
-                tracing::warn!(%error, step_id = exec.step_id, "could not report a step outcome; requeueing it");
-                ack.retry().await
+        {
+            let mut unreported = self.unreported.lock().expect("unreported lock");
+            if unreported.len() < MAX_UNREPORTED {
+                unreported.insert(key.clone(), outcome.clone());
             }
-        };
-        if let Err(error) = settled {
-            tracing::warn!(%error, "could not settle a step execution");
+        }
+        self.settle(report(outcome), key, ack).await;
+    }
+
+    /// Reports an outcome and, once the broker confirmed it, acks the execution. A
+    /// publish that fails while the connection lives is tried again in place (the broker
+    /// pushing back is no reason to run the step again); when the connection is lost the
+    /// execution goes back to its queue unacked, and the outcome waits in `unreported`
+    /// for it to come back.
+    async fn settle(&self, report: StepReport, key: (String, u32), ack: tasker_messaging::Ack) {
+        let mut failures = 0;
+        loop {
+            match self.publisher.send(&[Command::Report(report.clone())]).await {
+                Ok(()) => break,
+                Err(error) if self.publisher.is_open() => {
+                    failures += 1;
+                    tracing::warn!(%error, step_id = report.step_id, failures, "could not report a step outcome; trying again");
+                    tokio::time::sleep(tasker_runtime::reconnect_delay(failures)).await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, step_id = report.step_id, "broker connection lost before the outcome was reported; it is kept for the execution's return");
+                    return;
+                }
+            }
+        }
+        self.unreported.lock().expect("unreported lock").remove(&key);
+        if let Err(error) = ack.ack().await {
+            tracing::warn!(%error, "could not ack a step execution");
         }
     }
 

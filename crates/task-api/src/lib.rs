@@ -7,11 +7,12 @@
 mod convert;
 mod error;
 mod input;
+mod link;
 mod steps;
 mod tasks;
 mod templates;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::net::SocketAddr;
 
 use anyhow::Context;
 use prometheus_client::registry::Registry;
@@ -26,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
 
-use crate::{steps::Steps, tasks::Tasks, templates::Templates};
+use crate::{link::Link, steps::Steps, tasks::Tasks, templates::Templates};
 
 /// Binds both listeners, then serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -72,31 +73,31 @@ impl TaskApi {
         let reflection_v1alpha = reflection().build_v1alpha().context("building the reflection service")?;
 
         let store = tasker_runtime::connect_store(&config.database).await?;
-        let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "task-api").await?);
-        broker.declare_orchestrator().await.context("declaring the orchestrator's queues")?;
-        let publisher = broker.publisher().await?;
-        let own_publisher = publisher.clone();
+        let stop = shutdown.child_token();
+        let link = Link::default();
+        let slot = tasker_runtime::BrokerSlot::new();
+        let mut registry = Registry::default();
+        slot.register(&mut registry);
+        let link_loop = {
+            let (link, slot, stop, amqp) = (link.clone(), slot.clone(), stop.clone(), config.amqp.clone());
+            tokio::spawn(async move {
+                tasker_runtime::supervise("task-api", &stop, || link.maintain(&amqp, &slot, stop.clone())).await
+            })
+        };
         let templates = Templates { store: store.clone(), limits: config.limits };
         if let Some(dir) = &config.api.templates_dir {
             let n = templates.load_dir(dir).await?;
             tracing::info!(dir = %dir.display(), templates = n, "templates loaded");
         }
-        let tasks = Tasks {
-            store: store.clone(),
-            broker: broker.clone(),
-            publisher,
-            limits: config.limits,
-            schemas: Default::default(),
-        };
+        let tasks = Tasks { store: store.clone(), link, limits: config.limits, schemas: Default::default() };
         let steps = Steps { tasks: tasks.clone() };
         health.set_serving::<TaskServiceServer<Tasks>>().await;
         health.set_serving::<TemplateServiceServer<Templates>>().await;
         health.set_serving::<StepServiceServer<Steps>>().await;
         health.set_service_status("", tonic_health::ServingStatus::Serving).await;
 
-        let stop = shutdown.child_token();
-        let checks = vec![tasker_runtime::store_check(&store), tasker_runtime::broker_check(&broker)];
-        let admin_task = tokio::spawn(admin.serve(checks, Registry::default(), stop.clone()));
+        let checks = vec![tasker_runtime::store_check(&store), slot.check()];
+        let admin_task = tokio::spawn(admin.serve(checks, registry, config.health.live_timeout, stop.clone()));
         let addr = grpc.local_addr()?;
         tracing::info!(%addr, "task-api serving");
         let served = tonic::transport::Server::builder()
@@ -111,8 +112,7 @@ impl TaskApi {
             .context("gRPC server");
         stop.cancel();
         let _ = admin_task.await;
-        own_publisher.close().await;
-        let _ = broker.close().await;
+        let _ = link_loop.await;
         served
     }
 }

@@ -10,11 +10,7 @@ use futures::Stream;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tasker_domain::{CloudEvent, Limits, StepState, TaskState, event::StepRef, template::ContextSchema};
-use tasker_messaging::{Broker, Command, Publisher};
-use tasker_proto::{
-    messages::TaskRequest,
-    v1::{self as pb, task_service_server::TaskService},
-};
+use tasker_proto::v1::{self as pb, task_service_server::TaskService};
 use tasker_store::{Actor, NewTask, Store, TaskFilter, TaskView, TemplateRecord};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,6 +21,7 @@ use crate::{
     convert,
     error::{ApiError, ApiResult, parse_id, refused_in},
     input,
+    link::Link,
 };
 
 const DEFAULT_PAGE: u32 = 50;
@@ -33,8 +30,7 @@ const MAX_PAGE: u32 = 500;
 #[derive(Clone)]
 pub struct Tasks {
     pub(crate) store: Store,
-    pub(crate) broker: Arc<Broker>,
-    pub(crate) publisher: Publisher,
+    pub(crate) link: Link,
     pub(crate) limits: Limits,
     /// Compiled input schemas by template id (a registered version never changes).
     pub(crate) schemas: Arc<Mutex<HashMap<Uuid, Option<Arc<ContextSchema>>>>>,
@@ -42,12 +38,10 @@ pub struct Tasks {
 
 impl Tasks {
     /// Asks the orchestrator to look at a task. A failure is logged, not returned: the
-    /// task is committed, and the sweeper re-requests tasks left pending.
+    /// task is committed, the request is sent again once the broker is back, and the
+    /// sweeper re-requests tasks left pending whatever happens to this process.
     pub(crate) async fn request(&self, task_id: Uuid) {
-        let command = Command::Task(TaskRequest { task_id: task_id.to_string() });
-        if let Err(error) = self.publisher.send(&[command]).await {
-            tracing::warn!(%task_id, %error, "task request not published; the sweeper will pick the task up");
-        }
+        self.link.request(&[task_id]).await;
     }
 
     async fn create(&self, r: pb::CreateTaskRequest) -> ApiResult<pb::CreateTaskResponse> {
@@ -89,7 +83,16 @@ impl Tasks {
                 self.request(outcome.task_id).await;
                 view
             }
-            None => self.store.task(outcome.task_id, false).await?,
+            None => {
+                let view = self.store.task(outcome.task_id, false).await?;
+                // a retried request whose first attempt's publish may have been lost (the
+                // process died between commit and publish): ask again, it is a no-op for
+                // the orchestrator if the first one arrived
+                if view.task.status == TaskState::Pending {
+                    self.request(outcome.task_id).await;
+                }
+                view
+            }
         };
         Ok(pb::CreateTaskResponse { task: Some(convert::task(&view)), deduplicated: outcome.deduplicated })
     }
@@ -126,7 +129,12 @@ impl Tasks {
     async fn watch(&self, task_id: Uuid, out: mpsc::Sender<Result<pb::Event, Status>>) -> ApiResult<()> {
         let head = self.store.task(task_id, false).await?.task;
         let pattern = format!("{}.{}.#", head.namespace, head.name);
-        let mut live = self.broker.subscribe_events(&[pattern.as_str()]).await?;
+        let broker = self
+            .link
+            .broker_within(std::time::Duration::from_secs(5))
+            .await
+            .ok_or_else(|| ApiError::Unavailable("the message broker is unavailable; try again".into()))?;
+        let mut live = broker.subscribe_events(&[pattern.as_str()]).await?;
         let view = self.store.task(task_id, true).await?;
         let mut seen = HashSet::new();
         for event in history(&view) {

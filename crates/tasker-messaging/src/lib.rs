@@ -95,6 +95,24 @@ impl Broker {
         self.connection.status().connected()
     }
 
+    /// Resolves once the connection is lost or closed: at once on an error lapin reports
+    /// (the broker closed it, the socket died, heartbeats stopped), and within a quarter
+    /// of a second of any other close. Supervisors race their loops against it, so a lost
+    /// connection is noticed before the next operation fails on it.
+    pub async fn closed(&self) {
+        use futures::StreamExt;
+        let mut events = std::pin::pin!(self.connection.events_listener());
+        while self.is_connected() {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(lapin::Event::Error(_)) | None => return,
+                    Some(_) => {}
+                },
+                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
     /// A channel in confirm mode for publishing.
     pub async fn publisher(&self) -> Result<Publisher> {
         Publisher::open(&self.connection, self.topology.clone()).await

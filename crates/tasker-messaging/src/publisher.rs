@@ -55,6 +55,11 @@ impl Publisher {
         Ok(Publisher { channel, topology })
     }
 
+    /// Whether the channel (and so its connection) is open.
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
     /// Closes the channel (every clone's), before the connection closes.
     pub async fn close(&self) {
         crate::close_channel(&self.channel).await;

@@ -1,8 +1,14 @@
-//! The HTTP admin endpoint each service serves: `/health/live` (the process answers) and
-//! `/health/ready` (every dependency check passes; 503 naming the failing ones otherwise)
-//! and `/metrics` (Prometheus text).
+//! The HTTP admin endpoint each service serves: `/health/live` (the process answers, and
+//! no dependency has been down longer than `health.live_timeout`), `/health/ready` (every
+//! dependency check passes; 503 naming the failing ones otherwise) and `/metrics`
+//! (Prometheus text).
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use axum::{Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get};
 use futures::future::{BoxFuture, join_all};
@@ -36,37 +42,83 @@ impl Admin {
         self.listener.local_addr().expect("bound listener has an address")
     }
 
-    /// Serves until `shutdown`.
+    /// Serves until `shutdown`. Liveness fails once a check has failed, at every probe,
+    /// for longer than `live_timeout`.
     pub async fn serve(
         self,
         checks: Vec<ReadyCheck>,
         registry: Registry,
+        live_timeout: Duration,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         let mut registry = registry;
         registry.register_collector(Box::new(StatementCounter));
         let registry = Arc::new(registry);
+        let health = Arc::new(Health { checks, live_timeout, down_since: Mutex::default() });
         let app = Router::new()
-            .route("/health/live", get(|| async { "ok\n" }))
+            .route("/health/live", get(live))
             .route("/health/ready", get(ready))
-            .with_state(Arc::new(checks))
+            .with_state(health)
             .route("/metrics", get(move || metrics(registry.clone())));
         axum::serve(self.listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
     }
 }
 
-async fn ready(State(checks): State<Arc<Vec<ReadyCheck>>>) -> (StatusCode, String) {
-    let results = join_all(checks.iter().map(|(name, check)| {
-        let fut = check();
-        async move { (*name, fut.await) }
-    }))
-    .await;
-    let failing: Vec<String> =
-        results.into_iter().filter_map(|(name, r)| r.err().map(|e| format!("{name}: {e}"))).collect();
+/// The checks, and since when each failing one has been failing.
+struct Health {
+    checks: Vec<ReadyCheck>,
+    live_timeout: Duration,
+    down_since: Mutex<HashMap<&'static str, Instant>>,
+}
+
+impl Health {
+    /// Runs every check; returns the failing ones with how long each has been failing.
+    async fn run(&self) -> Vec<(String, Duration)> {
+        let results = join_all(self.checks.iter().map(|(name, check)| {
+            let fut = check();
+            async move { (*name, fut.await) }
+        }))
+        .await;
+        let mut down_since = self.down_since.lock().expect("health lock");
+        results
+            .into_iter()
+            .filter_map(|(name, result)| match result {
+                Ok(()) => {
+                    down_since.remove(name);
+                    None
+                }
+                Err(problem) => {
+                    let since = *down_since.entry(name).or_insert_with(Instant::now);
+                    Some((format!("{name}: {problem}"), since.elapsed()))
+                }
+            })
+            .collect()
+    }
+}
+
+async fn ready(State(health): State<Arc<Health>>) -> (StatusCode, String) {
+    let failing = health.run().await;
     if failing.is_empty() {
         (StatusCode::OK, "ready\n".into())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready\n{}\n", failing.join("\n")))
+        let lines: Vec<String> = failing.iter().map(|(what, down)| format!("{what} (for {down:.0?})")).collect();
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready\n{}\n", lines.join("\n")))
+    }
+}
+
+/// Live unless a dependency has been down past the timeout: then a restart is the best
+/// hope (a stuck connection pool, a wedged client), and the orchestrator should do it.
+async fn live(State(health): State<Arc<Health>>) -> (StatusCode, String) {
+    let failing = health.run().await;
+    let dead: Vec<String> = failing
+        .iter()
+        .filter(|(_, down)| *down >= health.live_timeout)
+        .map(|(what, down)| format!("{what} (for {down:.0?})"))
+        .collect();
+    if dead.is_empty() {
+        (StatusCode::OK, "ok\n".into())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("dependencies down too long\n{}\n", dead.join("\n")))
     }
 }
 

@@ -25,6 +25,23 @@ pub struct Config {
     pub orchestrator: OrchestratorConfig,
     pub worker: WorkerConfig,
     pub publisher: PublisherConfig,
+    pub health: HealthConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// A service whose dependency (database, broker) has been unreachable this long stops
+    /// answering `/health/live`, so its orchestrator (Kubernetes) restarts it; until then
+    /// only `/health/ready` fails.
+    #[serde(with = "humantime_serde")]
+    pub live_timeout: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self { live_timeout: Duration::from_secs(120) }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -35,12 +35,3 @@ pub fn store_check(store: &Store) -> ReadyCheck {
         async move { store.ping().await.map_err(|e| e.to_string()) }
     })
 }
-
-/// Readiness check: the broker connection is open.
-pub fn broker_check(broker: &std::sync::Arc<Broker>) -> ReadyCheck {
-    let broker = broker.clone();
-    ready_check("broker", move || {
-        let connected = broker.is_connected();
-        async move { if connected { Ok(()) } else { Err("connection closed".to_owned()) } }
-    })
-}

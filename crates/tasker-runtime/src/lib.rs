@@ -11,13 +11,13 @@ mod telemetry;
 
 pub use admin::{Admin, ReadyCheck, ready_check};
 pub use config::{
-    AmqpConfig, ApiConfig, Config, DatabaseConfig, LogConfig, LogFormat, OrchestratorConfig, PublisherConfig,
-    WorkerConfig,
+    AmqpConfig, ApiConfig, Config, DatabaseConfig, HealthConfig, LogConfig, LogFormat, OrchestratorConfig,
+    PublisherConfig, WorkerConfig,
 };
-pub use connect::{broker_check, connect_broker, connect_store, store_check, topology};
+pub use connect::{connect_broker, connect_store, store_check, topology};
 pub use prometheus_client;
 pub use shutdown::{shutdown_on_signal, wait_for_signal};
-pub use supervise::{BrokerSlot, join_loops, supervise};
+pub use supervise::{BrokerSlot, join_loops, reconnect_delay, supervise, watch_connection};
 pub use telemetry::init_tracing;
 
 use std::{future::Future, path::PathBuf, process::ExitCode};

@@ -14,7 +14,7 @@ pub struct StepInput {
     pub namespace: String,
     pub task_name: String,
     pub task_version: String,
-    /// 1 for the first attempt.
+    /// The attempt's number: 1 for the first, counting on across operator retries.
     pub attempt: u32,
     /// The task context.
     pub context: Value,

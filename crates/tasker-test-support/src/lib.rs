@@ -8,6 +8,7 @@
 
 mod infra;
 mod process;
+mod proxy;
 mod system;
 
 use std::{sync::Mutex, time::Duration};
@@ -18,6 +19,7 @@ use tokio_postgres::NoTls;
 
 pub use infra::{Infra, infra};
 pub use process::{Service, http_get};
+pub use proxy::FaultProxy;
 pub use system::{System, WorkerSpec};
 
 /// One test's private database and broker prefix, and the configuration pointing at them.

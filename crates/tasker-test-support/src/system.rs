@@ -54,8 +54,10 @@ struct Running {
 /// task-api, orchestrator, event-publisher and workers, running in this process.
 pub struct System {
     pub api_addr: SocketAddr,
-    /// The orchestrator's admin endpoint (`/metrics`, `/health/*`).
+    /// The admin endpoints (`/metrics`, `/health/*`) of the services.
+    pub api_admin: SocketAddr,
     pub orchestrator_admin: SocketAddr,
+    pub publisher_admin: SocketAddr,
     config: Config,
     channel: Channel,
     services: Vec<Running>,
@@ -63,9 +65,15 @@ pub struct System {
 
 impl System {
     pub async fn start(env: &TestEnv, workers: Vec<WorkerSpec>) -> System {
-        let config = env.config.clone();
+        System::start_with(env, env.config.clone(), workers).await
+    }
+
+    /// Starts the services with this configuration (e.g. reaching the servers through a
+    /// [`crate::FaultProxy`]).
+    pub async fn start_with(env: &TestEnv, config: Config, workers: Vec<WorkerSpec>) -> System {
         let api = task_api::TaskApi::bind(config.clone()).await.expect("bind task-api");
         let api_addr = api.grpc_addr();
+        let api_admin = api.admin_addr();
         let mut services = Vec::new();
         let spawn = |name: &str, fut: std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>, stop| {
             Running { name: name.to_owned(), stop, handle: tokio::spawn(fut) }
@@ -77,10 +85,11 @@ impl System {
         let stop = CancellationToken::new();
         services.push(spawn("orchestrator", Box::pin(orchestrator.run(stop.clone())), stop));
         let publisher = event_publisher::EventPublisher::bind(config.clone()).await.expect("bind event-publisher");
+        let publisher_admin = publisher.admin_addr();
         let stop = CancellationToken::new();
         services.push(spawn("event-publisher", Box::pin(publisher.run(stop.clone())), stop));
         let channel = connect(api_addr).await;
-        let mut system = System { api_addr, orchestrator_admin, config, channel, services };
+        let mut system = System { api_addr, api_admin, orchestrator_admin, publisher_admin, config, channel, services };
         for spec in workers {
             system.add_worker(env, spec).await;
         }
@@ -157,6 +166,18 @@ impl System {
             }
             assert!(tokio::time::Instant::now() < deadline, "task {task_id} did not get there in time: {task:#?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops one service (`task-api`, `orchestrator`, `event-publisher`, `worker {id}`)
+    /// and checks that it stopped cleanly.
+    pub async fn stop_service(&mut self, name: &str) {
+        let index = self.services.iter().position(|s| s.name == name).expect("a running service of that name");
+        let service = self.services.remove(index);
+        service.stop.cancel();
+        match tokio::time::timeout(Duration::from_secs(15), service.handle).await {
+            Ok(Ok(Ok(()))) => {}
+            other => panic!("{name} did not stop cleanly: {other:?}"),
         }
     }
 

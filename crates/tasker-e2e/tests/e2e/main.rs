@@ -4,6 +4,7 @@
 
 mod edges;
 mod events;
+mod faults;
 mod foreign;
 mod operator;
 mod retries;

@@ -1,0 +1,353 @@
+//! Availability under faults: the services reach Postgres and RabbitMQ through a fault
+//! proxy, and the tests take the servers away (every connection cut, new ones refused)
+//! and give them back, or have the broker itself close connections. Through public
+//! surfaces only: gRPC, the admin endpoints, a real event subscriber.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use step_worker::{Registry, StepError, StepHandler, StepInput};
+use tasker_proto::v1 as pb;
+use tasker_runtime::Config;
+use tasker_test_support::{FaultProxy, System, TestEnv, WorkerSpec, http_get};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+const CHAIN: &str = "namespace: faults\nname: chain\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n  - { name: b, handler: noop, depends_on: [a] }\n";
+
+/// The status line of an admin endpoint: `200` or `503`.
+async fn status(addr: std::net::SocketAddr, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("admin endpoint");
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0)
+}
+
+/// Polls until the endpoint answers `code` (panics after 30 s).
+async fn wait_status(addr: std::net::SocketAddr, path: &str, code: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while status(addr, path).await != code {
+        assert!(tokio::time::Instant::now() < deadline, "{path} at {addr} never answered {code}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A metric's value on an admin endpoint (the first sample of that name).
+async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let body = http_get(addr, "/metrics").await;
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+}
+
+/// The test's configuration with the broker reached through `amqp`, and the sweeper's
+/// pending-task repair pushed out of reach: a task that starts did so because its request
+/// got through, not because the sweeper found it.
+fn through_broker_proxy(env: &TestEnv, amqp: &FaultProxy) -> Config {
+    let mut config = env.config.clone();
+    config.amqp.url = amqp.url(&config.amqp.url);
+    config.orchestrator.pending_task_timeout = Duration::from_secs(600);
+    config
+}
+
+/// The broker goes away and comes back: task-api reports not ready meanwhile, keeps the
+/// requests of tasks created during the outage, and sends them once reconnected; every
+/// service reconnects; steps are dispatched and events relayed again.
+#[tokio::test]
+async fn every_service_rides_out_a_broker_outage() {
+    let env = TestEnv::new().await;
+    let amqp = FaultProxy::for_url(&env.config.amqp.url).await;
+    let config = through_broker_proxy(&env, &amqp);
+    let system = System::start_with(&env, config, vec![WorkerSpec::new("w1", &["faults"])]).await;
+    system.register(&env, CHAIN).await;
+    let before = system.wait_final(&system.submit("faults", "chain", json!({})).await.id).await;
+    assert_eq!(before.status(), pb::TaskStatus::Complete);
+    let (subscriber, mut events) = env.subscribe(&["faults.#"]).await;
+
+    amqp.down();
+    wait_status(system.api_admin, "/health/ready", 503).await;
+    wait_status(system.orchestrator_admin, "/health/ready", 503).await;
+    let during = system.submit("faults", "chain", json!({ "created": "during the outage" })).await;
+    assert_eq!(during.status(), pb::TaskStatus::Pending, "created and committed while the broker is away");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    amqp.heal();
+
+    let done = system.wait_final(&during.id).await;
+    assert_eq!(done.status(), pb::TaskStatus::Complete, "its request was sent once the broker was back");
+    let received = collect_until(&mut events, |got| {
+        got.iter().any(|r| r.task_id() == during.id && r.kind() == "dev.tasker.task.completed")
+    })
+    .await;
+    let kinds: Vec<&str> = received.iter().filter(|r| r.task_id() == during.id).map(|r| r.kind()).collect();
+    assert_eq!(kinds.first(), Some(&"dev.tasker.task.created"), "every event of the task relayed: {kinds:?}");
+    for admin in [system.api_admin, system.orchestrator_admin, system.publisher_admin] {
+        wait_status(admin, "/health/ready", 200).await;
+        assert!(metric(admin, "tasker_broker_reconnects_total").await >= 1.0);
+        assert!(metric(admin, "tasker_broker_disconnected_seconds_total").await >= 1.0);
+    }
+    subscriber.close().await.unwrap();
+    system.stop().await;
+    env.cleanup().await;
+}
+
+/// The connections' ids at the broker whose client ports are these.
+fn broker_connections(ports: &[u16]) -> Option<Vec<String>> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "--quiet", "--no-table-headers", "pid", "peer_port"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let listed = String::from_utf8_lossy(&output.stdout).into_owned();
+    Some(
+        listed
+            .lines()
+            .filter_map(|line| {
+                let (pid, port) = line.trim().rsplit_once(char::is_whitespace)?;
+                ports.contains(&port.trim().parse().ok()?).then(|| pid.trim().to_owned())
+            })
+            .collect(),
+    )
+}
+
+/// The broker itself closes every connection of the services (`rabbitmqctl
+/// close_connection`, as an operator or a broker shutdown does): each service notices,
+/// reconnects, and work goes on.
+#[tokio::test]
+async fn services_reconnect_after_the_broker_closes_their_connections() {
+    let env = TestEnv::new().await;
+    let amqp = FaultProxy::for_url(&env.config.amqp.url).await;
+    let config = through_broker_proxy(&env, &amqp);
+    let system = System::start_with(&env, config, vec![WorkerSpec::new("w1", &["faults"])]).await;
+    system.register(&env, CHAIN).await;
+    assert_eq!(
+        system.wait_final(&system.submit("faults", "chain", json!({})).await.id).await.status(),
+        pb::TaskStatus::Complete
+    );
+    let Some(connections) = broker_connections(&amqp.upstream_ports()) else {
+        eprintln!("rabbitmqctl is not usable here: the broker-side close is covered by the proxy test only");
+        system.stop().await;
+        env.cleanup().await;
+        return;
+    };
+    assert!(connections.len() >= 4, "task-api, orchestrator, event-publisher and the worker: {connections:?}");
+    for pid in &connections {
+        let closed = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "closed by the fault test"])
+            .output()
+            .expect("rabbitmqctl");
+        assert!(closed.status.success(), "{}", String::from_utf8_lossy(&closed.stderr));
+    }
+    for admin in [system.api_admin, system.orchestrator_admin, system.publisher_admin] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while metric(admin, "tasker_broker_reconnects_total").await < 1.0 {
+            assert!(tokio::time::Instant::now() < deadline, "{admin} never reconnected");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let after = system.wait_final(&system.submit("faults", "chain", json!({})).await.id).await;
+    assert_eq!(after.status(), pb::TaskStatus::Complete);
+    system.stop().await;
+    env.cleanup().await;
+}
+
+/// Sleeps `config.ms`, counting its calls per step.
+#[derive(Clone, Default)]
+struct Counted(Arc<Mutex<HashMap<String, u32>>>);
+
+#[async_trait::async_trait]
+impl StepHandler for Counted {
+    async fn call(&self, input: StepInput) -> Result<Value, StepError> {
+        *self.0.lock().unwrap().entry(input.step_id.to_string()).or_default() += 1;
+        let ms = input.config["ms"].as_u64().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(json!({ "slept_ms": ms }))
+    }
+}
+
+/// Postgres goes away under load and comes back: the orchestrator holds the reports it
+/// has (unacked) and applies them once the database returns. No message is dead-lettered,
+/// no attempt is spent on the outage and no handler runs twice.
+#[tokio::test]
+async fn a_database_outage_under_load_costs_no_attempt_and_no_rerun() {
+    let env = TestEnv::new().await;
+    let db = FaultProxy::for_url(&env.config.database.url).await;
+    let mut config = env.config.clone();
+    config.database.url = db.url(&config.database.url);
+    // the sweeper must not be what finishes the work
+    config.orchestrator.enqueued_step_timeout = Duration::from_secs(600);
+    let counted = Counted::default();
+    let mut registry = Registry::with_builtins();
+    registry.register("counted", counted.clone());
+    let worker = WorkerSpec::new("w1", &["faults"]).registry(registry).concurrency(16);
+    let system = System::start_with(&env, config, vec![worker]).await;
+    system
+        .register(
+            &env,
+            r#"
+namespace: faults
+name: fan
+version: 1.0.0
+defaults: { max_attempts: 3, timeout: 60s }
+steps:
+  - { name: a, handler: counted, config: { ms: 300 } }
+  - { name: b, handler: counted, config: { ms: 300 } }
+  - { name: c, handler: counted, config: { ms: 600 } }
+  - { name: d, handler: counted, depends_on: [a, b, c], config: { ms: 100 } }
+"#,
+        )
+        .await;
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        tasks.push(system.submit("faults", "fan", json!({ "i": i })).await.id);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    db.down();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    db.heal();
+
+    for id in &tasks {
+        let task = system.wait_final(id).await;
+        assert_eq!(task.status(), pb::TaskStatus::Complete, "{task:#?}");
+        for step in &task.steps {
+            assert_eq!(step.attempts, 1, "{}: the outage spent no attempt", step.name);
+        }
+    }
+    let calls = counted.0.lock().unwrap().clone();
+    assert_eq!(calls.len(), tasks.len() * 4, "every step ran");
+    assert!(calls.values().all(|&n| n == 1), "no handler ran twice: {calls:?}");
+    let broker = env.broker().await;
+    let dead = broker.queue_state(&broker.topology().dead_letter_queue()).await.unwrap();
+    assert_eq!(dead.map(|q| q.ready), Some(0), "nothing dead-lettered");
+    broker.close().await.unwrap();
+    system.stop().await;
+    env.cleanup().await;
+}
+
+/// An event-publisher replica whose broker connection breaks gives the relay up at once
+/// and reconnects: the healthy replica relays meanwhile, and the broken one relays again
+/// once the broker is back (here, alone).
+#[tokio::test]
+async fn a_broken_relay_replica_steps_aside_and_recovers() {
+    let env = TestEnv::new().await;
+    let mut system = System::start(&env, vec![WorkerSpec::new("w1", &["faults"])]).await;
+    system.register(&env, CHAIN).await;
+    let amqp = FaultProxy::for_url(&env.config.amqp.url).await;
+    let mut config = env.config.clone();
+    config.amqp.url = amqp.url(&config.amqp.url);
+    let replica = event_publisher::EventPublisher::bind(config).await.unwrap();
+    let replica_admin = replica.admin_addr();
+    let stop = CancellationToken::new();
+    let replica = tokio::spawn(replica.run(stop.clone()));
+    wait_status(replica_admin, "/health/ready", 200).await;
+    let (subscriber, mut events) = env.subscribe(&["faults.#"]).await;
+
+    amqp.down();
+    let during = system.submit("faults", "chain", json!({})).await;
+    collect_until(&mut events, |got| {
+        got.iter().any(|r| r.task_id() == during.id && r.kind() == "dev.tasker.task.completed")
+    })
+    .await;
+    amqp.heal();
+    wait_status(replica_admin, "/health/ready", 200).await;
+    assert!(metric(replica_admin, "tasker_broker_reconnects_total").await >= 1.0);
+
+    // the healthy replica stops: the recovered one must relay alone
+    system.stop_service("event-publisher").await;
+    let after = system.submit("faults", "chain", json!({})).await;
+    let received = collect_until(&mut events, |got| {
+        got.iter().any(|r| r.task_id() == after.id && r.kind() == "dev.tasker.task.completed")
+    })
+    .await;
+    assert_eq!(received.iter().filter(|r| r.task_id() == after.id).count(), 9, "every event of the task");
+    stop.cancel();
+    replica.await.unwrap().unwrap();
+    subscriber.close().await.unwrap();
+    system.stop().await;
+    env.cleanup().await;
+}
+
+/// A retried CreateTask answered "deduplicated" for a task still pending sends its
+/// request again: the first one was lost with the process that created the task.
+#[tokio::test]
+async fn a_deduplicated_create_of_a_pending_task_requests_it_again() {
+    let env = TestEnv::new().await;
+    let amqp = FaultProxy::for_url(&env.config.amqp.url).await;
+    let mut config = env.config.clone();
+    config.orchestrator.pending_task_timeout = Duration::from_secs(600);
+    let system = System::start_with(&env, config.clone(), vec![WorkerSpec::new("w1", &["faults"])]).await;
+    system.register(&env, CHAIN).await;
+
+    // a second task-api whose broker is away: it commits the task, cannot send the
+    // request, and is then stopped, losing the request it kept
+    amqp.down();
+    let mut lonely = config.clone();
+    lonely.amqp.url = amqp.url(&config.amqp.url);
+    let api = task_api::TaskApi::bind(lonely).await.unwrap();
+    let addr = api.grpc_addr();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(api.run(stop.clone()));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap();
+    let mut client = pb::task_service_client::TaskServiceClient::new(channel.connect_lazy());
+    let request = pb::CreateTaskRequest {
+        namespace: "faults".into(),
+        name: "chain".into(),
+        idempotency_key: "order-42".into(),
+        ..Default::default()
+    };
+    let mut first = None;
+    for _ in 0..100 {
+        match client.create_task(request.clone()).await {
+            Ok(created) => {
+                first = Some(created.into_inner());
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let first = first.expect("the second task-api answers").task.unwrap();
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(first.status(), pb::TaskStatus::Pending);
+
+    // the client retries against a healthy task-api
+    let again = system.tasks().create_task(request).await.unwrap().into_inner();
+    assert!(again.deduplicated);
+    assert_eq!(again.task.unwrap().id, first.id);
+    let done = system.wait_final(&first.id).await;
+    assert_eq!(done.status(), pb::TaskStatus::Complete, "requested again, not left to the sweeper");
+    system.stop().await;
+    env.cleanup().await;
+}
+
+/// Liveness means "restart me": it fails only once a dependency has been down longer than
+/// `health.live_timeout`, and recovers with it; readiness fails at once.
+#[tokio::test]
+async fn liveness_fails_only_after_the_database_is_down_too_long() {
+    let env = TestEnv::new().await;
+    let db = FaultProxy::for_url(&env.config.database.url).await;
+    let mut config = env.config.clone();
+    config.database.url = db.url(&config.database.url);
+    config.health.live_timeout = Duration::from_secs(2);
+    let system = System::start_with(&env, config, vec![]).await;
+    let admin = system.orchestrator_admin;
+    wait_status(admin, "/health/ready", 200).await;
+    assert_eq!(status(admin, "/health/live").await, 200);
+    db.down();
+    wait_status(admin, "/health/ready", 503).await;
+    assert_eq!(status(admin, "/health/live").await, 200, "down, but not for long yet");
+    wait_status(admin, "/health/live", 503).await;
+    db.heal();
+    wait_status(admin, "/health/live", 200).await;
+    wait_status(admin, "/health/ready", 200).await;
+    system.stop().await;
+    env.cleanup().await;
+}

@@ -106,7 +106,7 @@ async fn relay(
                 tracing::warn!(%error, failures, "relaying events failed on the database; trying again");
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(tasker_runtime::reconnect_delay(failures)) => {}
+                    _ = tokio::time::sleep(tasker_runtime::hold_delay(failures)) => {}
                 }
                 continue;
             }

@@ -85,6 +85,10 @@ async fn orchestrate(
     let engine = Engine::new(store.clone(), settings.backoff, config.limits, metrics.clone());
     let dispatcher = Dispatcher::new(broker.clone(), metrics.clone()).await?;
     let own_dispatcher = dispatcher.clone();
+    if carried.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
+        // back from a broker outage: workers are only now reporting what they kept
+        *carried.last_outage.lock().expect("carried lock") = Some(std::time::Instant::now());
+    }
     // executions committed while the last connection was being lost go out first
     let unpublished = std::mem::take(&mut *carried.unpublished.lock().expect("carried lock"));
     if !unpublished.is_empty() {
@@ -159,6 +163,7 @@ fn report_work(report: StepReport) -> Option<(Uuid, Work)> {
 struct Carried {
     unpublished: Arc<std::sync::Mutex<Vec<tasker_store::Dispatch>>>,
     last_outage: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Whether a failure is the infrastructure's (the database unreachable, the broker not
@@ -169,12 +174,6 @@ fn is_infrastructure(error: &anyhow::Error) -> bool {
         Some(e) => e.is_unavailable(),
         None => error.downcast_ref::<tasker_messaging::Error>().is_some(),
     }
-}
-
-/// The wait between tries of work held through an outage: 100 ms doubling to 1 s, so
-/// work resumes within a second of the infrastructure coming back.
-fn hold_delay(failures: u32) -> Duration {
-    Duration::from_millis(100 << failures.saturating_sub(1).min(4)).min(Duration::from_secs(1))
 }
 
 /// Applies work and publishes what it dispatches; shared by the consumers, the retry
@@ -243,7 +242,7 @@ impl Pipeline {
                     }
                     tokio::select! {
                         _ = self.stop.cancelled() => {}
-                        _ = tokio::time::sleep(hold_delay(failures)) => {}
+                        _ = tokio::time::sleep(tasker_runtime::hold_delay(failures)) => {}
                     }
                 }
                 result => break result,

@@ -17,7 +17,7 @@ pub use config::{
 pub use connect::{connect_broker, connect_store, store_check, topology};
 pub use prometheus_client;
 pub use shutdown::{shutdown_on_signal, wait_for_signal};
-pub use supervise::{BrokerSlot, join_loops, reconnect_delay, supervise, watch_connection};
+pub use supervise::{BrokerSlot, hold_delay, join_loops, reconnect_delay, supervise, watch_connection};
 pub use telemetry::init_tracing;
 
 use std::{future::Future, path::PathBuf, process::ExitCode};

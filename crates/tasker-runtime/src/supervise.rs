@@ -137,6 +137,12 @@ pub fn reconnect_delay(failures: u32) -> Duration {
     Duration::from_secs_f64(capped * rand::random_range(0.75..=1.25))
 }
 
+/// The wait between tries of work held through an outage of the database or broker:
+/// 100 ms doubling to 1 s, so the work resumes within a second of the server's return.
+pub fn hold_delay(failures: u32) -> Duration {
+    Duration::from_millis(100 << failures.saturating_sub(1).min(4)).min(Duration::from_secs(1))
+}
+
 /// Runs `attempt` until it returns `Ok` (it does when `stop` is cancelled). When it fails
 /// — a lost broker connection, say — logs the cause and runs it again after
 /// [`reconnect_delay`], so a service outlives broker restarts instead of exiting with work

@@ -7,6 +7,7 @@
 //! sent with its next read or its commit (one pipeline, one round trip), so a change, its
 //! audit row and its event always commit together.
 
+mod audit;
 mod counter;
 mod error;
 mod operator;
@@ -22,6 +23,7 @@ use std::{str::FromStr, time::Duration};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
+pub use audit::{Audit, AuditedTransition};
 pub use counter::statements_executed;
 pub use error::{Error, Result};
 pub use operator::Actor;

@@ -68,6 +68,12 @@ impl Service {
         self.lines.lock().expect("lines lock").iter().any(|l| l.contains(text))
     }
 
+    /// SIGKILL: the process dies on the spot, as in a crash.
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
     /// SIGTERM, then waits (up to 30 s) for the exit; returns the status and every line.
     pub async fn terminate(mut self) -> (ExitStatus, Vec<String>) {
         let pid = self.child.id().expect("running").to_string();

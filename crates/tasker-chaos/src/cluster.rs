@@ -1,0 +1,141 @@
+//! The services as separate release processes, reaching Postgres and RabbitMQ through
+//! fault proxies: killed with SIGKILL and started again, or cut off from a server.
+
+use std::{path::PathBuf, time::Duration};
+
+use tasker_test_support::{FaultProxy, Service, TestEnv};
+
+/// The kinds of process a soak runs, each several times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    TaskApi,
+    Orchestrator,
+    Worker,
+    EventPublisher,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::TaskApi, Kind::Orchestrator, Kind::Worker, Kind::EventPublisher];
+
+    fn binary(self) -> &'static str {
+        match self {
+            Kind::TaskApi => "task-api",
+            Kind::Orchestrator => "orchestrator",
+            Kind::Worker => "step-worker",
+            Kind::EventPublisher => "event-publisher",
+        }
+    }
+
+    /// What the service logs once it is up.
+    fn ready(self) -> &'static str {
+        match self {
+            Kind::TaskApi => "task-api serving",
+            Kind::Orchestrator => "starting",
+            Kind::Worker => "step worker starting",
+            Kind::EventPublisher => "starting",
+        }
+    }
+}
+
+struct Member {
+    kind: Kind,
+    extra: Vec<(String, String)>,
+    process: Option<Service>,
+}
+
+pub struct Cluster {
+    bin_dir: PathBuf,
+    pub database: FaultProxy,
+    pub broker: FaultProxy,
+    base: Vec<(String, String)>,
+    members: Vec<Member>,
+}
+
+/// The gRPC port of task-api number `i`.
+pub fn api_port(i: usize) -> u16 {
+    50261 + i as u16
+}
+
+impl Cluster {
+    /// Starts `apis` task-apis, two orchestrators, two event-publishers and `workers`
+    /// workers serving `namespace`, every one through the proxies.
+    pub async fn start(bin_dir: PathBuf, env: &TestEnv, apis: usize, workers: usize, namespace: &str) -> Cluster {
+        let database = FaultProxy::for_url(&env.config.database.url).await;
+        let broker = FaultProxy::for_url(&env.config.amqp.url).await;
+        let base = vec![
+            ("TASKER_DATABASE__URL".to_owned(), database.url(&env.config.database.url)),
+            ("TASKER_AMQP__URL".to_owned(), broker.url(&env.config.amqp.url)),
+            ("TASKER_DATABASE__POOL_SIZE".to_owned(), "6".to_owned()),
+            ("TASKER_LOG__FILTER".to_owned(), "info".to_owned()),
+            // the sweeper repairs what a crash between a commit and its publish leaves
+            // (a task request, a step execution): on shorter timeouts than the defaults
+            // (30 s, 5 min), so that the soak drains within its bound
+            ("TASKER_ORCHESTRATOR__PENDING_TASK_TIMEOUT".to_owned(), "10s".to_owned()),
+            ("TASKER_ORCHESTRATOR__ENQUEUED_STEP_TIMEOUT".to_owned(), "15s".to_owned()),
+            ("TASKER_ORCHESTRATOR__SWEEP_INTERVAL".to_owned(), "2s".to_owned()),
+        ];
+        let mut members = Vec::new();
+        for i in 0..apis {
+            members
+                .push((Kind::TaskApi, vec![("TASKER_API__LISTEN".to_owned(), format!("127.0.0.1:{}", api_port(i)))]));
+        }
+        for _ in 0..2 {
+            members.push((Kind::Orchestrator, vec![]));
+            members.push((Kind::EventPublisher, vec![]));
+        }
+        for i in 0..workers {
+            members.push((
+                Kind::Worker,
+                vec![
+                    ("TASKER_WORKER__NAMESPACES".to_owned(), format!("[{namespace}]")),
+                    ("TASKER_WORKER__ID".to_owned(), format!("chaos-worker-{i}")),
+                ],
+            ));
+        }
+        let mut cluster = Cluster {
+            bin_dir,
+            database,
+            broker,
+            base,
+            members: members.into_iter().map(|(kind, extra)| Member { kind, extra, process: None }).collect(),
+        };
+        for i in 0..cluster.members.len() {
+            cluster.launch(i, env).await;
+        }
+        cluster
+    }
+
+    async fn launch(&mut self, index: usize, env: &TestEnv) {
+        let member = &self.members[index];
+        let binary = self.bin_dir.join(member.kind.binary());
+        let extra: Vec<(&str, &str)> =
+            self.base.iter().chain(&member.extra).map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let process = Service::start(binary.to_str().expect("utf-8 path"), env, &extra, member.kind.ready()).await;
+        self.members[index].process = Some(process);
+    }
+
+    /// SIGKILLs one process of this kind, chosen at random, and starts it again.
+    pub async fn crash(&mut self, kind: Kind, env: &TestEnv) {
+        let of_kind: Vec<usize> = (0..self.members.len()).filter(|&i| self.members[i].kind == kind).collect();
+        let index = of_kind[rand::random_range(0..of_kind.len())];
+        if let Some(process) = self.members[index].process.take() {
+            process.kill().await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.launch(index, env).await;
+    }
+
+    /// Stops every process (SIGTERM) and reports those that did not stop cleanly.
+    pub async fn stop(self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for member in self.members {
+            if let Some(process) = member.process {
+                let (status, lines) = process.terminate().await;
+                if !status.success() {
+                    problems.push(format!("{:?} exited with {status}: {:?}", member.kind, lines.last()));
+                }
+            }
+        }
+        problems
+    }
+}

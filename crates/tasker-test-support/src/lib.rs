@@ -18,7 +18,7 @@ use tasker_runtime::Config;
 use tokio_postgres::NoTls;
 
 pub use infra::{Infra, infra};
-pub use process::{Service, http_get};
+pub use process::{Service, http_get, http_request, wait_status};
 pub use proxy::FaultProxy;
 pub use system::{System, WorkerSpec};
 

@@ -109,12 +109,28 @@ fn collect(stream: impl AsyncRead + Unpin + Send + 'static, lines: Arc<Mutex<Vec
     });
 }
 
-/// A plain HTTP GET (an admin endpoint: `/metrics`, `/health/ready`); returns the body.
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+/// A plain HTTP GET (an admin endpoint: `/metrics`, `/health/ready`); returns the
+/// status code and the body.
+pub async fn http_request(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the admin endpoint");
     stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.expect("send");
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("read the response");
-    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+    let code = response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    (code, response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
+}
+
+/// The body of a plain HTTP GET.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    http_request(addr, path).await.1
+}
+
+/// Polls an admin endpoint until it answers `code` (panics after 30 s).
+pub async fn wait_status(addr: std::net::SocketAddr, path: &str, code: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while http_request(addr, path).await.0 != code {
+        assert!(tokio::time::Instant::now() < deadline, "{path} at {addr} never answered {code}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

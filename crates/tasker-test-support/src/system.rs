@@ -89,6 +89,10 @@ impl System {
         let stop = CancellationToken::new();
         services.push(spawn("event-publisher", Box::pin(publisher.run(stop.clone())), stop));
         let channel = connect(api_addr).await;
+        // ready means connected to both servers, queues and exchange declared
+        for admin in [api_admin, orchestrator_admin, publisher_admin] {
+            crate::wait_status(admin, "/health/ready", 200).await;
+        }
         let mut system = System { api_addr, api_admin, orchestrator_admin, publisher_admin, config, channel, services };
         for spec in workers {
             system.add_worker(env, spec).await;

@@ -13,30 +13,16 @@ use serde_json::{Value, json};
 use step_worker::{Registry, StepError, StepHandler, StepInput};
 use tasker_proto::v1 as pb;
 use tasker_runtime::Config;
-use tasker_test_support::{FaultProxy, System, TestEnv, WorkerSpec, http_get};
+use tasker_test_support::{FaultProxy, System, TestEnv, WorkerSpec, http_get, http_request, wait_status};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
 const CHAIN: &str = "namespace: faults\nname: chain\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n  - { name: b, handler: noop, depends_on: [a] }\n";
 
-/// The status line of an admin endpoint: `200` or `503`.
+/// The status code of an admin endpoint.
 async fn status(addr: std::net::SocketAddr, path: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("admin endpoint");
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0)
-}
-
-/// Polls until the endpoint answers `code` (panics after 30 s).
-async fn wait_status(addr: std::net::SocketAddr, path: &str, code: u16) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while status(addr, path).await != code {
-        assert!(tokio::time::Instant::now() < deadline, "{path} at {addr} never answered {code}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    http_request(addr, path).await.0
 }
 
 /// A metric's value on an admin endpoint (the first sample of that name).
@@ -211,7 +197,13 @@ steps:
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     db.down();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // the orchestrator says it is holding work (its admin endpoint needs no database)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(system.orchestrator_admin, "tasker_orchestrator_consumers_paused").await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "no batch was held through the outage");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
     db.heal();
 
     for id in &tasks {
@@ -221,6 +213,7 @@ steps:
             assert_eq!(step.attempts, 1, "{}: the outage spent no attempt", step.name);
         }
     }
+    assert_eq!(metric(system.orchestrator_admin, "tasker_orchestrator_consumers_paused").await, 0.0);
     let calls = counted.0.lock().unwrap().clone();
     assert_eq!(calls.len(), tasks.len() * 4, "every step ran");
     assert!(calls.values().all(|&n| n == 1), "no handler ran twice: {calls:?}");

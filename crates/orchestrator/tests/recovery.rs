@@ -26,6 +26,7 @@ async fn a_task_whose_request_was_lost_still_runs() {
         priority: 0,
         idempotency_key: None,
         request_hash: "",
+        actor: "test",
     };
     let task_id = store.create_task(&new).await.unwrap().task_id;
     let done = system.wait_final(&task_id.to_string()).await;

@@ -4,6 +4,7 @@
 //! HTTP admin endpoint. It never advances a task itself beyond operator actions: after
 //! writing, it asks the orchestrator to look at the task.
 
+mod auth;
 mod convert;
 mod error;
 mod input;
@@ -27,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
 
-use crate::{link::Link, steps::Steps, tasks::Tasks, templates::Templates};
+use crate::{auth::Gate, link::Link, steps::Steps, tasks::Tasks, templates::Templates};
 
 /// Binds both listeners, then serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -99,14 +100,23 @@ impl TaskApi {
         let checks = vec![tasker_runtime::store_check(&store), slot.check()];
         let admin_task = tokio::spawn(admin.serve(checks, registry, config.health.live_timeout, stop.clone()));
         let addr = grpc.local_addr()?;
-        tracing::info!(%addr, "task-api serving");
+        let gate = Gate::new(&config.auth).context("auth")?;
+        if config.auth.mode == tasker_auth::Mode::None {
+            if addr.ip().is_loopback() {
+                tracing::warn!(%addr, "auth.mode = none: every caller may do anything (loopback only)");
+            } else {
+                tracing::warn!(%addr, "AUTH IS OFF (auth.mode = none) on a non-loopback address: ANYONE WHO CAN REACH THIS PORT MAY CREATE, CANCEL, RETRY AND RESOLVE ANY TASK; set auth.mode = jwt");
+            }
+        }
+        tracing::info!(%addr, auth = ?config.auth.mode, "task-api serving");
+        // health stays open; every API service is behind the gate
         let served = tonic::transport::Server::builder()
             .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(TemplateServiceServer::new(templates))
-            .add_service(TaskServiceServer::new(tasks))
-            .add_service(StepServiceServer::new(steps))
+            .add_optional_service(config.auth.reflection.then_some(reflection_v1))
+            .add_optional_service(config.auth.reflection.then_some(reflection_v1alpha))
+            .add_service(TemplateServiceServer::with_interceptor(templates, gate.clone()))
+            .add_service(TaskServiceServer::with_interceptor(tasks, gate.clone()))
+            .add_service(StepServiceServer::with_interceptor(steps, gate))
             .serve_with_incoming_shutdown(incoming(grpc), stop.clone().cancelled_owned())
             .await
             .context("gRPC server");

@@ -1,14 +1,17 @@
 //! StepService: read a step, retry or resolve a failed one.
 
+use tasker_auth::Principal;
 use tasker_proto::v1::{self as pb, step_service_server::StepService};
-use tasker_store::Actor;
+use tasker_store::{Actor, StepView};
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
 use crate::{
+    auth::{Allowed, caller},
     convert,
-    error::{ApiError, parse_id, refused_in},
+    error::{ApiError, ApiResult, parse_id, refused_in},
     input,
-    tasks::{Tasks, actor_of},
+    tasks::Tasks,
 };
 
 #[derive(Clone)]
@@ -16,21 +19,35 @@ pub struct Steps {
     pub(crate) tasks: Tasks,
 }
 
+impl Steps {
+    /// The step, once the caller is known to hold `permission` and to see its task's
+    /// namespace (read first: a step's namespace is its task's).
+    async fn step_for(&self, caller: &Principal, permission: &str, id: Uuid, transitions: bool) -> ApiResult<StepView> {
+        caller.require(permission)?;
+        let step = self.tasks.store.step(id, transitions).await?;
+        let task = self.tasks.store.task(step.task_id, false).await?.task;
+        caller.require_namespace(&task.namespace)?;
+        Ok(step)
+    }
+}
+
 #[tonic::async_trait]
 impl StepService for Steps {
     async fn get_step(&self, request: Request<pb::GetStepRequest>) -> Result<Response<pb::Step>, Status> {
+        let caller = caller(&request)?;
         let r = request.into_inner();
         let id = parse_id("step_id", &r.step_id)?;
-        let step = self.tasks.store.step(id, r.include_transitions).await.map_err(ApiError::from)?;
+        let step = self.step_for(&caller, "steps:read", id, r.include_transitions).await?;
         Ok(Response::new(convert::step(&step)))
     }
 
     async fn retry_step(&self, request: Request<pb::RetryStepRequest>) -> Result<Response<pb::Step>, Status> {
-        let who = actor_of(request.metadata());
+        let caller = caller(&request)?;
         let r = request.into_inner();
         let id = parse_id("step_id", &r.step_id)?;
         input::text("reason", &r.reason, input::MAX_TEXT_BYTES)?;
-        let actor = Actor { who, reason: r.reason };
+        self.step_for(&caller, "steps:retry", id, false).await?;
+        let actor = Actor { who: caller.subject, reason: r.reason };
         let task_id = self.tasks.store.retry_step(id, &actor).await.map_err(ApiError::from)?;
         self.tasks.request(task_id).await;
         let step = self.tasks.store.step(id, false).await.map_err(ApiError::from)?;
@@ -38,14 +55,15 @@ impl StepService for Steps {
     }
 
     async fn resolve_step(&self, request: Request<pb::ResolveStepRequest>) -> Result<Response<pb::Step>, Status> {
-        let who = actor_of(request.metadata());
+        let caller = caller(&request)?;
         let r = request.into_inner();
         let id = parse_id("step_id", &r.step_id)?;
         let results = if r.results_json.trim().is_empty() { "{}" } else { r.results_json.as_str() };
         // the children receive these results: the same rules as a handler's
         input::json("results_json", results, self.tasks.limits.max_results_bytes)?;
         input::text("reason", &r.reason, input::MAX_TEXT_BYTES)?;
-        let actor = Actor { who, reason: r.reason };
+        self.step_for(&caller, "steps:resolve", id, false).await?;
+        let actor = Actor { who: caller.subject, reason: r.reason };
         let task_id = self.tasks.store.resolve_step(id, results, &actor).await.map_err(refused_in("results_json"))?;
         self.tasks.request(task_id).await;
         let step = self.tasks.store.step(id, false).await.map_err(ApiError::from)?;

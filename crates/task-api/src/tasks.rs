@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
+    auth::{Allowed, caller},
     convert,
     error::{ApiError, ApiResult, parse_id, refused_in},
     input,
@@ -44,7 +45,7 @@ impl Tasks {
         self.link.request(&[task_id]).await;
     }
 
-    async fn create(&self, r: pb::CreateTaskRequest) -> ApiResult<pb::CreateTaskResponse> {
+    async fn create(&self, r: pb::CreateTaskRequest, actor: &str) -> ApiResult<pb::CreateTaskResponse> {
         input::name("namespace", &r.namespace)?;
         input::name("name", &r.name)?;
         input::version("version", &r.version)?;
@@ -76,6 +77,7 @@ impl Tasks {
             priority: r.priority,
             idempotency_key: if r.idempotency_key.is_empty() { None } else { Some(r.idempotency_key.as_str()) },
             request_hash: &request_hash,
+            actor,
         };
         let outcome = self.store.create_task(&new).await.map_err(refused_in("context_json"))?;
         let view = match outcome.view {
@@ -102,7 +104,8 @@ impl Tasks {
         schemas.entry(template.id).or_insert_with(|| template.template.context_schema().map(Arc::new)).clone()
     }
 
-    async fn list(&self, r: pb::ListTasksRequest) -> ApiResult<pb::ListTasksResponse> {
+    /// Lists tasks; `only` limits them to these namespaces (the caller's).
+    async fn list(&self, r: pb::ListTasksRequest, only: Option<Vec<String>>) -> ApiResult<pb::ListTasksResponse> {
         input::optional_name("namespace", &r.namespace)?;
         input::optional_name("name", &r.name)?;
         let status = r.status();
@@ -113,6 +116,7 @@ impl Tasks {
             status: convert::task_state(status),
             created_after: r.created_after.as_ref().and_then(convert::datetime),
             created_before: r.created_before.as_ref().and_then(convert::datetime),
+            namespaces: only,
             after: decode_page_token(&r.page_token)?,
             limit: page_size as i64,
         };
@@ -250,13 +254,21 @@ impl TaskService for Tasks {
         &self,
         request: Request<pb::CreateTaskRequest>,
     ) -> Result<Response<pb::CreateTaskResponse>, Status> {
-        Ok(Response::new(self.create(request.into_inner()).await?))
+        let caller = caller(&request)?;
+        caller.require("tasks:create")?;
+        let r = request.into_inner();
+        input::name("namespace", &r.namespace)?;
+        caller.require_namespace(&r.namespace)?;
+        Ok(Response::new(self.create(r, &caller.subject).await?))
     }
 
     async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::Task>, Status> {
+        let caller = caller(&request)?;
+        caller.require("tasks:read")?;
         let r = request.into_inner();
         let id = parse_id("task_id", &r.task_id)?;
         let view = self.store.task(id, r.include_transitions).await.map_err(ApiError::from)?;
+        caller.require_namespace(&view.task.namespace)?;
         Ok(Response::new(convert::task(&view)))
     }
 
@@ -264,15 +276,24 @@ impl TaskService for Tasks {
         &self,
         request: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
-        Ok(Response::new(self.list(request.into_inner()).await?))
+        let caller = caller(&request)?;
+        caller.require("tasks:list")?;
+        let r = request.into_inner();
+        if !r.namespace.is_empty() {
+            caller.require_namespace(&r.namespace)?;
+        }
+        Ok(Response::new(self.list(r, caller.namespace_limit()).await?))
     }
 
     async fn cancel_task(&self, request: Request<pb::CancelTaskRequest>) -> Result<Response<pb::Task>, Status> {
-        let who = actor_of(request.metadata());
+        let caller = caller(&request)?;
+        caller.require("tasks:cancel")?;
         let r = request.into_inner();
         let id = parse_id("task_id", &r.task_id)?;
         input::text("reason", &r.reason, input::MAX_TEXT_BYTES)?;
-        let actor = Actor { who, reason: r.reason };
+        let head = self.store.task(id, false).await.map_err(ApiError::from)?.task;
+        caller.require_namespace(&head.namespace)?;
+        let actor = Actor { who: caller.subject, reason: r.reason };
         self.store.cancel_task(id, &actor).await.map_err(ApiError::from)?;
         let view = self.store.task(id, false).await.map_err(ApiError::from)?;
         Ok(Response::new(convert::task(&view)))
@@ -284,8 +305,11 @@ impl TaskService for Tasks {
         &self,
         request: Request<pb::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let caller = caller(&request)?;
+        caller.require("tasks:watch")?;
         let id = parse_id("task_id", &request.into_inner().task_id)?;
-        self.store.task(id, false).await.map_err(ApiError::from)?;
+        let head = self.store.task(id, false).await.map_err(ApiError::from)?.task;
+        caller.require_namespace(&head.namespace)?;
         let (tx, rx) = mpsc::channel(64);
         let tasks = self.clone();
         tokio::spawn(async move {
@@ -295,15 +319,4 @@ impl TaskService for Tasks {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
-}
-
-/// Who an operator action is recorded as: the `x-tasker-actor` request header (taskerctl
-/// sends the user's name), else `anonymous`.
-pub(crate) fn actor_of(metadata: &tonic::metadata::MetadataMap) -> String {
-    metadata
-        .get("x-tasker-actor")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-        .map(|v| v.chars().take(128).collect())
-        .unwrap_or_else(|| "anonymous".to_owned())
 }

@@ -7,7 +7,10 @@ use tasker_proto::v1::{self as pb, template_service_server::TemplateService};
 use tasker_store::Store;
 use tonic::{Request, Response, Status};
 
+use tasker_auth::Principal;
+
 use crate::{
+    auth::{Allowed, caller},
     convert,
     error::{ApiError, ApiResult},
     input,
@@ -20,11 +23,20 @@ pub struct Templates {
 }
 
 impl Templates {
-    pub async fn register(&self, yaml: &str) -> ApiResult<pb::RegisterTemplateResponse> {
+    /// Registers a template; `caller`, when given, must see its namespace (known only
+    /// once the YAML is parsed; nothing is written before the check).
+    pub(crate) async fn register(
+        &self,
+        yaml: &str,
+        caller: Option<&Principal>,
+    ) -> ApiResult<pb::RegisterTemplateResponse> {
         if yaml.trim().is_empty() {
             return Err(ApiError::invalid("yaml", "required"));
         }
         let template = Template::from_yaml(yaml, &self.limits)?;
+        if let Some(caller) = caller {
+            caller.require_namespace(&template.namespace)?;
+        }
         let outcome = self.store.register_template(&template).await?;
         if outcome.created {
             tracing::info!(namespace = template.namespace, name = template.name, version = %template.version, "template registered");
@@ -46,7 +58,7 @@ impl Templates {
         files.sort();
         for file in &files {
             let yaml = std::fs::read_to_string(file)?;
-            self.register(&yaml).await.map_err(|e| anyhow::anyhow!("template {}: {e}", file.display()))?;
+            self.register(&yaml, None).await.map_err(|e| anyhow::anyhow!("template {}: {e}", file.display()))?;
         }
         Ok(files.len())
     }
@@ -62,14 +74,19 @@ impl TemplateService for Templates {
         &self,
         request: Request<pb::RegisterTemplateRequest>,
     ) -> Result<Response<pb::RegisterTemplateResponse>, Status> {
-        Ok(Response::new(self.register(&request.into_inner().yaml).await?))
+        let caller = caller(&request)?;
+        caller.require("templates:register")?;
+        Ok(Response::new(self.register(&request.into_inner().yaml, Some(&caller)).await?))
     }
 
     async fn get_template(&self, request: Request<pb::GetTemplateRequest>) -> Result<Response<pb::Template>, Status> {
+        let caller = caller(&request)?;
+        caller.require("templates:read")?;
         let r = request.into_inner();
         input::name("namespace", &r.namespace)?;
         input::name("name", &r.name)?;
         input::version("version", &r.version)?;
+        caller.require_namespace(&r.namespace)?;
         let record = self.store.template(&r.namespace, &r.name, optional(&r.version)).await.map_err(ApiError::from)?;
         Ok(Response::new(convert::template(&record)))
     }
@@ -78,20 +95,29 @@ impl TemplateService for Templates {
         &self,
         request: Request<pb::ListTemplatesRequest>,
     ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
+        let caller = caller(&request)?;
+        caller.require("templates:read")?;
         let r = request.into_inner();
         input::optional_name("namespace", &r.namespace)?;
+        if !r.namespace.is_empty() {
+            caller.require_namespace(&r.namespace)?;
+        }
         let records = self.store.list_templates(optional(&r.namespace)).await.map_err(ApiError::from)?;
-        Ok(Response::new(pb::ListTemplatesResponse { templates: records.iter().map(convert::template).collect() }))
+        let visible = records.iter().filter(|t| caller.sees(&t.template.namespace)).map(convert::template).collect();
+        Ok(Response::new(pb::ListTemplatesResponse { templates: visible }))
     }
 
     async fn list_namespaces(
         &self,
-        _request: Request<pb::ListNamespacesRequest>,
+        request: Request<pb::ListNamespacesRequest>,
     ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+        let caller = caller(&request)?;
+        caller.require("templates:read")?;
         let namespaces = self.store.list_namespaces().await.map_err(ApiError::from)?;
         Ok(Response::new(pb::ListNamespacesResponse {
             namespaces: namespaces
                 .into_iter()
+                .filter(|(name, _)| caller.sees(name))
                 .map(|(name, count)| pb::Namespace { name, template_count: count as u32 })
                 .collect(),
         }))

@@ -26,6 +26,8 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub publisher: PublisherConfig,
     pub health: HealthConfig,
+    /// Who may call task-api (`auth.mode = none | jwt`, keys, issuer, audience).
+    pub auth: tasker_auth::Settings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

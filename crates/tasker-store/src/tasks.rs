@@ -36,6 +36,8 @@ pub struct NewTask<'a> {
     pub idempotency_key: Option<&'a str>,
     /// A digest of the request, compared when the idempotency key is seen again.
     pub request_hash: &'a str,
+    /// Who created it (the authenticated subject), for the audit trail.
+    pub actor: &'a str,
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +53,8 @@ pub struct CreateOutcome {
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
     pub namespace: Option<String>,
+    /// Only tasks of these namespaces (a caller's), when given.
+    pub namespaces: Option<Vec<String>>,
     pub name: Option<String>,
     pub status: Option<TaskState>,
     pub created_after: Option<DateTime<Utc>>,
@@ -90,7 +94,7 @@ impl Store {
             .iter()
             .flat_map(|s| s.depends_on.iter().map(|d| (by_name[d.as_str()], by_name[s.name.as_str()])))
             .unzip();
-        let metadata = json!({ "initiator": new.initiator, "reason": new.reason });
+        let metadata = json!({ "initiator": new.initiator, "reason": new.reason, "actor": new.actor });
         let transition_id = tasker_domain::new_id();
         let subject = EventSubject {
             task_id,
@@ -316,6 +320,7 @@ impl Store {
                    AND ($3::text IS NULL OR t.status = $3) \
                    AND ($4::timestamptz IS NULL OR t.created_at >= $4) AND ($5::timestamptz IS NULL OR t.created_at < $5) \
                    AND ($6::timestamptz IS NULL OR (t.created_at, t.id) < ($6, $7::uuid)) \
+                   AND ($9::text[] IS NULL OR t.namespace = ANY($9)) \
                  ORDER BY t.created_at DESC, t.id DESC LIMIT $8"
             ))
             .await?;
@@ -334,6 +339,7 @@ impl Store {
                     &after_at,
                     &after_id,
                     &(limit + 1),
+                    &filter.namespaces,
                 ],
             )
             .await?;

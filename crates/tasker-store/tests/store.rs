@@ -29,6 +29,7 @@ async fn setup(env: &TestEnv) -> (Store, uuid::Uuid) {
         priority: 0,
         idempotency_key: None,
         request_hash: "h",
+        actor: "test",
     };
     let task = store.create_task(&new).await.unwrap().task_id;
     (store, task)

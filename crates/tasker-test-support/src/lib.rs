@@ -65,7 +65,9 @@ impl TestEnv {
         config.orchestrator.sweep_interval = Duration::from_millis(500);
         config.orchestrator.timeout_grace = Duration::from_millis(500);
         config.orchestrator.pending_task_timeout = Duration::from_secs(1);
-        config.orchestrator.enqueued_step_timeout = Duration::from_secs(2);
+        // long enough that a quick step still running under a loaded machine (its start is
+        // reported with its outcome) is not taken for a lost one and run twice
+        config.orchestrator.enqueued_step_timeout = Duration::from_secs(5);
         config.publisher.poll_interval = Duration::from_millis(250);
         config.worker.drain_timeout = Duration::from_secs(5);
         TestEnv {

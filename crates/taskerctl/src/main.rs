@@ -12,7 +12,12 @@ use tasker_proto::v1::{
     template_service_client::TemplateServiceClient,
 };
 use tasker_runtime::Config;
-use tonic::{Request, transport::Channel};
+use tonic::{
+    Request,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "taskerctl", version, about = "Tasker's command-line client")]
@@ -24,6 +29,12 @@ struct Cli {
     /// `TASKER_*` environment applies too).
     #[arg(long, global = true, env = "TASKER_CONFIG")]
     config: Option<PathBuf>,
+    /// Bearer token (JWT or API key) sent to task-api when it runs with `auth.mode = jwt`.
+    #[arg(long, global = true, env = "TASKER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the token (instead of `--token`).
+    #[arg(long, global = true, env = "TASKER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,6 +56,9 @@ enum Command {
     Step(StepCommand),
     /// Stream a task's lifecycle events until it is final.
     Watch { task_id: String },
+    /// Development tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Bind a queue to the events exchange and print events as they arrive.
     Events {
         /// Topic patterns (`#`, `payments.#`, `*.*.step.failed`).
@@ -56,6 +70,31 @@ enum Command {
         /// Exit after this many events.
         #[arg(long)]
         count: Option<usize>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print an HS256 JWT signed with task-api's `auth.hs256_secret` (for development and
+    /// tests; production tokens come from your identity provider).
+    Mint {
+        #[arg(long, env = "TASKER_AUTH__HS256_SECRET", hide_env_values = true)]
+        secret: String,
+        #[arg(long)]
+        subject: String,
+        /// `resource:action`, `resource:*` or `*`; repeat for several.
+        #[arg(long = "permission", default_value = "*")]
+        permissions: Vec<String>,
+        /// Namespaces the token may touch, or `*`; repeat for several.
+        #[arg(long = "namespace", default_value = "*")]
+        namespaces: Vec<String>,
+        /// Lifetime, e.g. `1h`, `30m`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[arg(long, env = "TASKER_AUTH__ISSUER")]
+        issuer: Option<String>,
+        #[arg(long, env = "TASKER_AUTH__AUDIENCE")]
+        audience: Option<String>,
     },
 }
 
@@ -157,23 +196,52 @@ fn config(cli: &Cli) -> anyhow::Result<Config> {
     Config::load(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
 }
 
-async fn channel(api: &str) -> anyhow::Result<Channel> {
-    Channel::from_shared(api.to_owned())
+/// What every call carries: the bearer token when there is one, and the user's name (the
+/// actor recorded when task-api runs without authentication; with it, the token's subject
+/// is recorded instead).
+#[derive(Clone)]
+struct Credentials {
+    bearer: Option<MetadataValue<Ascii>>,
+    actor: Option<MetadataValue<Ascii>>,
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, tonic::Status> {
+        if let Some(bearer) = &self.bearer {
+            request.metadata_mut().insert("authorization", bearer.clone());
+        }
+        if let Some(actor) = &self.actor {
+            request.metadata_mut().insert("x-tasker-actor", actor.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Api = InterceptedService<Channel, Credentials>;
+
+async fn channel(cli: &Cli) -> anyhow::Result<Api> {
+    let api = &cli.api;
+    let channel = Channel::from_shared(api.to_owned())
         .context("--api")?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .with_context(|| format!("connecting to task-api at {api}"))
-}
-
-/// Operator actions are recorded with the caller's user name.
-fn with_actor<T>(message: T) -> Request<T> {
-    let mut request = Request::new(message);
+        .with_context(|| format!("connecting to task-api at {api}"))?;
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(token), _) => Some(token.trim().to_owned()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--token-file {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    let bearer =
+        token.map(|t| format!("Bearer {t}").parse()).transpose().context("--token: not a valid header value")?;
     let user = std::env::var("USER").unwrap_or_else(|_| "taskerctl".into());
-    if let Ok(value) = format!("taskerctl:{user}").parse() {
-        request.metadata_mut().insert("x-tasker-actor", value);
-    }
-    request
+    let actor = format!("taskerctl:{user}").parse().ok();
+    Ok(InterceptedService::new(channel, Credentials { bearer, actor }))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -185,7 +253,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("migrations applied");
         }
         Command::Template(cmd) => {
-            let mut client = TemplateServiceClient::new(channel(&cli.api).await?);
+            let mut client = TemplateServiceClient::new(channel(&cli).await?);
             match cmd {
                 TemplateCommand::Register { files } => {
                     if files.is_empty() {
@@ -217,22 +285,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Namespaces => {
-            let mut client = TemplateServiceClient::new(channel(&cli.api).await?);
+            let mut client = TemplateServiceClient::new(channel(&cli).await?);
             for ns in client.list_namespaces(pb::ListNamespacesRequest {}).await?.into_inner().namespaces {
                 println!("{:<24} {} templates", ns.name, ns.template_count);
             }
         }
         Command::Task(cmd) => task(&cli, cmd).await?,
         Command::Step(cmd) => {
-            let mut client = StepServiceClient::new(channel(&cli.api).await?);
+            let mut client = StepServiceClient::new(channel(&cli).await?);
             let step = match cmd {
                 StepCommand::Retry { step_id, reason } => {
-                    client
-                        .retry_step(with_actor(pb::RetryStepRequest {
-                            step_id: step_id.clone(),
-                            reason: reason.clone(),
-                        }))
-                        .await?
+                    client.retry_step(pb::RetryStepRequest { step_id: step_id.clone(), reason: reason.clone() }).await?
                 }
                 StepCommand::Resolve { step_id, results, reason } => {
                     let request = pb::ResolveStepRequest {
@@ -240,14 +303,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         reason: reason.clone(),
                         results_json: results.clone(),
                     };
-                    client.resolve_step(with_actor(request)).await?
+                    client.resolve_step(request).await?
                 }
             };
             print::step_line(&step.into_inner());
         }
         Command::Watch { task_id } => {
-            let mut client = TaskServiceClient::new(channel(&cli.api).await?);
+            let mut client = TaskServiceClient::new(channel(&cli).await?);
             watch(&mut client, task_id).await?;
+        }
+        Command::Token(TokenCommand::Mint { secret, subject, permissions, namespaces, ttl, issuer, audience }) => {
+            let token = tasker_auth::mint(&tasker_auth::Mint {
+                secret,
+                subject,
+                permissions,
+                namespaces,
+                lifetime: *ttl,
+                issuer: issuer.as_deref(),
+                audience: audience.as_deref(),
+                issued_at: tasker_auth::now(),
+            })
+            .map_err(anyhow::Error::msg)?;
+            println!("{token}");
         }
         Command::Events { patterns, json, count } => {
             let config = config(&cli)?;
@@ -274,7 +351,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn task(cli: &Cli, cmd: &TaskCommand) -> anyhow::Result<()> {
-    let mut client = TaskServiceClient::new(channel(&cli.api).await?);
+    let mut client = TaskServiceClient::new(channel(cli).await?);
     match cmd {
         TaskCommand::Submit { namespace, name, version, context, idempotency_key, reason, tags, wait } => {
             let context_json = match context.strip_prefix('@') {
@@ -324,13 +401,13 @@ async fn task(cli: &Cli, cmd: &TaskCommand) -> anyhow::Result<()> {
         }
         TaskCommand::Cancel { task_id, reason } => {
             let request = pb::CancelTaskRequest { task_id: task_id.clone(), reason: reason.clone() };
-            print::task(&client.cancel_task(with_actor(request)).await?.into_inner(), false);
+            print::task(&client.cancel_task(request).await?.into_inner(), false);
         }
     }
     Ok(())
 }
 
-async fn watch(client: &mut TaskServiceClient<Channel>, task_id: &str) -> anyhow::Result<()> {
+async fn watch(client: &mut TaskServiceClient<Api>, task_id: &str) -> anyhow::Result<()> {
     let mut stream = client.watch_task(pb::WatchTaskRequest { task_id: task_id.to_owned() }).await?.into_inner();
     while let Some(event) = stream.message().await? {
         print::event_line(&event.routing_key, &event.data_json);

@@ -2,6 +2,7 @@
 //! in-process, the gRPC API and a real AMQP subscriber. Each test has its own database and
 //! broker prefix.
 
+mod auth;
 mod edges;
 mod events;
 mod faults;

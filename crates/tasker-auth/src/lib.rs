@@ -244,8 +244,12 @@ impl Verifier {
             }
             other => return Err(Error::InvalidToken(format!("{other:?} is not accepted"))),
         };
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation)
-            .map_err(|e| Error::InvalidToken(e.to_string()))?;
+        // accepted above; the validation names only this algorithm, since jsonwebtoken wants
+        // every algorithm it lists to fit the key
+        let mut validation = self.validation.clone();
+        validation.algorithms = vec![header.alg];
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| Error::InvalidToken(e.to_string()))?;
         let claims = data.claims;
         Ok(Principal { subject: claims.sub, permissions: claims.permissions, namespaces: claims.namespaces })
     }
@@ -375,6 +379,41 @@ mod tests {
         );
         assert_eq!(verifier.authenticate(Some("key-123"), None).unwrap().subject, "ci-bot", "as the bearer too");
         assert_eq!(verifier.authenticate(None, Some("key-124")).unwrap_err(), Error::UnknownKey);
+    }
+
+    #[test]
+    fn es256_tokens_are_checked_against_the_jwks_file() {
+        use p256::pkcs8::EncodePrivateKey;
+        // a key made here (a fixed scalar: no key file is committed)
+        let secret = p256::SecretKey::from_slice(&[7u8; 32]).unwrap();
+        let mut jwk: serde_json::Value = serde_json::from_str(&secret.public_key().to_jwk_string()).unwrap();
+        jwk["kid"] = "k1".into();
+        jwk["alg"] = "ES256".into();
+        jwk["use"] = "sig".into();
+        let dir = std::env::temp_dir().join(format!("tasker-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let jwks = dir.join("jwks.json");
+        std::fs::write(&jwks, serde_json::json!({ "keys": [jwk] }).to_string()).unwrap();
+        let settings = Settings { mode: Mode::Jwt, jwks_file: Some(jwks), ..Settings::default() };
+        let verifier = Verifier::new(&settings).unwrap();
+
+        let der = secret.to_pkcs8_der().unwrap();
+        let key = EncodingKey::from_ec_der(der.as_bytes());
+        let sign = |kid: &str| {
+            let mut header = Header::new(Algorithm::ES256);
+            header.kid = Some(kid.to_owned());
+            let claims = serde_json::json!({ "sub": "svc", "exp": now() + 600, "permissions": ["tasks:read"], "namespaces": ["*"] });
+            jsonwebtoken::encode(&header, &claims, &key).unwrap()
+        };
+        let principal = verifier.authenticate(Some(&sign("k1")), None).unwrap();
+        assert_eq!((principal.subject.as_str(), principal.sees("anything")), ("svc", true));
+        assert!(matches!(verifier.authenticate(Some(&sign("k2")), None), Err(Error::InvalidToken(_))), "unknown kid");
+        // an HS256 token is refused when only the JWKS is configured
+        assert!(matches!(
+            verifier.authenticate(Some(&token(SECRET, now(), 600, "tasker")), None),
+            Err(Error::InvalidToken(_))
+        ));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

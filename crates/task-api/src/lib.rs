@@ -25,10 +25,17 @@ use tasker_runtime::{Admin, Config};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 
 pub use error::ApiError;
 
-use crate::{auth::Gate, link::Link, steps::Steps, tasks::Tasks, templates::Templates};
+use crate::{
+    auth::Gate,
+    link::Link,
+    steps::Steps,
+    tasks::{Tasks, Watches},
+    templates::Templates,
+};
 
 /// Binds both listeners, then serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -90,7 +97,13 @@ impl TaskApi {
             let n = templates.load_dir(dir).await?;
             tracing::info!(dir = %dir.display(), templates = n, "templates loaded");
         }
-        let tasks = Tasks { store: store.clone(), link, limits: config.limits, schemas: Default::default() };
+        let tasks = Tasks {
+            store: store.clone(),
+            link,
+            limits: config.limits,
+            schemas: Default::default(),
+            watches: Watches::new(config.api.max_watches_per_caller),
+        };
         let steps = Steps { tasks: tasks.clone() };
         health.set_serving::<TaskServiceServer<Tasks>>().await;
         health.set_serving::<TemplateServiceServer<Templates>>().await;
@@ -101,6 +114,12 @@ impl TaskApi {
         let admin_task = tokio::spawn(admin.serve(checks, registry, config.health.live_timeout, stop.clone()));
         let addr = grpc.local_addr()?;
         let gate = Gate::new(&config.auth).context("auth")?;
+        // room for the largest payload the limits allow (twice over, so a request a little
+        // past a limit gets the API's own RESOURCE_EXHAUSTED naming the field) and the rest of
+        // the message; anything larger is refused by the transport before it is read
+        let limits = &config.limits;
+        let decode_limit =
+            2 * limits.max_context_bytes.max(limits.max_results_bytes).max(limits.max_template_bytes) + 64 * 1024;
         if config.auth.mode == tasker_auth::Mode::None {
             if addr.ip().is_loopback() {
                 tracing::warn!(%addr, "auth.mode = none: every caller may do anything (loopback only)");
@@ -114,9 +133,18 @@ impl TaskApi {
             .add_service(health_service)
             .add_optional_service(config.auth.reflection.then_some(reflection_v1))
             .add_optional_service(config.auth.reflection.then_some(reflection_v1alpha))
-            .add_service(TemplateServiceServer::with_interceptor(templates, gate.clone()))
-            .add_service(TaskServiceServer::with_interceptor(tasks, gate.clone()))
-            .add_service(StepServiceServer::with_interceptor(steps, gate))
+            .add_service(InterceptedService::new(
+                TemplateServiceServer::new(templates).max_decoding_message_size(decode_limit),
+                gate.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                TaskServiceServer::new(tasks).max_decoding_message_size(decode_limit),
+                gate.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                StepServiceServer::new(steps).max_decoding_message_size(decode_limit),
+                gate,
+            ))
             .serve_with_incoming_shutdown(incoming(grpc), stop.clone().cancelled_owned())
             .await
             .context("gRPC server");

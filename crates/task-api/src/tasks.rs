@@ -35,6 +35,51 @@ pub struct Tasks {
     pub(crate) limits: Limits,
     /// Compiled input schemas by template id (a registered version never changes).
     pub(crate) schemas: Arc<Mutex<HashMap<Uuid, Option<Arc<ContextSchema>>>>>,
+    pub(crate) watches: Watches,
+}
+
+/// WatchTask streams open per caller, bounded (`api.max_watches_per_caller`).
+#[derive(Clone)]
+pub(crate) struct Watches {
+    open: Arc<Mutex<HashMap<String, usize>>>,
+    max: usize,
+}
+
+/// One open stream; closing it (dropping this) frees the caller's slot.
+pub(crate) struct WatchSlot {
+    watches: Watches,
+    subject: String,
+}
+
+impl Watches {
+    pub(crate) fn new(max: usize) -> Watches {
+        Watches { open: Arc::default(), max }
+    }
+
+    fn open(&self, subject: &str) -> ApiResult<WatchSlot> {
+        let mut open = self.open.lock().expect("watches lock");
+        let count = open.entry(subject.to_owned()).or_default();
+        if *count >= self.max {
+            return Err(ApiError::TooLarge(format!(
+                "{} WatchTask streams open for this caller, the limit (api.max_watches_per_caller)",
+                self.max
+            )));
+        }
+        *count += 1;
+        Ok(WatchSlot { watches: self.clone(), subject: subject.to_owned() })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.watches.open.lock().expect("watches lock");
+        if let Some(count) = open.get_mut(&self.subject) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.subject);
+            }
+        }
+    }
 }
 
 impl Tasks {
@@ -310,11 +355,20 @@ impl TaskService for Tasks {
         let id = parse_id("task_id", &request.into_inner().task_id)?;
         let head = self.store.task(id, false).await.map_err(ApiError::from)?.task;
         caller.require_namespace(&head.namespace)?;
+        let slot = self.watches.open(&caller.subject)?;
         let (tx, rx) = mpsc::channel(64);
         let tasks = self.clone();
         tokio::spawn(async move {
-            if let Err(error) = tasks.watch(id, tx.clone()).await {
-                let _ = tx.send(Err(error.into())).await;
+            let _slot = slot;
+            let watching = tasks.watch(id, tx.clone());
+            tokio::select! {
+                // the client went away: stop, and free the slot
+                _ = tx.closed() => {}
+                result = watching => {
+                    if let Err(error) = result {
+                        let _ = tx.send(Err(error.into())).await;
+                    }
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

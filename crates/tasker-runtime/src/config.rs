@@ -113,11 +113,18 @@ pub struct ApiConfig {
     pub admin_listen: SocketAddr,
     /// YAML templates registered at start-up (`*.yaml`, `*.yml`).
     pub templates_dir: Option<PathBuf>,
+    /// WatchTask streams one caller (subject) may hold open at once.
+    pub max_watches_per_caller: usize,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { listen: ([0, 0, 0, 0], 50051).into(), admin_listen: ([0, 0, 0, 0], 9090).into(), templates_dir: None }
+        Self {
+            listen: ([0, 0, 0, 0], 50051).into(),
+            admin_listen: ([0, 0, 0, 0], 9090).into(),
+            templates_dir: None,
+            max_watches_per_caller: 32,
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod edges;
 mod events;
 mod faults;
 mod foreign;
+mod hardening;
 mod operator;
 mod retries;
 mod shapes;

@@ -1,0 +1,78 @@
+//! Bounds on what one caller can hold: WatchTask streams per caller, message sizes.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tasker_proto::v1 as pb;
+use tasker_test_support::{System, TestEnv, WorkerSpec};
+use tonic::{Code, Request};
+
+fn as_caller<T>(message: T, who: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert("x-tasker-actor", who.parse().unwrap());
+    request
+}
+
+/// Past `api.max_watches_per_caller` open streams a caller gets RESOURCE_EXHAUSTED;
+/// other callers are not affected, and a closed stream frees its slot.
+#[tokio::test]
+async fn watch_streams_are_bounded_per_caller() {
+    let env = TestEnv::new().await;
+    let mut config = env.config.clone();
+    config.api.max_watches_per_caller = 2;
+    let system = System::start_with(&env, config, vec![WorkerSpec::new("w1", &["watch"])]).await;
+    system
+        .register(&env, "namespace: watch\nname: long\nversion: 1.0.0\nsteps:\n  - { name: s, handler: sleep, config: { ms: 20000 } }\n")
+        .await;
+    let task = system.submit("watch", "long", json!({})).await;
+    let watch = |who: &str| {
+        let mut tasks = system.tasks();
+        let request = as_caller(pb::WatchTaskRequest { task_id: task.id.clone() }, who);
+        async move { tasks.watch_task(request).await }
+    };
+    let first = watch("viewer").await.unwrap();
+    let second = watch("viewer").await.unwrap();
+    let refused = watch("viewer").await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("api.max_watches_per_caller"));
+    let other = watch("someone-else").await.unwrap();
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        match watch("viewer").await {
+            Ok(stream) => break stream,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted);
+                assert!(tokio::time::Instant::now() < deadline, "a closed stream never freed its slot");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    drop((second, other, again));
+    let cancel = pb::CancelTaskRequest { task_id: task.id.clone(), reason: "done".into() };
+    system.tasks().cancel_task(cancel).await.unwrap();
+    system.stop().await;
+    env.cleanup().await;
+}
+
+/// Messages are decoded up to twice the largest payload limit: a context a little over
+/// its limit gets the API's RESOURCE_EXHAUSTED naming the field, a far larger message is
+/// refused by the transport before it is read.
+#[tokio::test]
+async fn message_sizes_are_bounded_by_the_limits() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![]).await;
+    let create = |bytes: usize| pb::CreateTaskRequest {
+        namespace: "sizes".into(),
+        name: "any".into(),
+        context_json: format!(r#"{{"pad": "{}"}}"#, "x".repeat(bytes)),
+        ..Default::default()
+    };
+    let over = system.tasks().create_task(create(1_200_000)).await.unwrap_err();
+    assert_eq!(over.code(), Code::ResourceExhausted, "{over:?}");
+    assert!(over.message().starts_with("context_json:"), "{}", over.message());
+    let far_over = system.tasks().create_task(create(3_000_000)).await.unwrap_err();
+    assert_eq!(far_over.code(), Code::OutOfRange, "{far_over:?}");
+    system.stop().await;
+    env.cleanup().await;
+}

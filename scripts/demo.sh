@@ -2,7 +2,8 @@
 # Runs Tasker on this machine and shows a workflow as it happens:
 #   - makes sure Postgres and RabbitMQ are up (starting or installing them if needed),
 #   - builds the workspace, creates and migrates the `tasker_demo` database,
-#   - starts task-api, orchestrator, event-publisher and two step workers,
+#   - starts task-api (with authentication on: a fresh HS256 secret, and a token minted for
+#     the demo, which it shows), orchestrator, event-publisher and two step workers,
 #   - registers the example templates, submits an e-commerce order,
 #   - prints its lifecycle events live, then the final state of the task and each step,
 #   - stops everything (or, with --keep, leaves it running; `scripts/demo.sh --stop` stops it).
@@ -65,7 +66,13 @@ cleanup() {
   [ "$KEEP" -eq 1 ] || stop_all
 }
 trap cleanup EXIT
-start task-api TASKER_API__TEMPLATES_DIR="$ROOT/examples/templates" "$BIN/task-api"
+# authentication on, as in production: a secret made for this run, and a token for the demo
+SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+TASKER_TOKEN=$("$BIN/taskerctl" token mint --secret "$SECRET" --subject demo --ttl 12h)
+export TASKER_TOKEN
+echo "$TASKER_TOKEN" > "$DEMO_DIR/token"
+start task-api TASKER_API__TEMPLATES_DIR="$ROOT/examples/templates" TASKER_AUTH__MODE=jwt \
+  TASKER_AUTH__HS256_SECRET="$SECRET" "$BIN/task-api"
 start orchestrator "$BIN/orchestrator"
 start event-publisher "$BIN/event-publisher"
 start worker-1 TASKER_WORKER__ID=worker-1 TASKER_WORKER__ADMIN_LISTEN=0.0.0.0:9092 "$BIN/step-worker"
@@ -75,7 +82,10 @@ for _ in $(seq 1 120); do
   "$BIN/taskerctl" namespaces >/dev/null 2>&1 && break
   sleep 0.25
 done
-echo "demo: services up (logs in .demo/logs); templates:" >&2
+echo "demo: services up (logs in .demo/logs); auth is on, and taskerctl uses this token (subject demo, every permission, 12 h; also in .demo/token):" >&2
+echo "  TASKER_TOKEN=$TASKER_TOKEN" >&2
+echo "demo: without it task-api answers: $("$BIN/taskerctl" --token '' namespaces 2>&1 | tail -1 || true)" >&2
+echo "demo: templates:" >&2
 "$BIN/taskerctl" template list
 
 echo
@@ -102,7 +112,8 @@ echo "demo: final state"
 "$BIN/taskerctl" task get "$task_id"
 echo
 if [ "$KEEP" -eq 1 ]; then
-  echo "demo: services keep running (API on 127.0.0.1:50051). Try:"
+  echo "demo: services keep running (API on 127.0.0.1:50051, auth on). Try:"
+  echo "  export TASKER_TOKEN=\$(cat .demo/token)"
   echo "  $BIN/taskerctl task submit data_pipeline customer_analytics --wait"
   echo "  $BIN/taskerctl events 'payments.#'"
   echo "Stop them with: scripts/demo.sh --stop"

@@ -232,10 +232,11 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         figment.merge(
-            // TASKER_CONFIG names the file; TASKER_TEST_* configure the test suite, not a service
+            // TASKER_CONFIG names the file; TASKER_TEST_* configure the test suite and
+            // TASKER_API, TASKER_TOKEN, TASKER_TOKEN_FILE taskerctl, not a service
             Env::prefixed("TASKER_").split("__").filter(|key| {
                 let key = key.as_str().to_ascii_lowercase();
-                key != "config" && !key.starts_with("test_")
+                !matches!(key.as_str(), "config" | "api" | "token" | "token_file") && !key.starts_with("test_")
             }),
         )
     }
@@ -258,6 +259,10 @@ mod tests {
             jail.set_env("TASKER_ORCHESTRATOR__SWEEP_INTERVAL", "250ms");
             jail.set_env("TASKER_TEST_LOG", "debug");
             jail.set_env("TASKER_CONFIG", "tasker.toml");
+            // taskerctl's own, set in the same shell
+            jail.set_env("TASKER_TOKEN", "eyJ.x.y");
+            jail.set_env("TASKER_TOKEN_FILE", "/tmp/token");
+            jail.set_env("TASKER_API", "http://127.0.0.1:50051");
             let config = Config::load(Some(Path::new("tasker.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(config.database.url, "postgres://file/db");
             assert_eq!(config.database.pool_size, 7);

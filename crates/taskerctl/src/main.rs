@@ -236,7 +236,8 @@ async fn channel(cli: &Cli) -> anyhow::Result<Api> {
                 .to_owned(),
         ),
         (None, None) => None,
-    };
+    }
+    .filter(|t| !t.is_empty());
     let bearer =
         token.map(|t| format!("Bearer {t}").parse()).transpose().context("--token: not a valid header value")?;
     let user = std::env::var("USER").unwrap_or_else(|_| "taskerctl".into());

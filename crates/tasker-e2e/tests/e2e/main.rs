@@ -3,6 +3,7 @@
 //! broker prefix.
 
 mod auth;
+mod broker_users;
 mod edges;
 mod events;
 mod faults;

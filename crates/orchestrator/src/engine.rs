@@ -68,7 +68,8 @@ impl Engine {
     }
 
     /// Applies the items in one transaction (tasks locked in id order) and commits.
-    pub async fn apply(&self, items: Vec<(Uuid, Work)>) -> tasker_store::Result<Outcome> {
+    /// Borrowed, so that a batch held through an outage is tried again without a copy.
+    pub async fn apply(&self, items: &[(Uuid, Work)]) -> tasker_store::Result<Outcome> {
         let mut tx = self.store.begin().await?;
         let task_ids: Vec<Uuid> = items.iter().map(|(task, _)| *task).collect();
         let step_ids: Vec<Uuid> = items.iter().filter_map(|(_, w)| w.step_id()).collect();
@@ -96,7 +97,7 @@ impl Engine {
             next_retry_at: None,
         };
         for (task_id, work) in items {
-            batch.apply(task_id, work)?;
+            batch.apply(*task_id, work)?;
         }
         batch.finish().await
     }
@@ -126,7 +127,7 @@ struct Batch<'a> {
 }
 
 impl Batch<'_> {
-    fn apply(&mut self, task_id: Uuid, work: Work) -> tasker_store::Result<()> {
+    fn apply(&mut self, task_id: Uuid, work: &Work) -> tasker_store::Result<()> {
         let Some(task) = self.tasks.get(&task_id) else {
             tracing::warn!(%task_id, "work for an unknown task dropped");
             self.engine.metrics.dropped(1);
@@ -137,9 +138,9 @@ impl Batch<'_> {
         match work {
             Work::Evaluate => self.evaluate(task_id),
             Work::Report(report) => self.report(task_id, report),
-            Work::Retry(step) if in_progress => self.retry(step),
-            Work::Republish { step, older_than } if in_progress => self.republish(step, older_than),
-            Work::Overdue { step, grace } if in_progress => self.overdue(step, grace),
+            Work::Retry(step) if in_progress => self.retry(*step),
+            Work::Republish { step, older_than } if in_progress => self.republish(*step, *older_than),
+            Work::Overdue { step, grace } if in_progress => self.overdue(*step, *grace),
             Work::Retry(_) | Work::Republish { .. } | Work::Overdue { .. } => Ok(()),
         }
     }
@@ -219,7 +220,7 @@ impl Batch<'_> {
         self.engine.metrics.dropped(1);
     }
 
-    fn report(&mut self, task_id: Uuid, report: StepReport) -> tasker_store::Result<()> {
+    fn report(&mut self, task_id: Uuid, report: &StepReport) -> tasker_store::Result<()> {
         let Ok(step_id) = report.step_id.parse::<Uuid>() else {
             self.drop_stale(task_id, Uuid::nil(), report.attempt, "malformed step id");
             return Ok(());
@@ -239,7 +240,7 @@ impl Batch<'_> {
         // what a worker says is recorded, never trusted to be storable
         let worker = json!({ "worker": recordable(&report.worker_id, MAX_WORKER_ID) });
         let started_at = reported_start(report.started_at_unix_ms, &step);
-        match report.outcome {
+        match &report.outcome {
             Some(Reported::Started(_)) => {
                 if step.status != StepState::Enqueued {
                     self.drop_stale(task_id, step_id, report.attempt, "already started or settled");

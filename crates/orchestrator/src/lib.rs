@@ -138,12 +138,11 @@ fn task_work(request: TaskRequest) -> Option<(Uuid, Work)> {
 }
 
 /// The report that stands for one the database refused: the same attempt, failed
-/// permanently, saying why.
+/// permanently, saying why (the engine makes the worker's text recordable, as for any
+/// report).
 fn refused_report(report: &StepReport, error: &anyhow::Error) -> StepReport {
-    let message =
-        format!("the worker's report could not be recorded: {}", tasker_domain::payload::scrub(&format!("{error:#}")));
+    let message = format!("the worker's report could not be recorded: {error:#}");
     StepReport {
-        worker_id: tasker_domain::payload::scrub(&report.worker_id).into_owned(),
         outcome: Some(step_report::Outcome::Failed(Failed {
             message,
             kind: FailureKind::Permanent as i32,
@@ -194,10 +193,9 @@ impl Pipeline {
     /// (the caller keeps its input unacked); an error is returned only for a failure of
     /// the work itself, on shutdown, or when the broker connection is gone (then the
     /// committed executions are carried over to the next connection).
-    pub(crate) async fn process(&self, items: Vec<(Uuid, Work)>) -> anyhow::Result<()> {
+    pub(crate) async fn process(&self, items: &[(Uuid, Work)]) -> anyhow::Result<()> {
         let received = std::time::Instant::now();
-        let outcome =
-            self.holding("applying a batch", || async { Ok(self.engine.apply(items.clone()).await?) }).await?;
+        let outcome = self.holding("applying a batch", || async { Ok(self.engine.apply(items).await?) }).await?;
         self.metrics.batch();
         if let Some(due) = outcome.next_retry_at {
             let _ = self.retries.send(due);
@@ -299,7 +297,7 @@ impl Pipeline {
             if items.is_empty() {
                 continue;
             }
-            match self.process(items.clone()).await {
+            match self.process(&items).await {
                 Ok(()) => {
                     for ack in acks {
                         ack.ack().await?;
@@ -320,7 +318,7 @@ impl Pipeline {
                         "batch failed; applying one by one"
                     );
                     for (item, ack) in items.into_iter().zip(acks) {
-                        match self.process(vec![item.clone()]).await {
+                        match self.process(std::slice::from_ref(&item)).await {
                             Ok(()) => ack.ack().await?,
                             Err(error) => self.settle_failure(item, ack, error).await?,
                         }
@@ -339,7 +337,7 @@ impl Pipeline {
         let refused = error.downcast_ref::<tasker_store::Error>().is_some_and(tasker_store::Error::is_refused_value);
         if let (true, (task_id, Work::Report(report))) = (refused, &item) {
             let failed = refused_report(report, &error);
-            match self.process(vec![(*task_id, Work::Report(failed))]).await {
+            match self.process(&[(*task_id, Work::Report(failed))]).await {
                 Ok(()) => {
                     tracing::warn!(%task_id, step_id = report.step_id, attempt = report.attempt, error = format!("{error:#}"),
                         "report refused by the database; its attempt failed");

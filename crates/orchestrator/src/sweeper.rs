@@ -49,8 +49,8 @@ pub(crate) async fn retry_scheduler(
             if due.is_empty() {
                 break;
             }
-            let items = due.into_iter().map(|(task, step)| (task, Work::Retry(step))).collect();
-            if let Err(error) = pipeline.process(items).await {
+            let items: Vec<_> = due.into_iter().map(|(task, step)| (task, Work::Retry(step))).collect();
+            if let Err(error) = pipeline.process(&items).await {
                 tracing::warn!(error = format!("{error:#}"), "retry scheduler batch failed");
                 break;
             }
@@ -116,7 +116,7 @@ async fn sweep(pipeline: &Pipeline, store: &Store, config: &OrchestratorConfig) 
     }
     if !items.is_empty() {
         tracing::info!(items = items.len(), "sweeper repairing stuck work");
-        pipeline.process(items).await?;
+        pipeline.process(&items).await?;
     }
     Ok(())
 }

@@ -184,15 +184,14 @@ impl Runner {
             outcome: Some(outcome),
             started_at_unix_ms,
         };
-        let key = (exec.step_id.clone(), exec.attempt);
-        let kept = self.unreported.lock().expect("unreported lock").get(&key).cloned();
+        let kept = self.unreported.lock().expect("unreported lock").remove(&(exec.step_id.clone(), exec.attempt));
         if let Some(outcome) = kept {
             tracing::info!(
                 step_id = exec.step_id,
                 attempt = exec.attempt,
                 "reporting an outcome kept across a lost connection"
             );
-            self.settle(report(outcome), key, ack).await;
+            self.settle(report(outcome), ack).await;
             return;
         }
         // A quick step's start travels with its outcome; a longer one is reported started
@@ -219,13 +218,7 @@ impl Runner {
         if matches!(outcome, Outcome::Failed(_)) {
             self.metrics.failed.inc();
         }
-        {
-            let mut unreported = self.unreported.lock().expect("unreported lock");
-            if unreported.len() < MAX_UNREPORTED {
-                unreported.insert(key.clone(), outcome.clone());
-            }
-        }
-        self.settle(report(outcome), key, ack).await;
+        self.settle(report(outcome), ack).await;
     }
 
     /// Reports an outcome and, once the broker confirmed it, acks the execution. A
@@ -233,23 +226,28 @@ impl Runner {
     /// pushing back is no reason to run the step again); when the connection is lost the
     /// execution goes back to its queue unacked, and the outcome waits in `unreported`
     /// for it to come back.
-    async fn settle(&self, report: StepReport, key: (String, u32), ack: tasker_messaging::Ack) {
+    async fn settle(&self, report: StepReport, ack: tasker_messaging::Ack) {
+        let command = [Command::Report(report)];
         let mut failures = 0;
         loop {
-            match self.publisher.send(&[Command::Report(report.clone())]).await {
+            match self.publisher.send(&command).await {
                 Ok(()) => break,
                 Err(error) if self.publisher.is_open() => {
                     failures += 1;
-                    tracing::warn!(%error, step_id = report.step_id, failures, "could not report a step outcome; trying again");
+                    tracing::warn!(%error, failures, "could not report a step outcome; trying again");
                     tokio::time::sleep(tasker_runtime::reconnect_delay(failures)).await;
                 }
                 Err(error) => {
+                    let [Command::Report(report)] = command else { unreachable!("one report") };
                     tracing::warn!(%error, step_id = report.step_id, "broker connection lost before the outcome was reported; it is kept for the execution's return");
+                    let mut unreported = self.unreported.lock().expect("unreported lock");
+                    if let (Some(outcome), true) = (report.outcome, unreported.len() < MAX_UNREPORTED) {
+                        unreported.insert((report.step_id, report.attempt), outcome);
+                    }
                     return;
                 }
             }
         }
-        self.unreported.lock().expect("unreported lock").remove(&key);
         if let Err(error) = ack.ack().await {
             tracing::warn!(%error, "could not ack a step execution");
         }

@@ -9,6 +9,7 @@ use std::{
 use futures::Stream;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tasker_auth::Principal;
 use tasker_domain::{CloudEvent, Limits, StepState, TaskState, event::StepRef, template::ContextSchema};
 use tasker_proto::v1::{self as pb, task_service_server::TaskService};
 use tasker_store::{Actor, NewTask, Store, TaskFilter, TaskView, TemplateRecord};
@@ -90,8 +91,11 @@ impl Tasks {
         self.link.request(&[task_id]).await;
     }
 
-    async fn create(&self, r: pb::CreateTaskRequest, actor: &str) -> ApiResult<pb::CreateTaskResponse> {
+    /// Creates a task for `caller` (who holds `tasks:create`; the namespace is checked once
+    /// it is known to be a valid name).
+    async fn create(&self, r: pb::CreateTaskRequest, caller: &Principal) -> ApiResult<pb::CreateTaskResponse> {
         input::name("namespace", &r.namespace)?;
+        caller.require_namespace(&r.namespace)?;
         input::name("name", &r.name)?;
         input::version("version", &r.version)?;
         input::text("idempotency_key", &r.idempotency_key, input::MAX_IDEMPOTENCY_KEY_BYTES)?;
@@ -122,7 +126,7 @@ impl Tasks {
             priority: r.priority,
             idempotency_key: if r.idempotency_key.is_empty() { None } else { Some(r.idempotency_key.as_str()) },
             request_hash: &request_hash,
-            actor,
+            actor: &caller.subject,
         };
         let outcome = self.store.create_task(&new).await.map_err(refused_in("context_json"))?;
         let view = match outcome.view {
@@ -301,10 +305,7 @@ impl TaskService for Tasks {
     ) -> Result<Response<pb::CreateTaskResponse>, Status> {
         let caller = caller(&request)?;
         caller.require("tasks:create")?;
-        let r = request.into_inner();
-        input::name("namespace", &r.namespace)?;
-        caller.require_namespace(&r.namespace)?;
-        Ok(Response::new(self.create(r, &caller.subject).await?))
+        Ok(Response::new(self.create(request.into_inner(), &caller).await?))
     }
 
     async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::Task>, Status> {
@@ -336,8 +337,9 @@ impl TaskService for Tasks {
         let r = request.into_inner();
         let id = parse_id("task_id", &r.task_id)?;
         input::text("reason", &r.reason, input::MAX_TEXT_BYTES)?;
-        let head = self.store.task(id, false).await.map_err(ApiError::from)?.task;
-        caller.require_namespace(&head.namespace)?;
+        if caller.namespace_limit().is_some() {
+            caller.require_namespace(&self.store.task_namespace(id).await.map_err(ApiError::from)?)?;
+        }
         let actor = Actor { who: caller.subject, reason: r.reason };
         self.store.cancel_task(id, &actor).await.map_err(ApiError::from)?;
         let view = self.store.task(id, false).await.map_err(ApiError::from)?;

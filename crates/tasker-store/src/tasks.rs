@@ -310,6 +310,25 @@ impl Store {
         Ok(step)
     }
 
+    /// The namespace of a task (what an authorization check needs, without its steps).
+    pub async fn task_namespace(&self, id: Uuid) -> Result<String> {
+        self.namespace_of("SELECT namespace FROM tasks WHERE id = $1", id, "task").await
+    }
+
+    /// The namespace of a step's task.
+    pub async fn step_namespace(&self, id: Uuid) -> Result<String> {
+        let sql = "SELECT t.namespace FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE s.id = $1";
+        self.namespace_of(sql, id, "step").await
+    }
+
+    async fn namespace_of(&self, sql: &str, id: Uuid, what: &str) -> Result<String> {
+        let client = self.client().await?;
+        let stmt = client.statement(sql).await?;
+        let row =
+            client.query_opt(&stmt, &[&id]).await?.ok_or_else(|| Error::NotFound(format!("{what} {id} not found")))?;
+        Ok(row.get(0))
+    }
+
     /// Tasks matching the filter, newest first, one page.
     pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<TaskPage> {
         let client = self.client().await?;

@@ -14,7 +14,6 @@ use uuid::Uuid;
 pub struct Seen {
     /// Arrival position of each event's first delivery.
     pub first: HashMap<Uuid, usize>,
-    pub deliveries: usize,
     pub duplicates: usize,
     /// When each task's `task.completed` first arrived.
     pub completed: HashMap<String, Instant>,
@@ -30,7 +29,6 @@ pub fn record(mut stream: EventStream) -> Shared {
             let Ok(value) = serde_json::from_str::<serde_json::Value>(&event.payload) else { continue };
             let Some(id) = value["id"].as_str().and_then(|id| id.parse::<Uuid>().ok()) else { continue };
             let mut seen = shared.lock().expect("seen lock");
-            seen.deliveries += 1;
             let position = seen.first.len();
             match seen.first.entry(id) {
                 std::collections::hash_map::Entry::Occupied(_) => seen.duplicates += 1,

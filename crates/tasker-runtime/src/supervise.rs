@@ -23,7 +23,7 @@ use crate::{ReadyCheck, ready_check};
 
 /// The broker connection a supervised service currently uses (none while reconnecting),
 /// and its history for `/metrics`.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct BrokerSlot(Arc<Mutex<SlotState>>);
 
 #[derive(Default)]
@@ -38,12 +38,16 @@ struct SlotState {
     down_since: Option<Instant>,
 }
 
+impl Default for BrokerSlot {
+    fn default() -> Self {
+        BrokerSlot::new()
+    }
+}
+
 impl BrokerSlot {
     /// A slot with no connection yet (counted as disconnected from now).
     pub fn new() -> BrokerSlot {
-        let slot = BrokerSlot::default();
-        slot.0.lock().expect("broker slot lock").down_since = Some(Instant::now());
-        slot
+        BrokerSlot(Arc::new(Mutex::new(SlotState { down_since: Some(Instant::now()), ..SlotState::default() })))
     }
 
     pub fn set(&self, broker: Option<Arc<Broker>>) {

@@ -74,7 +74,16 @@ async fn every_service_rides_out_a_broker_outage() {
     })
     .await;
     let kinds: Vec<&str> = received.iter().filter(|r| r.task_id() == during.id).map(|r| r.kind()).collect();
-    assert_eq!(kinds.first(), Some(&"dev.tasker.task.created"), "every event of the task relayed: {kinds:?}");
+    assert_eq!(kinds.first(), Some(&"dev.tasker.task.created"), "from its creation on: {kinds:?}");
+    // every transition of the task, its steps' included, was announced
+    let mut transitions: Vec<&str> = done.transitions.iter().map(|t| t.id.as_str()).collect();
+    transitions.extend(done.steps.iter().flat_map(|s| s.transitions.iter().map(|t| t.id.as_str())));
+    transitions.sort_unstable();
+    let mut announced: Vec<&str> =
+        received.iter().filter(|r| r.task_id() == during.id).filter_map(|r| r.event["id"].as_str()).collect();
+    announced.sort_unstable();
+    announced.dedup();
+    assert_eq!(announced, transitions, "every event of the task relayed");
     for admin in [system.api_admin, system.orchestrator_admin, system.publisher_admin] {
         wait_status(admin, "/health/ready", 200).await;
         assert!(metric(admin, "tasker_broker_reconnects_total").await >= 1.0);

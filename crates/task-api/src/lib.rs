@@ -47,15 +47,18 @@ pub struct TaskApi {
     config: Config,
     grpc: TcpListener,
     admin: Admin,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl TaskApi {
     pub async fn bind(config: Config) -> anyhow::Result<TaskApi> {
+        // certificate files are read (and a bad one refused) before anything else starts
+        let tls = tasker_runtime::tls::server_config(&config.api.tls)?;
         let grpc = TcpListener::bind(config.api.listen)
             .await
             .with_context(|| format!("binding the gRPC listener on {}", config.api.listen))?;
         let admin = Admin::bind(config.api.admin_listen).await.context("binding the admin listener")?;
-        Ok(TaskApi { config, grpc, admin })
+        Ok(TaskApi { config, grpc, admin, tls })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -67,7 +70,7 @@ impl TaskApi {
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let TaskApi { config, grpc, admin } = self;
+        let TaskApi { config, grpc, admin, tls } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_not_serving::<TaskServiceServer<Tasks>>().await;
         // both versions of the reflection protocol: grpcurl speaks v1, many tools
@@ -127,9 +130,18 @@ impl TaskApi {
                 tracing::warn!(%addr, "AUTH IS OFF (auth.mode = none) on a non-loopback address: ANYONE WHO CAN REACH THIS PORT MAY CREATE, CANCEL, RETRY AND RESOLVE ANY TASK; set auth.mode = jwt");
             }
         }
-        tracing::info!(%addr, auth = ?config.auth.mode, "task-api serving");
+        let mut server = tonic::transport::Server::builder();
+        let tls_mode = match (&tls, &config.api.tls.client_ca_file) {
+            (None, _) => "off",
+            (Some(_), None) => "on",
+            (Some(_), Some(_)) => "on, client certificates required",
+        };
+        if let Some(tls) = tls {
+            server = server.tls_config(tls).context("api.tls")?;
+        }
+        tracing::info!(%addr, auth = ?config.auth.mode, tls = tls_mode, "task-api serving");
         // health stays open; every API service is behind the gate
-        let served = tonic::transport::Server::builder()
+        let served = server
             .add_service(health_service)
             .add_optional_service(config.auth.reflection.then_some(reflection_v1))
             .add_optional_service(config.auth.reflection.then_some(reflection_v1alpha))

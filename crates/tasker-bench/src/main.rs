@@ -42,6 +42,15 @@ struct Args {
     /// Run only these scenarios (e.g. `--only B1,B4`); the table then has only their rows.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Serve task-api over TLS with this certificate (PEM; it must name 127.0.0.1) and
+    /// `--api-key`, and connect trusting `--ca-cert`: the figures then include TLS.
+    #[arg(long, requires_all = ["api_key", "ca_cert"])]
+    api_cert: Option<PathBuf>,
+    #[arg(long, requires = "api_cert")]
+    api_key: Option<PathBuf>,
+    /// The CA that signed `--api-cert`.
+    #[arg(long, requires = "api_cert")]
+    ca_cert: Option<PathBuf>,
 }
 
 const PREFIX: &str = "bench";
@@ -60,6 +69,9 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("bench: pg {pg:.0} commits/s, amqp {amqp_one:.0}/s one at a time, {amqp_pipelined:.0}/s pipelined");
 
     let mut services = Services::new(args.bin_dir.clone(), logs, &args.database_url, &args.amqp_url, PREFIX);
+    if let (Some(cert), Some(key)) = (&args.api_cert, &args.api_key) {
+        services.serve_tls(cert, key);
+    }
     services.start_core().await?;
     services.start_workers(2, "[bench]", 32).await?;
     let result = run(&args, &mut services).await;
@@ -118,8 +130,10 @@ fn templates() -> Vec<String> {
 }
 
 async fn run(args: &Args, services: &mut Services) -> anyhow::Result<Vec<Vec<Figure>>> {
+    let scheme = if args.api_cert.is_some() { "https" } else { "http" };
+    let tls = tasker_runtime::tls::ClientTls { ca_file: args.ca_cert.clone(), ..Default::default() };
     let channel =
-        tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", services::API_PORT))?.connect().await?;
+        tasker_runtime::tls::endpoint(&format!("{scheme}://127.0.0.1:{}", services::API_PORT), &tls)?.connect().await?;
     let mut templates_client = TemplateServiceClient::new(channel.clone());
     for yaml in templates() {
         templates_client.register_template(pb::RegisterTemplateRequest { yaml }).await?;

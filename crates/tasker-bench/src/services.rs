@@ -32,6 +32,12 @@ impl Services {
         Services { bin_dir, logs, env, core: Vec::new(), workers: Vec::new(), next_worker: 0 }
     }
 
+    /// task-api serves gRPC over TLS with this certificate and key.
+    pub fn serve_tls(&mut self, cert: &std::path::Path, key: &std::path::Path) {
+        self.env.push(("TASKER_API__TLS__CERT_FILE".into(), cert.display().to_string()));
+        self.env.push(("TASKER_API__TLS__KEY_FILE".into(), key.display().to_string()));
+    }
+
     fn spawn(&self, binary: &str, log: &str, extra: &[(String, String)]) -> anyhow::Result<Child> {
         let log = std::fs::File::create(self.logs.join(format!("{log}.log")))?;
         let mut command = Command::new(self.bin_dir.join(binary));

@@ -81,8 +81,20 @@ pub struct Broker {
 impl Broker {
     /// Connects; `name` shows in the broker's connection list.
     pub async fn connect(url: &str, topology: Topology, name: &str) -> Result<Broker> {
+        Broker::connect_trusting(url, None, topology, name).await
+    }
+
+    /// Connects, over TLS for an `amqps://` URL: the server's certificate is verified
+    /// against the system roots plus `ca_pem` (PEM certificates, for a private CA).
+    pub async fn connect_trusting(url: &str, ca_pem: Option<String>, topology: Topology, name: &str) -> Result<Broker> {
         let props = ConnectionProperties::default().with_connection_name(name.to_owned().into());
-        let connection = Connection::connect(url, props).await?;
+        let tls = lapin::tcp::OwnedTLSConfig { identity: None, cert_chain: ca_pem };
+        let connection = lapin::ConnectionBuilder::new()?
+            .with_uri_str(url.to_owned())
+            .with_properties(props)
+            .with_tls_config(tls)
+            .connect()
+            .await?;
         Ok(Broker { connection, topology })
     }
 

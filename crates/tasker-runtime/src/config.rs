@@ -71,6 +71,9 @@ pub struct AmqpConfig {
     pub queue_type: String,
     /// Deliveries of a message before it goes to `{prefix}.dead` (quorum queues).
     pub delivery_limit: u32,
+    /// PEM certificates of a private CA to trust for an `amqps://` URL (besides the system
+    /// roots).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for AmqpConfig {
@@ -80,6 +83,7 @@ impl Default for AmqpConfig {
             prefix: "tasker".into(),
             queue_type: "quorum".into(),
             delivery_limit: 10,
+            ca_file: None,
         }
     }
 }
@@ -115,6 +119,21 @@ pub struct ApiConfig {
     pub templates_dir: Option<PathBuf>,
     /// WatchTask streams one caller (subject) may hold open at once.
     pub max_watches_per_caller: usize,
+    /// TLS for the gRPC listener; off unless `cert_file` is set.
+    pub tls: ServerTls,
+}
+
+/// A TLS listener's certificate and key (PEM), and optionally the CA whose certificates
+/// clients must present (mutual TLS).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerTls {
+    /// The server's certificate chain, leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// When set, every client must present a certificate this CA signed.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -124,6 +143,7 @@ impl Default for ApiConfig {
             admin_listen: ([0, 0, 0, 0], 9090).into(),
             templates_dir: None,
             max_watches_per_caller: 32,
+            tls: ServerTls::default(),
         }
     }
 }
@@ -233,10 +253,14 @@ impl Config {
         }
         figment.merge(
             // TASKER_CONFIG names the file; TASKER_TEST_* configure the test suite and
-            // TASKER_API, TASKER_TOKEN, TASKER_TOKEN_FILE taskerctl, not a service
+            // TASKER_API, TASKER_TOKEN(_FILE), TASKER_CA_CERT, TASKER_CLIENT_CERT and
+            // TASKER_CLIENT_KEY taskerctl, not a service
             Env::prefixed("TASKER_").split("__").filter(|key| {
                 let key = key.as_str().to_ascii_lowercase();
-                !matches!(key.as_str(), "config" | "api" | "token" | "token_file") && !key.starts_with("test_")
+                !matches!(
+                    key.as_str(),
+                    "config" | "api" | "token" | "token_file" | "ca_cert" | "client_cert" | "client_key"
+                ) && !key.starts_with("test_")
             }),
         )
     }

@@ -24,7 +24,8 @@ pub fn topology(config: &AmqpConfig) -> anyhow::Result<Topology> {
 /// Connects to the broker; `service` names the connection.
 pub async fn connect_broker(config: &AmqpConfig, service: &str) -> anyhow::Result<Broker> {
     let name = format!("{service}@{}", std::process::id());
-    Broker::connect(&config.url, topology(config)?, &name).await.context("connecting to the broker")
+    let ca = config.ca_file.as_deref().map(|path| crate::tls::read_pem("amqp.ca_file", path)).transpose()?;
+    Broker::connect_trusting(&config.url, ca, topology(config)?, &name).await.context("connecting to the broker")
 }
 
 /// Readiness check: a database round trip.

@@ -8,11 +8,12 @@ mod connect;
 mod shutdown;
 mod supervise;
 mod telemetry;
+pub mod tls;
 
 pub use admin::{Admin, ReadyCheck, ready_check};
 pub use config::{
     AmqpConfig, ApiConfig, Config, DatabaseConfig, HealthConfig, LogConfig, LogFormat, OrchestratorConfig,
-    PublisherConfig, WorkerConfig,
+    PublisherConfig, ServerTls, WorkerConfig,
 };
 pub use connect::{connect_broker, connect_store, store_check, topology};
 pub use prometheus_client;

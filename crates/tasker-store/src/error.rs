@@ -18,7 +18,7 @@ pub enum Error {
     IllegalTransition(#[from] IllegalTransition),
     #[error("database: {}", describe(.0))]
     Database(#[from] tokio_postgres::Error),
-    #[error("database pool: {0}")]
+    #[error("database pool: {}", with_causes(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("database configuration: {0}")]
     Config(String),
@@ -64,8 +64,23 @@ impl Error {
 fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
+        None => with_causes(e),
     }
+}
+
+/// An error and what caused it ("error performing TLS handshake: invalid peer
+/// certificate: UnknownIssuer"), for errors whose message leaves the cause out.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 impl From<UnknownState> for Error {

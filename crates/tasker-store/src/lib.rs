@@ -16,12 +16,14 @@ mod outbox;
 mod rows;
 mod tasks;
 mod templates;
+mod tls;
 mod tx;
 
-use std::{str::FromStr, time::Duration};
+use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod};
+
+use crate::tls::Target;
 
 pub use audit::{Audit, AuditedTransition};
 pub use counter::statements_executed;
@@ -46,8 +48,8 @@ pub async fn migrate(database_url: &str) -> Result<()> {
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         runtime.block_on(async {
-            use sqlx::Connection;
-            let mut conn = sqlx::PgConnection::connect(&url).await.map_err(Error::migrate)?;
+            use sqlx::{ConnectOptions, Connection};
+            let mut conn = tls::sqlx_options(&url)?.connect().await.map_err(Error::migrate)?;
             MIGRATOR.run(&mut conn).await.map_err(Error::migrate)?;
             conn.close().await.map_err(Error::migrate)
         })
@@ -59,13 +61,15 @@ pub async fn migrate(database_url: &str) -> Result<()> {
 /// Creates the database the URL names if it does not exist, connecting to the server's
 /// `postgres` database to do so.
 pub async fn ensure_database(database_url: &str) -> Result<()> {
-    let config = tokio_postgres::Config::from_str(database_url).map_err(Error::config)?;
-    let name =
-        config.get_dbname().ok_or_else(|| Error::Config("the database URL names no database".into()))?.to_owned();
-    let mut server = config.clone();
-    server.dbname("postgres");
-    let (client, connection) = server.connect(NoTls).await?;
-    let conn = tokio::spawn(connection);
+    use futures::StreamExt;
+    let target = Target::parse(database_url)?;
+    let name = target
+        .config
+        .get_dbname()
+        .ok_or_else(|| Error::Config("the database URL names no database".into()))?
+        .to_owned();
+    let (client, mut messages) = target.with_dbname("postgres").connect().await?;
+    let conn = tokio::spawn(async move { while messages.next().await.is_some() {} });
     let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
     if !exists {
         let quoted = name.replace('"', "\"\"");
@@ -86,8 +90,7 @@ pub struct Store {
 impl Store {
     /// Builds the pool and checks that the database answers.
     pub async fn connect(database_url: &str, pool_size: usize) -> Result<Store> {
-        let pg = tokio_postgres::Config::from_str(database_url).map_err(Error::config)?;
-        let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Target::parse(database_url)?.manager(ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
             .wait_timeout(Some(Duration::from_secs(10)))

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls, types::ToSql};
+use tokio_postgres::{AsyncMessage, types::ToSql};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -112,8 +112,7 @@ impl Store {
 }
 
 async fn listen(url: &str, wake: &Notify, shutdown: &CancellationToken) -> Result<()> {
-    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
-    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let (client, mut messages) = crate::tls::Target::parse(url)?.connect().await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let pump = tokio::spawn(async move {
         while let Some(message) = messages.next().await {

@@ -10,6 +10,7 @@ mod infra;
 mod process;
 mod proxy;
 mod system;
+mod tls;
 
 use std::{sync::Mutex, time::Duration};
 
@@ -21,6 +22,7 @@ pub use infra::{Infra, infra};
 pub use process::{Service, http_get, http_request, wait_status};
 pub use proxy::FaultProxy;
 pub use system::{System, WorkerSpec};
+pub use tls::{CertFiles, StartTls, TestCa, TlsTerminator};
 
 /// One test's private database and broker prefix, and the configuration pointing at them.
 pub struct TestEnv {

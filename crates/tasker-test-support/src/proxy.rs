@@ -43,14 +43,7 @@ impl FaultProxy {
 
     /// A proxy in front of the server a URL (`postgres://…`, `amqp://…`) points at.
     pub async fn for_url(url: &str) -> FaultProxy {
-        let authority = authority(url);
-        let host_port = authority.rsplit('@').next().expect("host");
-        let upstream = tokio::net::lookup_host(host_port)
-            .await
-            .expect("resolve the upstream")
-            .next()
-            .expect("an upstream address");
-        FaultProxy::start(upstream).await
+        FaultProxy::start(upstream_of(url).await).await
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -63,12 +56,7 @@ impl FaultProxy {
 
     /// `url` with its host and port replaced by the proxy's.
     pub fn url(&self, url: &str) -> String {
-        let authority = authority(url);
-        let replaced = match authority.rsplit_once('@') {
-            Some((user, _)) => format!("{user}@{}", self.addr),
-            None => self.addr.to_string(),
-        };
-        url.replacen(authority, &replaced, 1)
+        with_addr(url, self.addr)
     }
 
     /// Closes every open connection (both sides see the socket close).
@@ -110,6 +98,22 @@ impl Drop for FaultProxy {
         self.accept.abort();
         self.cut();
     }
+}
+
+/// The address of the server a URL (`postgres://…`, `amqp://…`) points at.
+pub(crate) async fn upstream_of(url: &str) -> SocketAddr {
+    let host_port = authority(url).rsplit('@').next().expect("host");
+    tokio::net::lookup_host(host_port).await.expect("resolve the upstream").next().expect("an upstream address")
+}
+
+/// `url` with its host and port replaced by `addr`.
+pub(crate) fn with_addr(url: &str, addr: SocketAddr) -> String {
+    let authority = authority(url);
+    let replaced = match authority.rsplit_once('@') {
+        Some((user, _)) => format!("{user}@{addr}"),
+        None => addr.to_string(),
+    };
+    url.replacen(authority, &replaced, 1)
 }
 
 /// The `user@host:port` part of a URL.

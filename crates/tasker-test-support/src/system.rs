@@ -8,7 +8,7 @@ use tasker_proto::v1::{
     self as pb, step_service_client::StepServiceClient, task_service_client::TaskServiceClient,
     template_service_client::TemplateServiceClient,
 };
-use tasker_runtime::Config;
+use tasker_runtime::{Config, tls::ClientTls};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -71,6 +71,18 @@ impl System {
     /// Starts the services with this configuration (e.g. reaching the servers through a
     /// [`crate::FaultProxy`]).
     pub async fn start_with(env: &TestEnv, config: Config, workers: Vec<WorkerSpec>) -> System {
+        System::start_with_client(env, config, workers, &ClientTls::default()).await
+    }
+
+    /// Starts the services and connects to task-api as `client` says: over TLS when the
+    /// configuration gives task-api a certificate.
+    pub async fn start_with_client(
+        env: &TestEnv,
+        config: Config,
+        workers: Vec<WorkerSpec>,
+        client: &ClientTls,
+    ) -> System {
+        let scheme = if config.api.tls.cert_file.is_some() { "https" } else { "http" };
         let api = task_api::TaskApi::bind(config.clone()).await.expect("bind task-api");
         let api_addr = api.grpc_addr();
         let api_admin = api.admin_addr();
@@ -88,7 +100,7 @@ impl System {
         let publisher_admin = publisher.admin_addr();
         let stop = CancellationToken::new();
         services.push(spawn("event-publisher", Box::pin(publisher.run(stop.clone())), stop));
-        let channel = connect(api_addr).await;
+        let channel = connect(&format!("{scheme}://{api_addr}"), client).await;
         // ready means connected to both servers, queues and exchange declared
         for admin in [api_admin, orchestrator_admin, publisher_admin] {
             crate::wait_status(admin, "/health/ready", 200).await;
@@ -201,8 +213,8 @@ impl System {
     }
 }
 
-async fn connect(addr: SocketAddr) -> Channel {
-    let endpoint = Channel::from_shared(format!("http://{addr}")).expect("endpoint");
+async fn connect(url: &str, tls: &ClientTls) -> Channel {
+    let endpoint = tasker_runtime::tls::endpoint(url, tls).expect("endpoint");
     for _ in 0..100 {
         if let Ok(channel) = endpoint.connect().await {
             let mut client = TemplateServiceClient::new(channel.clone());
@@ -214,5 +226,5 @@ async fn connect(addr: SocketAddr) -> Channel {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("task-api at {addr} did not become ready");
+    panic!("task-api at {url} did not become ready");
 }

@@ -22,7 +22,7 @@ use tonic::{
 #[derive(Debug, Parser)]
 #[command(name = "taskerctl", version, about = "Tasker's command-line client")]
 struct Cli {
-    /// task-api address.
+    /// task-api address (`https://…` for TLS).
     #[arg(long, global = true, env = "TASKER_API", default_value = "http://127.0.0.1:50051")]
     api: String,
     /// Configuration file for `migrate` and `events` (database and broker settings; the
@@ -35,6 +35,15 @@ struct Cli {
     /// A file holding the token (instead of `--token`).
     #[arg(long, global = true, env = "TASKER_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// For an `https://` API: the CA certificate (PEM) to trust instead of the system roots.
+    #[arg(long, global = true, env = "TASKER_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// For a task-api that requires client certificates: this client's certificate (PEM).
+    #[arg(long, global = true, env = "TASKER_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--client-cert`.
+    #[arg(long, global = true, env = "TASKER_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -221,7 +230,12 @@ type Api = InterceptedService<Channel, Credentials>;
 
 async fn channel(cli: &Cli) -> anyhow::Result<Api> {
     let api = &cli.api;
-    let channel = Channel::from_shared(api.to_owned())
+    let tls = tasker_runtime::tls::ClientTls {
+        ca_file: cli.ca_cert.clone(),
+        cert_file: cli.client_cert.clone(),
+        key_file: cli.client_key.clone(),
+    };
+    let channel = tasker_runtime::tls::endpoint(api, &tls)
         .context("--api")?
         .connect_timeout(Duration::from_secs(5))
         .connect()

@@ -62,3 +62,39 @@ async fn minted_tokens_open_what_they_name_and_nothing_else() {
     system.stop().await;
     env.cleanup().await;
 }
+
+/// `--ca-cert` makes taskerctl trust a private CA for an `https://` task-api, and the
+/// client certificate flags satisfy one that requires client certificates.
+#[tokio::test]
+async fn talks_tls_to_a_task_api_with_a_private_ca() {
+    let env = TestEnv::new().await;
+    let ca = tasker_test_support::TestCa::new("cli");
+    let server = ca.server("task-api");
+    let client = ca.client("taskerctl");
+    let mut config = env.config.clone();
+    config.api.tls.cert_file = Some(server.cert_file.clone());
+    config.api.tls.key_file = Some(server.key_file.clone());
+    config.api.tls.client_ca_file = Some(ca.ca_file.clone());
+    let tls = tasker_runtime::tls::ClientTls {
+        ca_file: Some(ca.ca_file.clone()),
+        cert_file: Some(client.cert_file.clone()),
+        key_file: Some(client.key_file.clone()),
+    };
+    let system = System::start_with_client(&env, config, vec![], &tls).await;
+    let api = format!("https://{}", system.api_addr);
+    let (ca_file, cert, key) =
+        (ca.ca_file.to_str().unwrap(), client.cert_file.to_str().unwrap(), client.key_file.to_str().unwrap());
+
+    let listed =
+        taskerctl(&["--api", &api, "--ca-cert", ca_file, "--client-cert", cert, "--client-key", key, "namespaces"])
+            .await;
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+
+    let no_client_cert = taskerctl(&["--api", &api, "--ca-cert", ca_file, "namespaces"]).await;
+    assert!(!no_client_cert.status.success(), "the server requires a client certificate");
+    let untrusted = taskerctl(&["--api", &api, "--client-cert", cert, "--client-key", key, "namespaces"]).await;
+    assert!(!untrusted.status.success(), "the system roots do not hold the test CA");
+
+    system.stop().await;
+    env.cleanup().await;
+}

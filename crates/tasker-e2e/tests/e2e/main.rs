@@ -16,3 +16,4 @@ mod skeleton;
 mod submission;
 mod support;
 mod templates;
+mod tls;

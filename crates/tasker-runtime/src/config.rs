@@ -74,6 +74,9 @@ pub struct AmqpConfig {
     /// PEM certificates of a private CA to trust for an `amqps://` URL (besides the system
     /// roots).
     pub ca_file: Option<PathBuf>,
+    /// A file holding the URL (it carries the password), read at start instead of `url`:
+    /// a mounted Secret, or the file `scripts/broker-users.sh --out` writes per role.
+    pub url_file: Option<PathBuf>,
 }
 
 impl Default for AmqpConfig {
@@ -84,6 +87,7 @@ impl Default for AmqpConfig {
             queue_type: "quorum".into(),
             delivery_limit: 10,
             ca_file: None,
+            url_file: None,
         }
     }
 }
@@ -241,9 +245,16 @@ impl Default for PublisherConfig {
 }
 
 impl Config {
-    /// Defaults → `file` → `TASKER_*` environment.
+    /// Defaults → `file` → `TASKER_*` environment; then `amqp.url_file`, when set, is read
+    /// into `amqp.url`.
     pub fn load(file: Option<&Path>) -> Result<Config, Box<figment::Error>> {
-        Self::figment(file).extract().map_err(Box::new)
+        let mut config: Config = Self::figment(file).extract().map_err(Box::new)?;
+        if let Some(path) = &config.amqp.url_file {
+            let url = std::fs::read_to_string(path)
+                .map_err(|e| Box::new(figment::Error::from(format!("amqp.url_file {}: {e}", path.display()))))?;
+            config.amqp.url = url.trim().to_owned();
+        }
+        Ok(config)
     }
 
     pub fn figment(file: Option<&Path>) -> Figment {
@@ -307,6 +318,19 @@ mod tests {
             jail.set_env("TASKER_DATABSE__URL", "x");
             let error = Config::load(None).unwrap_err().to_string().to_lowercase();
             assert!(error.contains("databse"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_broker_url_can_come_from_a_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("broker.url", "amqps://worker:s3cret@broker:5671/%2f\n")?;
+            jail.set_env("TASKER_AMQP__URL_FILE", "broker.url");
+            assert_eq!(Config::load(None).unwrap().amqp.url, "amqps://worker:s3cret@broker:5671/%2f");
+            jail.set_env("TASKER_AMQP__URL_FILE", "missing.url");
+            let error = Config::load(None).unwrap_err().to_string();
+            assert!(error.contains("amqp.url_file missing.url"), "{error}");
             Ok(())
         });
     }

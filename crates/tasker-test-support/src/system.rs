@@ -82,8 +82,25 @@ impl System {
         workers: Vec<WorkerSpec>,
         client: &ClientTls,
     ) -> System {
-        let scheme = if config.api.tls.cert_file.is_some() { "https" } else { "http" };
-        let api = task_api::TaskApi::bind(config.clone()).await.expect("bind task-api");
+        System::start_services(env, &|_| config.clone(), workers, client).await
+    }
+
+    /// Starts each service with its own configuration: `config_for` is asked for
+    /// `task-api`, `orchestrator`, `event-publisher` and `step-worker` (e.g. each with its
+    /// own broker user).
+    pub async fn start_each(env: &TestEnv, config_for: impl Fn(&str) -> Config, workers: Vec<WorkerSpec>) -> System {
+        System::start_services(env, &config_for, workers, &ClientTls::default()).await
+    }
+
+    async fn start_services(
+        env: &TestEnv,
+        config_for: &dyn Fn(&str) -> Config,
+        workers: Vec<WorkerSpec>,
+        client: &ClientTls,
+    ) -> System {
+        let api_config = config_for("task-api");
+        let scheme = if api_config.api.tls.cert_file.is_some() { "https" } else { "http" };
+        let api = task_api::TaskApi::bind(api_config).await.expect("bind task-api");
         let api_addr = api.grpc_addr();
         let api_admin = api.admin_addr();
         let mut services = Vec::new();
@@ -92,11 +109,11 @@ impl System {
         };
         let stop = CancellationToken::new();
         services.push(spawn("task-api", Box::pin(api.run(stop.clone())), stop));
-        let orchestrator = orchestrator::Orchestrator::bind(config.clone()).await.expect("bind orchestrator");
+        let orchestrator = orchestrator::Orchestrator::bind(config_for("orchestrator")).await.expect("bind orchestrator");
         let orchestrator_admin = orchestrator.admin_addr();
         let stop = CancellationToken::new();
         services.push(spawn("orchestrator", Box::pin(orchestrator.run(stop.clone())), stop));
-        let publisher = event_publisher::EventPublisher::bind(config.clone()).await.expect("bind event-publisher");
+        let publisher = event_publisher::EventPublisher::bind(config_for("event-publisher")).await.expect("bind event-publisher");
         let publisher_admin = publisher.admin_addr();
         let stop = CancellationToken::new();
         services.push(spawn("event-publisher", Box::pin(publisher.run(stop.clone())), stop));
@@ -105,6 +122,7 @@ impl System {
         for admin in [api_admin, orchestrator_admin, publisher_admin] {
             crate::wait_status(admin, "/health/ready", 200).await;
         }
+        let config = config_for("step-worker");
         let mut system = System { api_addr, api_admin, orchestrator_admin, publisher_admin, config, channel, services };
         for spec in workers {
             system.add_worker(env, spec).await;

@@ -50,7 +50,6 @@ async fn may_consume(url: &str, queue: &str) -> bool {
 async fn each_role_reaches_only_its_own_queues() {
     let env = TestEnv::new().await;
     let prefix = env.config.amqp.prefix.clone();
-    let system = System::start(&env, vec![]).await;
     let admin = env.broker().await;
     for namespace in ["alpha", "beta"] {
         env.uses_namespace(namespace);
@@ -61,19 +60,20 @@ async fn each_role_reaches_only_its_own_queues() {
             panic!("broker-users.sh failed where rabbitmqctl works");
         }
         eprintln!("rabbitmqctl is not usable here: the broker permissions are not checked");
-        system.stop().await;
+        admin.close().await.unwrap();
         env.cleanup().await;
         return;
     };
-    let worker_url = &users[&format!("{prefix}-worker-w1")];
-    let publisher_url = &users[&format!("{prefix}-event-publisher")];
+    let url_of = |role: &str| users[&format!("{prefix}-{role}")].clone();
+    let (worker_url, publisher_url) = (url_of("worker-w1"), url_of("event-publisher"));
     let topology = admin.topology().clone();
 
-    assert!(may_consume(worker_url, &topology.steps_queue("alpha")).await, "its own namespace");
-    assert!(!may_consume(worker_url, &topology.steps_queue("beta")).await, "another namespace");
-    assert!(!may_consume(worker_url, &topology.tasks_queue()).await, "the orchestrator's input");
-    assert!(!may_consume(publisher_url, &topology.tasks_queue()).await, "the event-publisher reads nothing");
-    let connection = Connection::connect(worker_url, ConnectionProperties::default()).await.unwrap();
+    assert!(may_consume(&worker_url, &topology.steps_queue("alpha")).await, "its own namespace");
+    assert!(!may_consume(&worker_url, &topology.steps_queue("beta")).await, "another namespace");
+    assert!(!may_consume(&worker_url, &topology.tasks_queue()).await, "the orchestrator's input");
+    assert!(!may_consume(&publisher_url, &topology.tasks_queue()).await, "the event-publisher reads nothing");
+    assert!(!may_consume(&url_of("subscriber"), &topology.tasks_queue()).await, "a subscriber reads only events");
+    let connection = Connection::connect(&worker_url, ConnectionProperties::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     let declared = channel
         .queue_declare(
@@ -85,7 +85,25 @@ async fn each_role_reaches_only_its_own_queues() {
     assert!(declared.is_err_and(|e| e.to_string().contains("ACCESS_REFUSED")), "no queue of another namespace");
     let _ = connection.close(200, "checked".into()).await;
 
-    // the real worker runs with exactly these rights
+    // every service runs with exactly its role's rights (as docker-compose runs them), a
+    // task goes through, and the subscriber's user sees its events
+    let system = System::start_each(
+        &env,
+        |service| {
+            let mut config = env.config.clone();
+            config.amqp.url = match service {
+                "step-worker" => worker_url.clone(),
+                role => url_of(role),
+            };
+            config
+        },
+        vec![],
+    )
+    .await;
+    let subscriber = tasker_messaging::Broker::connect(&url_of("subscriber"), topology.clone(), "subscriber")
+        .await
+        .expect("the subscriber's user connects");
+    let mut events = subscriber.subscribe_events(&["alpha.#"]).await.expect("the subscriber binds its own queue");
     let mut config = env.config.clone();
     config.amqp.url = worker_url.clone();
     config.worker.namespaces = vec!["alpha".into()];
@@ -98,11 +116,18 @@ async fn each_role_reaches_only_its_own_queues() {
         .await;
     let done = system.wait_final(&system.submit("alpha", "one", json!({})).await.id).await;
     assert_eq!(done.status(), pb::TaskStatus::Complete);
+    let completed = crate::support::collect_until(&mut events, |got| {
+        got.iter().any(|e| e.kind() == "dev.tasker.task.completed")
+    })
+    .await;
+    assert!(completed.iter().all(|e| e.task_id() == done.id));
     stop.cancel();
     running.await.unwrap().unwrap();
+    drop(events);
+    subscriber.close().await.unwrap();
+    system.stop().await;
 
     script(&prefix, &["--worker", "w1=alpha", "--delete"]).expect("users deleted");
     admin.close().await.unwrap();
-    system.stop().await;
     env.cleanup().await;
 }

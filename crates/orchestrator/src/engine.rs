@@ -130,7 +130,7 @@ impl Batch<'_> {
     fn apply(&mut self, task_id: Uuid, work: &Work) -> tasker_store::Result<()> {
         let Some(task) = self.tasks.get(&task_id) else {
             tracing::warn!(%task_id, "work for an unknown task dropped");
-            self.engine.metrics.dropped(1);
+            self.engine.metrics.dropped("unknown task");
             return Ok(());
         };
         let in_progress = task.status == TaskState::InProgress;
@@ -163,10 +163,31 @@ impl Batch<'_> {
         &mut self,
         step: &mut StepRow,
         to: StepState,
-        metadata: Value,
+        mut metadata: Value,
         change: StepChange,
     ) -> tasker_store::Result<()> {
-        let subject = self.tasks[&step.task_id].subject();
+        // how long the attempt waited in its queue, and ran: recorded with the transition
+        // (what analytics reads) and observed in the histograms
+        let now = Utc::now();
+        let task = &self.tasks[&step.task_id];
+        if to == StepState::InProgress {
+            let started = change.started_at.unwrap_or(now);
+            if let Some(wait) = step.enqueued_at.map(|enqueued| millis_between(enqueued, started)) {
+                metadata["wait_ms"] = json!(wait);
+                self.engine.metrics.queue_wait(&task.namespace, &task.name, wait);
+            }
+        } else if step.status == StepState::InProgress
+            && let Some(run) = step.started_at.map(|started| millis_between(started, now))
+        {
+            metadata["run_ms"] = json!(run);
+            let outcome = match to {
+                StepState::Complete => "complete",
+                StepState::WaitingForRetry => "retry",
+                _ => "error",
+            };
+            self.engine.metrics.run_time(&task.namespace, &task.name, outcome, run);
+        }
+        let subject = task.subject();
         self.tx.transition_step(&subject, step, to, metadata, change)?;
         if to == StepState::Enqueued {
             self.enqueued.push(step.id);
@@ -215,9 +236,9 @@ impl Batch<'_> {
         }
     }
 
-    fn drop_stale(&self, task_id: Uuid, step: Uuid, attempt: u32, why: &str) {
+    fn drop_stale(&self, task_id: Uuid, step: Uuid, attempt: u32, why: &'static str) {
         tracing::debug!(%task_id, step_id = %step, attempt, why, "stale step report dropped");
-        self.engine.metrics.dropped(1);
+        self.engine.metrics.dropped(why);
     }
 
     fn report(&mut self, task_id: Uuid, report: &StepReport) -> tasker_store::Result<()> {
@@ -398,13 +419,15 @@ impl Batch<'_> {
         self.check_progress(&open).await?;
         for task_id in open {
             let task = self.tasks.get_mut(&task_id).expect("locked task");
-            match self.progress.get(&task_id).copied().unwrap_or_default() {
-                p if p.is_complete() => self.tx.transition_task(task, TaskState::Complete, json!({}))?,
-                p if p.is_stuck() => {
-                    self.tx.transition_task(task, TaskState::Error, json!({ "unfinished_steps": p.unfinished }))?
-                }
-                _ => {}
-            }
+            let (to, metadata) = match self.progress.get(&task_id).copied().unwrap_or_default() {
+                p if p.is_complete() => (TaskState::Complete, json!({})),
+                p if p.is_stuck() => (TaskState::Error, json!({ "unfinished_steps": p.unfinished })),
+                _ => continue,
+            };
+            self.tx.transition_task(task, to, metadata)?;
+            let seconds = (Utc::now() - task.created_at).num_milliseconds().max(0) as f64 / 1000.0;
+            let outcome = if to == TaskState::Complete { "complete" } else { "error" };
+            self.engine.metrics.task_finished(&task.namespace, &task.name, outcome, seconds);
         }
 
         let mut to_dispatch: Vec<StepRow> = self
@@ -437,6 +460,11 @@ fn recordable(text: &str, max: usize) -> String {
 
 /// The start a worker reported (by its clock), kept between the step's enqueue and now,
 /// so clock skew can never order a start before its enqueue or after its report.
+/// Whole milliseconds from `from` to `to`, never negative (clocks of two machines).
+fn millis_between(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
+    (to - from).num_milliseconds().max(0) as u64
+}
+
 fn reported_start(unix_ms: i64, step: &StepRow) -> Option<DateTime<Utc>> {
     let at = DateTime::from_timestamp_millis(unix_ms).filter(|_| unix_ms > 0)?;
     let now = Utc::now();

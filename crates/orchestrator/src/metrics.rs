@@ -8,19 +8,38 @@ use prometheus_client::{
     registry::Registry,
 };
 
-/// The orchestrator's counters, exposed on `/metrics`.
+type Labels = Vec<(&'static str, String)>;
+type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// Seconds, 1 ms to about 9 hours in ×2 steps.
+fn seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 25))
+}
+
+fn task_labels(namespace: &str, task: &str) -> Labels {
+    vec![("namespace", namespace.to_owned()), ("task", task.to_owned())]
+}
+
+/// The orchestrator's counters, exposed on `/metrics`. Labels are bounded: namespaces and
+/// task names come from registered templates, outcomes and reasons from fixed sets.
 #[derive(Clone)]
 pub struct Metrics {
     hop: Histogram,
+    tasks_finished: Family<Labels, Counter>,
+    task_duration: Histograms,
+    step_attempts: Family<Labels, Counter>,
+    step_run: Histograms,
+    queue_wait: Histograms,
+    dropped_by: Family<Labels, Counter>,
     dispatched: Counter,
     completed: Counter,
     failed: Counter,
     retried: Counter,
     dropped: Counter,
     batches: Counter,
-    queue_mismatch: Family<Vec<(String, String)>, Gauge>,
+    queue_mismatch: Family<Labels, Gauge>,
     paused: Gauge,
-    dead_lettered: Family<Vec<(String, String)>, Counter>,
+    dead_lettered: Family<Labels, Counter>,
     dead_letter_depth: Gauge,
 }
 
@@ -28,6 +47,12 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Metrics {
         let m = Metrics {
             hop: Histogram::new(exponential_buckets(0.0002, 1.25, 48)),
+            tasks_finished: Family::default(),
+            task_duration: Family::new_with_constructor(seconds),
+            step_attempts: Family::default(),
+            step_run: Family::new_with_constructor(seconds),
+            queue_wait: Family::new_with_constructor(seconds),
+            dropped_by: Family::default(),
             dispatched: Counter::default(),
             completed: Counter::default(),
             failed: Counter::default(),
@@ -46,6 +71,36 @@ impl Metrics {
         r.register("steps_retried", "Failed attempts scheduled for a retry", m.retried.clone());
         r.register("reports_dropped", "Duplicate, stale or late reports dropped", m.dropped.clone());
         r.register("batches", "Transactions applied", m.batches.clone());
+        r.register(
+            "tasks_finished",
+            "Tasks that reached complete or error, by namespace, task and outcome",
+            m.tasks_finished.clone(),
+        );
+        r.register(
+            "task_duration_seconds",
+            "From a task's creation to complete or error, by namespace, task and outcome",
+            m.task_duration.clone(),
+        );
+        r.register(
+            "step_attempts",
+            "Step attempts settled, by namespace, task and outcome (complete, retry, error)",
+            m.step_attempts.clone(),
+        );
+        r.register(
+            "step_run_seconds",
+            "From an attempt's start (as its worker reported it) to its outcome, by namespace, task and outcome",
+            m.step_run.clone(),
+        );
+        r.register(
+            "step_queue_wait_seconds",
+            "From a step enqueued to its attempt started by a worker, by namespace and task",
+            m.queue_wait.clone(),
+        );
+        r.register(
+            "reports_dropped_by_reason",
+            "Step reports dropped, by reason (duplicate, stale, late, unknown step or task)",
+            m.dropped_by.clone(),
+        );
         r.register(
             "consumers_paused",
             "Batches held unacked while the database or broker is unavailable, being retried in place",
@@ -86,20 +141,37 @@ impl Metrics {
     pub fn retried(&self) {
         self.retried.inc();
     }
-    pub fn dropped(&self, n: usize) {
-        self.dropped.inc_by(n as u64);
+    pub fn dropped(&self, reason: &'static str) {
+        self.dropped.inc();
+        self.dropped_by.get_or_create(&vec![("reason", reason.to_owned())]).inc();
+    }
+    pub fn task_finished(&self, namespace: &str, task: &str, outcome: &'static str, seconds: f64) {
+        let mut labels = task_labels(namespace, task);
+        labels.push(("outcome", outcome.to_owned()));
+        self.tasks_finished.get_or_create(&labels).inc();
+        self.task_duration.get_or_create(&labels).observe(seconds);
+    }
+    /// An attempt settled after running `ms` (`outcome`: complete, retry or error).
+    pub fn run_time(&self, namespace: &str, task: &str, outcome: &'static str, ms: u64) {
+        let mut labels = task_labels(namespace, task);
+        labels.push(("outcome", outcome.to_owned()));
+        self.step_attempts.get_or_create(&labels).inc();
+        self.step_run.get_or_create(&labels).observe(ms as f64 / 1000.0);
+    }
+    pub fn queue_wait(&self, namespace: &str, task: &str, ms: u64) {
+        self.queue_wait.get_or_create(&task_labels(namespace, task)).observe(ms as f64 / 1000.0);
     }
     pub fn hop(&self, seconds: f64) {
         self.hop.observe(seconds);
     }
     pub fn queue_mismatch(&self, queue: &str) {
-        self.queue_mismatch.get_or_create(&vec![("queue".to_owned(), queue.to_owned())]).set(1);
+        self.queue_mismatch.get_or_create(&vec![("queue", queue.to_owned())]).set(1);
     }
     pub fn paused(&self, by: i64) {
         self.paused.inc_by(by);
     }
     pub fn dead_lettered(&self, reason: &str) {
-        self.dead_lettered.get_or_create(&vec![("reason".to_owned(), reason.to_owned())]).inc();
+        self.dead_lettered.get_or_create(&vec![("reason", reason.to_owned())]).inc();
     }
     pub fn dead_letter_depth(&self, depth: u32) {
         self.dead_letter_depth.set(i64::from(depth));

@@ -4,6 +4,7 @@
 //! HTTP admin endpoint. It never advances a task itself beyond operator actions: after
 //! writing, it asks the orchestrator to look at the task.
 
+mod analytics;
 mod auth;
 mod convert;
 mod error;
@@ -18,8 +19,8 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use prometheus_client::registry::Registry;
 use tasker_proto::v1::{
-    step_service_server::StepServiceServer, task_service_server::TaskServiceServer,
-    template_service_server::TemplateServiceServer,
+    analytics_service_server::AnalyticsServiceServer, step_service_server::StepServiceServer,
+    task_service_server::TaskServiceServer, template_service_server::TemplateServiceServer,
 };
 use tasker_runtime::{Admin, Config};
 use tokio::net::TcpListener;
@@ -108,9 +109,11 @@ impl TaskApi {
             watches: Watches::new(config.api.max_watches_per_caller),
         };
         let steps = Steps { tasks: tasks.clone() };
+        let analytics = analytics::Analytics { store: store.clone() };
         health.set_serving::<TaskServiceServer<Tasks>>().await;
         health.set_serving::<TemplateServiceServer<Templates>>().await;
         health.set_serving::<StepServiceServer<Steps>>().await;
+        health.set_serving::<AnalyticsServiceServer<analytics::Analytics>>().await;
         health.set_service_status("", tonic_health::ServingStatus::Serving).await;
 
         let checks = vec![tasker_runtime::store_check(&store), slot.check()];
@@ -155,8 +158,9 @@ impl TaskApi {
             ))
             .add_service(InterceptedService::new(
                 StepServiceServer::new(steps).max_decoding_message_size(decode_limit),
-                gate,
+                gate.clone(),
             ))
+            .add_service(InterceptedService::new(AnalyticsServiceServer::new(analytics), gate))
             .serve_with_incoming_shutdown(incoming(grpc), stop.clone().cancelled_owned())
             .await
             .context("gRPC server");

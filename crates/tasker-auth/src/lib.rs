@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Every permission an RPC may require.
-pub const PERMISSIONS: [&str; 10] = [
+pub const PERMISSIONS: [&str; 11] = [
     "templates:register",
     "templates:read",
     "tasks:create",
@@ -25,6 +25,7 @@ pub const PERMISSIONS: [&str; 10] = [
     "steps:read",
     "steps:retry",
     "steps:resolve",
+    "analytics:read",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -7,6 +7,7 @@
 //! sent with its next read or its commit (one pipeline, one round trip), so a change, its
 //! audit row and its event always commit together.
 
+mod analytics;
 mod audit;
 mod counter;
 mod error;
@@ -25,6 +26,9 @@ use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod};
 
 use crate::tls::Target;
 
+pub use analytics::{
+    BottleneckRows, ErrorFigures, HealthRows, OldestTask, Percentiles, PerformanceRow, Scope, StepFigures, TaskFigures,
+};
 pub use audit::{Audit, AuditedTransition};
 pub use counter::statements_executed;
 pub use error::{Error, Result};

@@ -21,6 +21,7 @@ pub struct TaskHead {
     pub version: String,
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
     pub(crate) last_sort_key: i32,
 }
 
@@ -150,7 +151,7 @@ type Param1<'a> = [&'a (dyn ToSql + Sync); 1];
 /// Locks the tasks. Only columns of `tasks` itself: a row lock that waited re-reads the
 /// locked row at its latest version, but anything else in the statement (a subquery on
 /// the transitions, say) keeps the snapshot from before the wait.
-const LOCK_TASKS: &str = "SELECT t.id, t.status, t.namespace, t.name, t.version, t.started_at, t.completed_at \
+const LOCK_TASKS: &str = "SELECT t.id, t.status, t.namespace, t.name, t.version, t.started_at, t.completed_at, t.created_at \
      FROM tasks t WHERE t.id = ANY($1) ORDER BY t.id FOR UPDATE OF t";
 
 /// The tasks' last transition sort keys: a statement of its own after the lock, so it sees
@@ -166,6 +167,7 @@ fn task_head(row: &Row) -> Result<TaskHead> {
         version: row.get(4),
         started_at: row.get(5),
         completed_at: row.get(6),
+        created_at: row.get(7),
         last_sort_key: 0,
     })
 }

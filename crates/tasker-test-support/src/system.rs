@@ -109,11 +109,13 @@ impl System {
         };
         let stop = CancellationToken::new();
         services.push(spawn("task-api", Box::pin(api.run(stop.clone())), stop));
-        let orchestrator = orchestrator::Orchestrator::bind(config_for("orchestrator")).await.expect("bind orchestrator");
+        let orchestrator =
+            orchestrator::Orchestrator::bind(config_for("orchestrator")).await.expect("bind orchestrator");
         let orchestrator_admin = orchestrator.admin_addr();
         let stop = CancellationToken::new();
         services.push(spawn("orchestrator", Box::pin(orchestrator.run(stop.clone())), stop));
-        let publisher = event_publisher::EventPublisher::bind(config_for("event-publisher")).await.expect("bind event-publisher");
+        let publisher =
+            event_publisher::EventPublisher::bind(config_for("event-publisher")).await.expect("bind event-publisher");
         let publisher_admin = publisher.admin_addr();
         let stop = CancellationToken::new();
         services.push(spawn("event-publisher", Box::pin(publisher.run(stop.clone())), stop));
@@ -143,6 +145,11 @@ impl System {
         let stop = CancellationToken::new();
         let handle = tokio::spawn(worker.run(stop.clone()));
         self.services.push(Running { name: format!("worker {}", spec.id), stop, handle });
+    }
+
+    /// The channel to task-api, for clients of other services.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     pub fn tasks(&self) -> TaskServiceClient<Channel> {

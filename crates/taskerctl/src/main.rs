@@ -8,8 +8,8 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use tasker_proto::v1::{
-    self as pb, step_service_client::StepServiceClient, task_service_client::TaskServiceClient,
-    template_service_client::TemplateServiceClient,
+    self as pb, analytics_service_client::AnalyticsServiceClient, step_service_client::StepServiceClient,
+    task_service_client::TaskServiceClient, template_service_client::TemplateServiceClient,
 };
 use tasker_runtime::Config;
 use tonic::{
@@ -68,6 +68,18 @@ enum Command {
     /// Development tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Performance, bottlenecks and system health (AnalyticsService).
+    Stats {
+        /// How far back to look, e.g. `15m`, `1h`, `7d` (at most 30 days).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        window: Duration,
+        /// Only this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Entries per bottleneck list.
+        #[arg(long, default_value_t = 10)]
+        limit: u32,
+    },
     /// Bind a queue to the events exchange and print events as they arrive.
     Events {
         /// Topic patterns (`#`, `payments.#`, `*.*.step.failed`).
@@ -306,6 +318,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Task(cmd) => task(&cli, cmd).await?,
+        Command::Stats { window, namespace, limit } => {
+            let mut client = AnalyticsServiceClient::new(channel(&cli).await?);
+            let window_seconds = u32::try_from(window.as_secs()).context("--window is too long")?;
+            let namespace = namespace.clone().unwrap_or_default();
+            let performance = client
+                .get_performance(pb::PerformanceRequest { window_seconds, namespace: namespace.clone() })
+                .await?
+                .into_inner();
+            let bottlenecks = client
+                .get_bottlenecks(pb::BottlenecksRequest { window_seconds, namespace: namespace.clone(), limit: *limit })
+                .await?
+                .into_inner();
+            let health = client.get_system_health(pb::SystemHealthRequest { namespace }).await?.into_inner();
+            print::stats(&performance, &bottlenecks, &health);
+        }
         Command::Step(cmd) => {
             let mut client = StepServiceClient::new(channel(&cli).await?);
             let step = match cmd {

@@ -113,3 +113,85 @@ pub fn event_line(routing_key: &str, payload: &str) {
     let now = chrono::Utc::now().format("%H:%M:%S%.3f");
     println!("{now}  {routing_key:<52}{step}{attempt}  {from} → {to}{error}");
 }
+
+fn ms(p: &Option<pb::Percentiles>) -> String {
+    match p {
+        Some(p) if p.count > 0 => format!("p50 {:.0} / p95 {:.0} / p99 {:.0} ms (n={})", p.p50, p.p95, p.p99, p.count),
+        _ => "-".into(),
+    }
+}
+
+pub fn stats(performance: &pb::Performance, bottlenecks: &pb::Bottlenecks, health: &pb::SystemHealth) {
+    println!("window {} → {}", time(&performance.window_start), time(&performance.window_end));
+    let figures = performance.overall.iter().chain(&performance.by_task);
+    println!("\nPERFORMANCE");
+    for f in figures {
+        let who =
+            if f.namespace.is_empty() { "all tasks".to_owned() } else { format!("{}/{}", f.namespace, f.task_name) };
+        println!(
+            "  {who:<36} created {:<6} complete {:<6} error {:<5} cancelled {:<5} {:.2}/min  completion {:.1}%  error {:.1}%",
+            f.tasks_created,
+            f.tasks_completed,
+            f.tasks_failed,
+            f.tasks_cancelled,
+            f.tasks_finished_per_minute,
+            100.0 * f.completion_rate,
+            100.0 * f.error_rate
+        );
+        println!("  {:<36} tasks {}", "", ms(&f.task_duration_ms));
+        println!(
+            "  {:<36} step attempts {} ({} failed) {}",
+            "",
+            f.step_attempts,
+            f.step_attempts_failed,
+            ms(&f.step_duration_ms)
+        );
+    }
+    println!("\nSLOWEST STEPS");
+    for s in &bottlenecks.slowest_steps {
+        println!("  {}/{}/{:<24} {}", s.namespace, s.task_name, s.step_name, ms(&s.duration_ms));
+    }
+    println!("\nSLOWEST TASKS");
+    for t in &bottlenecks.slowest_tasks {
+        println!("  {}/{:<30} {}", t.namespace, t.task_name, ms(&t.duration_ms));
+    }
+    println!("\nMOST RETRIED STEPS");
+    for s in &bottlenecks.most_retried_steps {
+        println!(
+            "  {}/{}/{:<24} {} retries, {} failed for good",
+            s.namespace, s.task_name, s.step_name, s.retries, s.failures
+        );
+    }
+    println!("\nTOP ERRORS");
+    for e in &bottlenecks.top_errors {
+        println!(
+            "  {:>5}×  {}  (last {} in {}/{}/{})",
+            e.count,
+            e.message,
+            time(&e.last_seen),
+            e.namespace,
+            e.task_name,
+            e.step_name
+        );
+    }
+    println!("\nNOW");
+    let states = |m: &std::collections::HashMap<String, u64>| {
+        let mut v: Vec<_> = m.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        v.sort();
+        v.join(", ")
+    };
+    println!("  tasks: {}", states(&health.tasks_by_state));
+    println!("  steps: {}", states(&health.steps_by_state));
+    println!("  retry backlog: {} ({} due)", health.retry_backlog, health.retries_due);
+    match &health.oldest_unfinished_task {
+        Some(t) => println!(
+            "  oldest unfinished: {} {}/{} {} for {:.1}s",
+            t.task_id,
+            t.namespace,
+            t.task_name,
+            task_status(t.status),
+            t.age_seconds
+        ),
+        None => println!("  oldest unfinished: none"),
+    }
+}

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tasker_auth::{ApiKey, Mint, Mode, sha256_hex};
 use tasker_proto::v1::{
-    self as pb, step_service_client::StepServiceClient, task_service_client::TaskServiceClient,
-    template_service_client::TemplateServiceClient,
+    self as pb, analytics_service_client::AnalyticsServiceClient, step_service_client::StepServiceClient,
+    task_service_client::TaskServiceClient, template_service_client::TemplateServiceClient,
 };
 use tasker_test_support::{System, TestEnv, WorkerSpec};
 use tonic::{Code, Request, Status, transport::Channel};
@@ -79,9 +79,31 @@ enum Rpc {
     GetStep,
     RetryStep,
     ResolveStep,
+    GetPerformance,
+    GetBottlenecks,
+    GetSystemHealth,
 }
 
-const RPCS: [Rpc; 12] = [
+impl Rpc {
+    /// The permission the RPC needs.
+    fn permission(self) -> &'static str {
+        match self {
+            Rpc::RegisterTemplate => "templates:register",
+            Rpc::GetTemplate | Rpc::ListTemplates | Rpc::ListNamespaces => "templates:read",
+            Rpc::CreateTask => "tasks:create",
+            Rpc::GetTask => "tasks:read",
+            Rpc::ListTasks => "tasks:list",
+            Rpc::CancelTask => "tasks:cancel",
+            Rpc::WatchTask => "tasks:watch",
+            Rpc::GetStep => "steps:read",
+            Rpc::RetryStep => "steps:retry",
+            Rpc::ResolveStep => "steps:resolve",
+            Rpc::GetPerformance | Rpc::GetBottlenecks | Rpc::GetSystemHealth => "analytics:read",
+        }
+    }
+}
+
+const RPCS: [Rpc; 15] = [
     Rpc::RegisterTemplate,
     Rpc::GetTemplate,
     Rpc::ListTemplates,
@@ -94,6 +116,9 @@ const RPCS: [Rpc; 12] = [
     Rpc::GetStep,
     Rpc::RetryStep,
     Rpc::ResolveStep,
+    Rpc::GetPerformance,
+    Rpc::GetBottlenecks,
+    Rpc::GetSystemHealth,
 ];
 
 /// The failed tasks the calls act on (all in namespace `authz`).
@@ -107,7 +132,9 @@ async fn call(channel: &Channel, rpc: Rpc, creds: &Creds, t: &Targets) -> Result
     let mut templates = TemplateServiceClient::new(channel.clone());
     let mut tasks = TaskServiceClient::new(channel.clone());
     let mut steps = StepServiceClient::new(channel.clone());
+    let mut analytics = AnalyticsServiceClient::new(channel.clone());
     let task_id = || t.task.clone();
+    let namespace = || "authz".to_owned();
     match rpc {
         Rpc::RegisterTemplate => {
             templates.register_template(request(pb::RegisterTemplateRequest { yaml: TEMPLATE.into() }, creds)).await?;
@@ -158,6 +185,17 @@ async fn call(channel: &Channel, rpc: Rpc, creds: &Creds, t: &Targets) -> Result
                 reason: "by hand".into(),
             };
             steps.resolve_step(request(r, creds)).await?;
+        }
+        Rpc::GetPerformance => {
+            let r = pb::PerformanceRequest { window_seconds: 600, namespace: namespace() };
+            analytics.get_performance(request(r, creds)).await?;
+        }
+        Rpc::GetBottlenecks => {
+            let r = pb::BottlenecksRequest { window_seconds: 600, namespace: namespace(), limit: 5 };
+            analytics.get_bottlenecks(request(r, creds)).await?;
+        }
+        Rpc::GetSystemHealth => {
+            analytics.get_system_health(request(pb::SystemHealthRequest { namespace: namespace() }, creds)).await?;
         }
     }
     Ok(())
@@ -246,11 +284,8 @@ async fn every_rpc_checks_credentials_permissions_and_namespaces() {
             Creds::Bearer(token(SECRET, "alice", &["*"], &["*"], now, "elsewhere")),
             Code::Unauthenticated,
         ),
-        (
-            "lacking the permission",
-            Creds::Bearer(token(SECRET, "alice", &["analytics:read"], &["*"], now, "tasker")),
-            Code::PermissionDenied,
-        ),
+        // every permission but the one the RPC needs (filled in per RPC below)
+        ("lacking the permission", Creds::Nothing, Code::PermissionDenied),
         (
             "other namespace",
             Creds::Bearer(token(SECRET, "alice", &["*"], &["other"], now, "tasker")),
@@ -260,6 +295,15 @@ async fn every_rpc_checks_credentials_permissions_and_namespaces() {
     let before = snapshot(&env).await;
     for (what, creds, code) in &denied {
         for rpc in RPCS {
+            let lacking;
+            let creds = if *what == "lacking the permission" {
+                let others: Vec<&str> =
+                    tasker_auth::PERMISSIONS.iter().copied().filter(|p| *p != rpc.permission()).collect();
+                lacking = Creds::Bearer(token(SECRET, "alice", &others, &["*"], now, "tasker"));
+                &lacking
+            } else {
+                creds
+            };
             let result = call(&channel, rpc, creds, &targets).await;
             // listing namespaces is not refused for a narrower scope: it shows only the caller's
             if rpc == Rpc::ListNamespaces && what == &"other namespace" {
@@ -286,8 +330,14 @@ async fn every_rpc_checks_credentials_permissions_and_namespaces() {
     assert_eq!(call(&channel, Rpc::CreateTask, &bot, &targets).await.unwrap_err().code(), Code::PermissionDenied);
 
     // valid: each RPC goes through
-    let alice =
-        Creds::Bearer(token(SECRET, "alice", &["templates:*", "tasks:*", "steps:*"], &["authz"], now, "tasker"));
+    let alice = Creds::Bearer(token(
+        SECRET,
+        "alice",
+        &["templates:*", "tasks:*", "steps:*", "analytics:read"],
+        &["authz"],
+        now,
+        "tasker",
+    ));
     for rpc in RPCS {
         call(&channel, rpc, &alice, &targets).await.unwrap_or_else(|e| panic!("{rpc:?} with a valid token: {e:?}"));
     }

@@ -116,10 +116,9 @@ async fn each_role_reaches_only_its_own_queues() {
         .await;
     let done = system.wait_final(&system.submit("alpha", "one", json!({})).await.id).await;
     assert_eq!(done.status(), pb::TaskStatus::Complete);
-    let completed = crate::support::collect_until(&mut events, |got| {
-        got.iter().any(|e| e.kind() == "dev.tasker.task.completed")
-    })
-    .await;
+    let completed =
+        crate::support::collect_until(&mut events, |got| got.iter().any(|e| e.kind() == "dev.tasker.task.completed"))
+            .await;
     assert!(completed.iter().all(|e| e.task_id() == done.id));
     stop.cancel();
     running.await.unwrap().unwrap();

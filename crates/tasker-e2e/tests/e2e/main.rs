@@ -2,6 +2,7 @@
 //! in-process, the gRPC API and a real AMQP subscriber. Each test has its own database and
 //! broker prefix.
 
+mod analytics;
 mod auth;
 mod broker_users;
 mod edges;

@@ -2,7 +2,7 @@
 //! namespace's step queue the first time it is used.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -50,7 +50,17 @@ impl Dispatcher {
             return Ok(());
         }
         self.declare(&dispatches).await?;
-        let commands: Vec<Command> = dispatches.into_iter().map(|d| Command::Step(execution(d))).collect();
+        // one span per dispatch, in its task's trace, open until the broker confirmed it;
+        // the execution carries its context, so the worker's attempt is its child
+        let spans: Vec<tracing::Span> = dispatches.iter().map(dispatch_span).collect();
+        let commands: Vec<Command> = dispatches
+            .into_iter()
+            .zip(&spans)
+            .map(|(d, span)| {
+                let trace = tasker_runtime::trace::context_of(span, &d.trace).to_headers();
+                Command::Step(execution(d, trace))
+            })
+            .collect();
         let mut attempt = 0;
         loop {
             match self.publisher.send(&commands).await {
@@ -104,7 +114,24 @@ impl Dispatcher {
     }
 }
 
-fn execution(d: Dispatch) -> StepExecution {
+fn dispatch_span(d: &Dispatch) -> tracing::Span {
+    let span = tracing::info_span!(
+        "dispatch",
+        otel.name = format!("dispatch {}.{}", d.task_name, d.step_name),
+        otel.kind = "producer",
+        task_id = %d.task_id,
+        step_id = %d.step_id,
+        step = %d.step_name,
+        attempt = d.attempt,
+        namespace = %d.namespace,
+        task = %d.task_name,
+        trace_id = tracing::field::Empty,
+    );
+    tasker_runtime::trace::set_parent(&span, &d.trace);
+    span
+}
+
+fn execution(d: Dispatch, trace_context: HashMap<String, String>) -> StepExecution {
     StepExecution {
         task_id: d.task_id.to_string(),
         step_id: d.step_id.to_string(),
@@ -118,6 +145,6 @@ fn execution(d: Dispatch) -> StepExecution {
         context_json: d.context,
         parent_results_json: d.parent_results,
         timeout_ms: d.timeout_ms,
-        trace_context: Default::default(),
+        trace_context,
     }
 }

@@ -83,6 +83,10 @@ impl Engine {
         let evaluate: Vec<Uuid> =
             items.iter().filter(|(_, w)| matches!(w, Work::Evaluate)).map(|(task, _)| *task).collect();
         let loaded = tx.load_batch(&task_ids, &step_ids, &completed, &evaluate).await?;
+        let batch_span = tracing::Span::current();
+        for task in loaded.tasks.values() {
+            tasker_runtime::trace::link(&batch_span, &task.trace);
+        }
         let mut batch = Batch {
             engine: self,
             tx,

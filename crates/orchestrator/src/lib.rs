@@ -17,6 +17,7 @@ use tasker_proto::messages::{Failed, FailureKind, StepReport, TaskRequest, step_
 use tasker_runtime::{Admin, Config, prometheus_client::registry::Registry};
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 pub use engine::{Engine, Work};
@@ -194,6 +195,13 @@ impl Pipeline {
     /// the work itself, on shutdown, or when the broker connection is gone (then the
     /// committed executions are carried over to the next connection).
     pub(crate) async fn process(&self, items: &[(Uuid, Work)]) -> anyhow::Result<()> {
+        // a batch serves many tasks: its span starts a trace of its own and links to each
+        // task's (the engine adds the links once it has loaded the tasks)
+        let span = tracing::info_span!("orchestrator batch", otel.kind = "consumer", items = items.len());
+        self.process_in(items).instrument(span).await
+    }
+
+    async fn process_in(&self, items: &[(Uuid, Work)]) -> anyhow::Result<()> {
         let received = std::time::Instant::now();
         let outcome = self.holding("applying a batch", || async { Ok(self.engine.apply(items).await?) }).await?;
         self.metrics.batch();

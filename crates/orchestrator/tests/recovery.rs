@@ -27,6 +27,7 @@ async fn a_task_whose_request_was_lost_still_runs() {
         idempotency_key: None,
         request_hash: "",
         actor: "test",
+        trace: &Default::default(),
     };
     let task_id = store.create_task(&new).await.unwrap().task_id;
     let done = system.wait_final(&task_id.to_string()).await;
@@ -110,8 +111,9 @@ async fn unusable_messages_are_dead_lettered_and_work_goes_on() {
         worker_id: "poison".into(),
         outcome: Some(Outcome::Completed(Completed { results_json: "{}".into() })),
         started_at_unix_ms: 0,
+        trace_context: Default::default(),
     };
-    let request = TaskRequest { task_id: "not-a-task".into() };
+    let request = TaskRequest { task_id: "not-a-task".into(), ..Default::default() };
     publisher.send(&[Command::Report(report), Command::Task(request)]).await.unwrap();
 
     let dead = broker.topology().dead_letter_queue();

@@ -3,6 +3,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use prometheus_client::{metrics::counter::Counter, registry::Registry as MetricsRegistry};
 use serde_json::Value;
+use tasker_domain::TraceContext;
 use tasker_messaging::{Command, Consumer, Incoming, Publisher};
 use tasker_proto::messages::{
     Completed, Failed, FailureKind, Started, StepExecution, StepReport, step_report::Outcome,
@@ -10,6 +11,7 @@ use tasker_proto::messages::{
 use tasker_runtime::{Admin, Config};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{Registry, StepError, StepInput};
 
@@ -169,12 +171,39 @@ impl Runner {
     }
 
     async fn execute(self, incoming: Incoming<StepExecution>) {
-        let Incoming { message, ack, .. } = incoming;
+        let Incoming { message, ack, headers, .. } = incoming;
         let Some(exec) = message else {
             tracing::warn!("undecodable step execution rejected to the dead-letter queue");
             let _ = ack.reject().await;
             return;
         };
+        // the attempt's span is a child of the dispatch (AMQP headers, else the message's
+        // own copy); a handler's spans nest under it
+        let mut received = TraceContext::from_headers(&headers);
+        if received.is_empty() {
+            received = TraceContext::from_headers(&exec.trace_context);
+        }
+        let span = tracing::info_span!(
+            "step attempt",
+            otel.name = format!("{}.{} attempt", exec.task_name, exec.step_name),
+            otel.kind = "consumer",
+            task_id = %exec.task_id,
+            step_id = %exec.step_id,
+            step = %exec.step_name,
+            attempt = exec.attempt,
+            namespace = %exec.namespace,
+            task = %exec.task_name,
+            handler = %exec.handler,
+            worker_id = %self.worker_id,
+            outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        tasker_runtime::trace::set_parent(&span, &received);
+        let trace = tasker_runtime::trace::context_of(&span, &received).to_headers();
+        self.attempt(exec, ack, trace).instrument(span).await;
+    }
+
+    async fn attempt(self, exec: StepExecution, ack: tasker_messaging::Ack, trace: HashMap<String, String>) {
         let started_at_unix_ms = chrono::Utc::now().timestamp_millis();
         let report = |outcome| StepReport {
             task_id: exec.task_id.clone(),
@@ -183,6 +212,7 @@ impl Runner {
             worker_id: self.worker_id.clone(),
             outcome: Some(outcome),
             started_at_unix_ms,
+            trace_context: trace.clone(),
         };
         let kept = self.unreported.lock().expect("unreported lock").remove(&(exec.step_id.clone(), exec.attempt));
         if let Some(outcome) = kept {
@@ -215,6 +245,16 @@ impl Runner {
             }
         };
         self.metrics.executed.inc();
+        let outcome_name = match &outcome {
+            Outcome::Completed(_) => "complete",
+            Outcome::Failed(f) => match f.kind() {
+                FailureKind::Permanent => "failed permanently",
+                FailureKind::TimedOut => "timed out",
+                _ => "failed, retryable",
+            },
+            Outcome::Started(_) => "started",
+        };
+        tracing::Span::current().record("outcome", outcome_name);
         if matches!(outcome, Outcome::Failed(_)) {
             self.metrics.failed.inc();
         }

@@ -10,6 +10,7 @@ mod convert;
 mod error;
 mod input;
 mod link;
+mod spans;
 mod steps;
 mod tasks;
 mod templates;

@@ -57,8 +57,13 @@ impl Link {
             tracing::warn!(tasks = task_ids.len(), "broker unavailable; task requests kept until it is back");
             return self.keep(task_ids);
         };
-        let commands: Vec<Command> =
-            task_ids.iter().map(|id| Command::Task(TaskRequest { task_id: id.to_string() })).collect();
+        // the request carries the trace context of the span it is sent from (CreateTask,
+        // an operator action)
+        let trace = tasker_runtime::trace::context_of(&tracing::Span::current(), &Default::default()).to_headers();
+        let commands: Vec<Command> = task_ids
+            .iter()
+            .map(|id| Command::Task(TaskRequest { task_id: id.to_string(), trace_context: trace.clone() }))
+            .collect();
         if let Err(error) = publisher.send(&commands).await {
             tracing::warn!(%error, tasks = task_ids.len(), "task requests not published; kept until the broker is back");
             self.keep(task_ids);

@@ -10,9 +10,11 @@ use crate::{
     auth::{Allowed, caller},
     convert,
     error::{ApiError, ApiResult, parse_id, refused_in},
-    input,
+    input, spans,
     tasks::Tasks,
 };
+use tasker_domain::TraceContext;
+use tracing::Instrument;
 
 #[derive(Clone)]
 pub struct Steps {
@@ -25,9 +27,25 @@ impl Steps {
     async fn require_on_step(&self, caller: &Principal, permission: &str, id: Uuid) -> ApiResult<()> {
         caller.require(permission)?;
         if caller.namespace_limit().is_some() {
-            caller.require_namespace(&self.tasks.store.step_namespace(id).await?)?;
+            caller.require_namespace(&self.tasks.store.step_ref(id).await?.namespace)?;
         }
         Ok(())
+    }
+
+    /// For an operator action: the permission, the namespace and the span of the action
+    /// in the task's trace.
+    async fn act_on_step(
+        &self,
+        caller: &Principal,
+        permission: &str,
+        id: Uuid,
+        action: &'static str,
+        received: &TraceContext,
+    ) -> ApiResult<tracing::Span> {
+        caller.require(permission)?;
+        let task = self.tasks.store.step_ref(id).await?;
+        caller.require_namespace(&task.namespace)?;
+        Ok(spans::operator(action, &task, received))
     }
 }
 
@@ -44,30 +62,39 @@ impl StepService for Steps {
 
     async fn retry_step(&self, request: Request<pb::RetryStepRequest>) -> Result<Response<pb::Step>, Status> {
         let caller = caller(&request)?;
+        let received = spans::received(&request);
         let r = request.into_inner();
         let id = parse_id("step_id", &r.step_id)?;
         input::text("reason", &r.reason, input::MAX_TEXT_BYTES)?;
-        self.require_on_step(&caller, "steps:retry", id).await?;
+        let span = self.act_on_step(&caller, "steps:retry", id, "RetryStep", &received).await?;
         let actor = Actor { who: caller.subject, reason: r.reason };
-        let task_id = self.tasks.store.retry_step(id, &actor).await.map_err(ApiError::from)?;
-        self.tasks.request(task_id).await;
-        let step = self.tasks.store.step(id, false).await.map_err(ApiError::from)?;
+        let retried = async {
+            let task_id = self.tasks.store.retry_step(id, &actor).await.map_err(ApiError::from)?;
+            self.tasks.request(task_id).await;
+            self.tasks.store.step(id, false).await.map_err(ApiError::from)
+        };
+        let step = retried.instrument(span).await?;
         Ok(Response::new(convert::step(&step)))
     }
 
     async fn resolve_step(&self, request: Request<pb::ResolveStepRequest>) -> Result<Response<pb::Step>, Status> {
         let caller = caller(&request)?;
+        let received = spans::received(&request);
         let r = request.into_inner();
         let id = parse_id("step_id", &r.step_id)?;
         let results = if r.results_json.trim().is_empty() { "{}" } else { r.results_json.as_str() };
         // the children receive these results: the same rules as a handler's
         input::json("results_json", results, self.tasks.limits.max_results_bytes)?;
         input::text("reason", &r.reason, input::MAX_TEXT_BYTES)?;
-        self.require_on_step(&caller, "steps:resolve", id).await?;
+        let span = self.act_on_step(&caller, "steps:resolve", id, "ResolveStep", &received).await?;
         let actor = Actor { who: caller.subject, reason: r.reason };
-        let task_id = self.tasks.store.resolve_step(id, results, &actor).await.map_err(refused_in("results_json"))?;
-        self.tasks.request(task_id).await;
-        let step = self.tasks.store.step(id, false).await.map_err(ApiError::from)?;
+        let resolved = async {
+            let task_id =
+                self.tasks.store.resolve_step(id, results, &actor).await.map_err(refused_in("results_json"))?;
+            self.tasks.request(task_id).await;
+            self.tasks.store.step(id, false).await.map_err(ApiError::from)
+        };
+        let step = resolved.instrument(span).await?;
         Ok(Response::new(convert::step(&step)))
     }
 }

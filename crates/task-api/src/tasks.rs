@@ -16,6 +16,7 @@ use tasker_store::{Actor, NewTask, Store, TaskFilter, TaskView, TemplateRecord};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
@@ -24,6 +25,7 @@ use crate::{
     error::{ApiError, ApiResult, parse_id, refused_in},
     input,
     link::Link,
+    spans,
 };
 
 const DEFAULT_PAGE: u32 = 50;
@@ -93,7 +95,12 @@ impl Tasks {
 
     /// Creates a task for `caller` (who holds `tasks:create`; the namespace is checked once
     /// it is known to be a valid name).
-    async fn create(&self, r: pb::CreateTaskRequest, caller: &Principal) -> ApiResult<pb::CreateTaskResponse> {
+    async fn create(
+        &self,
+        r: pb::CreateTaskRequest,
+        caller: &Principal,
+        trace: &tasker_domain::TraceContext,
+    ) -> ApiResult<pb::CreateTaskResponse> {
         input::name("namespace", &r.namespace)?;
         caller.require_namespace(&r.namespace)?;
         input::name("name", &r.name)?;
@@ -127,6 +134,7 @@ impl Tasks {
             idempotency_key: if r.idempotency_key.is_empty() { None } else { Some(r.idempotency_key.as_str()) },
             request_hash: &request_hash,
             actor: &caller.subject,
+            trace,
         };
         let outcome = self.store.create_task(&new).await.map_err(refused_in("context_json"))?;
         let view = match outcome.view {
@@ -231,6 +239,7 @@ fn history(view: &TaskView) -> Vec<CloudEvent> {
         namespace: t.namespace.clone(),
         task_name: t.name.clone(),
         task_version: t.version.clone(),
+        trace: t.trace.clone(),
     };
     let metadata = |text: &str| serde_json::from_str::<Value>(text).unwrap_or(Value::Null);
     let mut events: Vec<CloudEvent> = view
@@ -305,7 +314,14 @@ impl TaskService for Tasks {
     ) -> Result<Response<pb::CreateTaskResponse>, Status> {
         let caller = caller(&request)?;
         caller.require("tasks:create")?;
-        Ok(Response::new(self.create(request.into_inner(), &caller).await?))
+        let received = spans::received(&request);
+        let r = request.into_inner();
+        let span = spans::create_task(&r.namespace, &r.name, &received);
+        // the task's trace context is this span's (or, with no exporter, the caller's)
+        let trace = tasker_runtime::trace::context_of(&span, &received);
+        let created = self.create(r, &caller, &trace).instrument(span.clone()).await?;
+        span.record("task_id", created.task.as_ref().map(|t| t.id.as_str()).unwrap_or_default());
+        Ok(Response::new(created))
     }
 
     async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::Task>, Status> {
@@ -334,15 +350,19 @@ impl TaskService for Tasks {
     async fn cancel_task(&self, request: Request<pb::CancelTaskRequest>) -> Result<Response<pb::Task>, Status> {
         let caller = caller(&request)?;
         caller.require("tasks:cancel")?;
+        let received = spans::received(&request);
         let r = request.into_inner();
         let id = parse_id("task_id", &r.task_id)?;
         input::text("reason", &r.reason, input::MAX_TEXT_BYTES)?;
-        if caller.namespace_limit().is_some() {
-            caller.require_namespace(&self.store.task_namespace(id).await.map_err(ApiError::from)?)?;
-        }
+        let task = self.store.task_ref(id).await.map_err(ApiError::from)?;
+        caller.require_namespace(&task.namespace)?;
+        let span = spans::operator("CancelTask", &task, &received);
         let actor = Actor { who: caller.subject, reason: r.reason };
-        self.store.cancel_task(id, &actor).await.map_err(ApiError::from)?;
-        let view = self.store.task(id, false).await.map_err(ApiError::from)?;
+        let cancelled = async {
+            self.store.cancel_task(id, &actor).await.map_err(ApiError::from)?;
+            self.store.task(id, false).await.map_err(ApiError::from)
+        };
+        let view = cancelled.instrument(span).await?;
         Ok(Response::new(convert::task(&view)))
     }
 

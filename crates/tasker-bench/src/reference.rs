@@ -30,7 +30,8 @@ pub async fn amqp_confirms_per_second(amqp_url: &str, run: Duration) -> anyhow::
     let broker = Broker::connect(amqp_url, topology, "tasker-bench-reference").await?;
     broker.declare_orchestrator().await?;
     let publisher = broker.publisher().await?;
-    let command = Command::Task(TaskRequest { task_id: "00000000-0000-0000-0000-000000000000".into() });
+    let command =
+        Command::Task(TaskRequest { task_id: "00000000-0000-0000-0000-000000000000".into(), ..Default::default() });
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < run {

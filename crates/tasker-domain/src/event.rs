@@ -132,6 +132,8 @@ pub struct EventSubject {
     pub namespace: String,
     pub task_name: String,
     pub task_version: String,
+    /// The task's trace context, put on each of its events.
+    pub trace: crate::TraceContext,
 }
 
 /// The step a step event is about.
@@ -155,6 +157,12 @@ pub struct CloudEvent {
     pub datacontenttype: String,
     /// Extension: the routing key the event is published with.
     pub routingkey: String,
+    /// Distributed-tracing extension: the trace context of the task (its creation span),
+    /// absent when there is none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub traceparent: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tracestate: String,
     pub data: Value,
 }
 
@@ -227,6 +235,8 @@ impl CloudEvent {
             time: at.to_rfc3339_opts(SecondsFormat::Micros, true),
             datacontenttype: "application/json".into(),
             routingkey: kind.routing_key(&subject.namespace, &subject.task_name),
+            traceparent: subject.trace.traceparent.clone(),
+            tracestate: subject.trace.tracestate.clone(),
             data,
         }
     }
@@ -242,7 +252,30 @@ mod tests {
             namespace: "payments".into(),
             task_name: "process_refund".into(),
             task_version: "2.1.0".into(),
+            trace: Default::default(),
         }
+    }
+
+    #[test]
+    fn the_task_trace_context_rides_on_its_events() {
+        let mut traced = subject();
+        traced.trace.traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into();
+        let at = Utc::now();
+        let with =
+            serde_json::to_value(CloudEvent::task(Uuid::now_v7(), &traced, None, TaskState::Pending, &json!({}), at))
+                .unwrap();
+        assert_eq!(with["traceparent"], traced.trace.traceparent);
+        assert!(with.get("tracestate").is_none(), "empty extensions are left out");
+        let without = serde_json::to_value(CloudEvent::task(
+            Uuid::now_v7(),
+            &subject(),
+            None,
+            TaskState::Pending,
+            &json!({}),
+            at,
+        ))
+        .unwrap();
+        assert!(without.get("traceparent").is_none());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod limits;
 pub mod payload;
 pub mod state;
 pub mod template;
+pub mod trace;
 
 pub use backoff::{Backoff, FailureDecision, FailureKind};
 pub use event::{CloudEvent, EventKind, EventSubject};
@@ -16,6 +17,7 @@ pub use limits::Limits;
 pub use payload::{PayloadError, quote};
 pub use state::{IllegalTransition, StepState, TaskState};
 pub use template::{StepTemplate, Template, TemplateError};
+pub use trace::TraceContext;
 
 /// A new time-ordered identifier (UUIDv7): safe to expose, sorts by creation time.
 pub fn new_id() -> uuid::Uuid {

@@ -32,10 +32,12 @@ impl Command {
         }
     }
 
+    /// Sent as AMQP headers too (W3C trace context: `traceparent`, `tracestate`).
     fn trace_context(&self) -> Option<&std::collections::HashMap<String, String>> {
         match self {
+            Command::Task(m) => Some(&m.trace_context),
             Command::Step(m) => Some(&m.trace_context),
-            _ => None,
+            Command::Report(m) => Some(&m.trace_context),
         }
     }
 }

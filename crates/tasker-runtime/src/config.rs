@@ -20,6 +20,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub amqp: AmqpConfig,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
     pub limits: Limits,
     pub api: ApiConfig,
     pub orchestrator: OrchestratorConfig,
@@ -111,6 +112,30 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self { format: LogFormat::Pretty, filter: "info".into() }
+    }
+}
+
+/// Traces: exported over OTLP/gRPC when an endpoint is set, nothing otherwise.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The OTLP/gRPC collector (`http://otel-collector:4317`); unset: no spans leave the
+    /// process (trace context is still carried through, so a caller's trace id reaches the
+    /// events).
+    pub otlp_endpoint: Option<String>,
+    /// The share of new traces recorded (0–1); a trace started by a caller follows the
+    /// caller's sampling decision.
+    pub sample_ratio: f64,
+    /// `service.instance.id` on every span; default `{hostname}-{pid}`.
+    pub instance: Option<String>,
+    /// How long finished spans wait to be exported in a batch.
+    #[serde(with = "humantime_serde")]
+    pub export_interval: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { otlp_endpoint: None, sample_ratio: 1.0, instance: None, export_interval: Duration::from_secs(2) }
     }
 }
 

@@ -9,17 +9,18 @@ mod shutdown;
 mod supervise;
 mod telemetry;
 pub mod tls;
+pub mod trace;
 
 pub use admin::{Admin, ReadyCheck, ready_check};
 pub use config::{
     AmqpConfig, ApiConfig, Config, DatabaseConfig, HealthConfig, LogConfig, LogFormat, OrchestratorConfig,
-    PublisherConfig, ServerTls, WorkerConfig,
+    PublisherConfig, ServerTls, TelemetryConfig, WorkerConfig,
 };
 pub use connect::{connect_broker, connect_store, store_check, topology};
 pub use prometheus_client;
 pub use shutdown::{shutdown_on_signal, wait_for_signal};
 pub use supervise::{BrokerSlot, hold_delay, join_loops, reconnect_delay, supervise, watch_connection};
-pub use telemetry::init_tracing;
+pub use telemetry::{Telemetry, init_tracing, trace_this_thread};
 
 use std::{future::Future, path::PathBuf, process::ExitCode};
 
@@ -49,10 +50,21 @@ where
             return ExitCode::from(2);
         }
     };
-    init_tracing(&config.log);
+    let telemetry = match init_tracing(&config.log, &config.telemetry, name) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("{name}: invalid configuration: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
     let shutdown = shutdown_on_signal();
-    tracing::info!(service = name, version = env!("CARGO_PKG_VERSION"), "starting");
-    match run(config, shutdown).await {
+    tracing::info!(
+        service = name,
+        version = env!("CARGO_PKG_VERSION"),
+        traces = config.telemetry.otlp_endpoint.is_some(),
+        "starting"
+    );
+    let code = match run(config, shutdown).await {
         Ok(()) => {
             tracing::info!(service = name, "stopped");
             ExitCode::SUCCESS
@@ -61,5 +73,7 @@ where
             tracing::error!(service = name, error = format!("{error:#}"), "failed");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }

@@ -36,7 +36,7 @@ pub use operator::Actor;
 pub use orchestration::{Dispatch, Loaded, Progress, StepRow, TaskHead};
 pub use outbox::{OutboxBatch, OutboxListener, OutboxRow};
 pub use rows::{EdgeRow, StepView, TaskRow, TaskView, TransitionRow};
-pub use tasks::{CreateOutcome, NewTask, TaskFilter, TaskPage};
+pub use tasks::{CreateOutcome, NewTask, TaskFilter, TaskPage, TaskRef};
 pub use templates::{RegisterOutcome, TemplateRecord};
 pub use tx::{StepChange, Tx};
 

@@ -22,6 +22,8 @@ pub struct TaskHead {
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    /// The trace context the task was created in.
+    pub trace: tasker_domain::TraceContext,
     pub(crate) last_sort_key: i32,
 }
 
@@ -32,6 +34,7 @@ impl TaskHead {
             namespace: self.namespace.clone(),
             task_name: self.name.clone(),
             task_version: self.version.clone(),
+            trace: self.trace.clone(),
         }
     }
 }
@@ -143,6 +146,8 @@ pub struct Dispatch {
     pub context: String,
     pub parent_results: HashMap<String, String>,
     pub timeout_ms: u64,
+    /// The task's trace context.
+    pub trace: tasker_domain::TraceContext,
 }
 
 /// The parameters of a one-parameter statement.
@@ -151,7 +156,8 @@ type Param1<'a> = [&'a (dyn ToSql + Sync); 1];
 /// Locks the tasks. Only columns of `tasks` itself: a row lock that waited re-reads the
 /// locked row at its latest version, but anything else in the statement (a subquery on
 /// the transitions, say) keeps the snapshot from before the wait.
-const LOCK_TASKS: &str = "SELECT t.id, t.status, t.namespace, t.name, t.version, t.started_at, t.completed_at, t.created_at \
+const LOCK_TASKS: &str = "SELECT t.id, t.status, t.namespace, t.name, t.version, t.started_at, t.completed_at, t.created_at, \
+     t.traceparent, t.tracestate \
      FROM tasks t WHERE t.id = ANY($1) ORDER BY t.id FOR UPDATE OF t";
 
 /// The tasks' last transition sort keys: a statement of its own after the lock, so it sees
@@ -168,6 +174,7 @@ fn task_head(row: &Row) -> Result<TaskHead> {
         started_at: row.get(5),
         completed_at: row.get(6),
         created_at: row.get(7),
+        trace: tasker_domain::TraceContext { traceparent: row.get(8), tracestate: row.get(9) },
         last_sort_key: 0,
     })
 }
@@ -420,6 +427,7 @@ impl Tx {
                     context: contexts.get(&task.id).cloned().unwrap_or_else(|| "{}".into()),
                     parent_results: by_child.remove(&s.id).unwrap_or_default(),
                     timeout_ms: s.timeout_ms.max(0) as u64,
+                    trace: task.trace.clone(),
                 })
             })
             .collect()

@@ -25,10 +25,12 @@ pub struct TaskRow {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
+    pub trace: tasker_domain::TraceContext,
 }
 
 pub(crate) const TASK_COLUMNS: &str = "t.id, t.namespace, t.name, t.version, t.status, t.context::text, t.tags, \
-    t.initiator, t.source_system, t.reason, t.priority, t.idempotency_key, t.created_at, t.started_at, t.completed_at";
+    t.initiator, t.source_system, t.reason, t.priority, t.idempotency_key, t.created_at, t.started_at, t.completed_at, \
+    t.traceparent, t.tracestate";
 
 pub(crate) fn task_row(row: &Row) -> Result<TaskRow> {
     Ok(TaskRow {
@@ -47,6 +49,7 @@ pub(crate) fn task_row(row: &Row) -> Result<TaskRow> {
         created_at: row.get(12),
         started_at: row.get(13),
         completed_at: row.get(14),
+        trace: tasker_domain::TraceContext { traceparent: row.get(15), tracestate: row.get(16) },
     })
 }
 

@@ -38,6 +38,15 @@ pub struct NewTask<'a> {
     pub request_hash: &'a str,
     /// Who created it (the authenticated subject), for the audit trail.
     pub actor: &'a str,
+    /// The trace context of its creation, carried with everything about it.
+    pub trace: &'a tasker_domain::TraceContext,
+}
+
+/// What operator actions need of a task before acting on it.
+#[derive(Debug, Clone)]
+pub struct TaskRef {
+    pub namespace: String,
+    pub trace: tasker_domain::TraceContext,
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +110,7 @@ impl Store {
             namespace: template.namespace.clone(),
             task_name: template.name.clone(),
             task_version: template.version.to_string(),
+            trace: new.trace.clone(),
         };
         let event = CloudEvent::task(transition_id, &subject, None, TaskState::Pending, &metadata, now);
         let payload = serde_json::to_string(&event).map_err(|e| Error::Corrupt(format!("event: {e}")))?;
@@ -113,8 +123,10 @@ impl Store {
             .statement(
                 "WITH task AS ( \
                    INSERT INTO tasks (id, named_task_id, namespace, name, version, status, context, tags, initiator, \
-                     source_system, reason, priority, idempotency_key, request_hash, created_at, updated_at) \
-                   VALUES ($1, $2, $3, $4, $5, 'pending', $6::text::jsonb, $7, $8, $9, $10, $11, $12, $13, $14, $14) \
+                     source_system, reason, priority, idempotency_key, request_hash, created_at, updated_at, \
+                     traceparent, tracestate) \
+                   VALUES ($1, $2, $3, $4, $5, 'pending', $6::text::jsonb, $7, $8, $9, $10, $11, $12, $13, $14, $14, \
+                     $30, $31) \
                    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id \
                  ), steps AS ( \
                    INSERT INTO workflow_steps (id, task_id, name, handler, handler_config, retryable, max_attempts, \
@@ -168,6 +180,8 @@ impl Store {
             &metadata,
             &event.routingkey,
             &payload,
+            &new.trace.traceparent,
+            &new.trace.tracestate,
         ];
         // the relay's wake-up goes right behind it
         let (inserted, _) = futures::try_join!(client.query(&stmt, params), crate::outbox::wake_relay(&client))?;
@@ -191,6 +205,7 @@ impl Store {
             created_at: now,
             started_at: None,
             completed_at: None,
+            trace: new.trace.clone(),
         };
         let steps = template
             .steps
@@ -310,23 +325,28 @@ impl Store {
         Ok(step)
     }
 
-    /// The namespace of a task (what an authorization check needs, without its steps).
-    pub async fn task_namespace(&self, id: Uuid) -> Result<String> {
-        self.namespace_of("SELECT namespace FROM tasks WHERE id = $1", id, "task").await
+    /// The namespace and trace context of a task (for permission checks and the spans of
+    /// operator actions).
+    pub async fn task_ref(&self, id: Uuid) -> Result<TaskRef> {
+        self.task_ref_of("SELECT namespace, traceparent, tracestate FROM tasks WHERE id = $1", id, "task").await
     }
 
-    /// The namespace of a step's task.
-    pub async fn step_namespace(&self, id: Uuid) -> Result<String> {
-        let sql = "SELECT t.namespace FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE s.id = $1";
-        self.namespace_of(sql, id, "step").await
+    /// The namespace and trace context of a step's task.
+    pub async fn step_ref(&self, id: Uuid) -> Result<TaskRef> {
+        let sql = "SELECT t.namespace, t.traceparent, t.tracestate FROM workflow_steps s \
+                   JOIN tasks t ON t.id = s.task_id WHERE s.id = $1";
+        self.task_ref_of(sql, id, "step").await
     }
 
-    async fn namespace_of(&self, sql: &str, id: Uuid, what: &str) -> Result<String> {
+    async fn task_ref_of(&self, sql: &str, id: Uuid, what: &str) -> Result<TaskRef> {
         let client = self.client().await?;
         let stmt = client.statement(sql).await?;
         let row =
             client.query_opt(&stmt, &[&id]).await?.ok_or_else(|| Error::NotFound(format!("{what} {id} not found")))?;
-        Ok(row.get(0))
+        Ok(TaskRef {
+            namespace: row.get(0),
+            trace: tasker_domain::TraceContext { traceparent: row.get(1), tracestate: row.get(2) },
+        })
     }
 
     /// Tasks matching the filter, newest first, one page.

@@ -30,6 +30,7 @@ async fn setup(env: &TestEnv) -> (Store, uuid::Uuid) {
         idempotency_key: None,
         request_hash: "h",
         actor: "test",
+        trace: &Default::default(),
     };
     let task = store.create_task(&new).await.unwrap().task_id;
     (store, task)

@@ -7,6 +7,7 @@
 //! Set `TASKER_TEST_LOG=debug` (an `EnvFilter`) to see the services' logs.
 
 mod infra;
+mod otlp;
 mod process;
 mod proxy;
 mod system;
@@ -19,6 +20,7 @@ use tasker_runtime::Config;
 use tokio_postgres::NoTls;
 
 pub use infra::{Infra, infra};
+pub use otlp::{CollectedSpan, OtlpCollector};
 pub use process::{Service, http_get, http_request, wait_status};
 pub use proxy::FaultProxy;
 pub use system::{System, WorkerSpec};

@@ -74,6 +74,7 @@ async fn a_duplicate_report_of_an_earlier_round_cannot_touch_the_retried_step() 
             retry_after_ms: None,
         })),
         started_at_unix_ms: 0,
+        trace_context: Default::default(),
     };
     let broker = env.broker().await;
     broker.publisher().await.unwrap().send(&[Command::Report(duplicate)]).await.unwrap();

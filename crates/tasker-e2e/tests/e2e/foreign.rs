@@ -58,6 +58,7 @@ async fn foreign_worker(env: &TestEnv, namespace: &str, arguments: FieldTable) -
                 worker_id: "foreign-1".into(),
                 outcome: Some(Outcome::Completed(Completed { results_json: results })),
                 started_at_unix_ms: chrono::Utc::now().timestamp_millis(),
+                trace_context: Default::default(),
             };
             let properties = BasicProperties::default().with_delivery_mode(2);
             publish

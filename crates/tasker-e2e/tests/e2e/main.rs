@@ -18,3 +18,4 @@ mod submission;
 mod support;
 mod templates;
 mod tls;
+mod traces;

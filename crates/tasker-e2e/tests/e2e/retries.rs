@@ -259,6 +259,7 @@ steps:
         worker_id: "rogue".into(),
         outcome: Some(outcome),
         started_at_unix_ms: 0,
+        trace_context: Default::default(),
     };
     publisher.send(&[Command::Report(report(Outcome::Started(Started {})))]).await.unwrap();
     taken.ack.ack().await.unwrap();

@@ -7,7 +7,11 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use prometheus_client::{
-    metrics::{counter::Counter, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 use tasker_messaging::Publisher;
@@ -25,10 +29,23 @@ pub struct EventPublisher {
     admin: Admin,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Metrics {
     published: Counter,
     lag_ms: Gauge,
+    lag: Histogram,
+    depth: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            published: Counter::default(),
+            lag_ms: Gauge::default(),
+            lag: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
+            depth: Gauge::default(),
+        }
+    }
 }
 
 impl EventPublisher {
@@ -50,8 +67,19 @@ impl EventPublisher {
         let sub = registry.sub_registry_with_prefix("tasker_events");
         sub.register("published", "Events relayed to the exchange", metrics.published.clone());
         sub.register("outbox_lag_ms", "Age of the oldest event in the last relayed batch", metrics.lag_ms.clone());
+        sub.register(
+            "relay_lag_seconds",
+            "From an event written to its batch relayed, for the oldest event of each batch",
+            metrics.lag.clone(),
+        );
+        sub.register(
+            "outbox_depth",
+            "Events written and not yet relayed (after the last batch)",
+            metrics.depth.clone(),
+        );
         let slot = tasker_runtime::BrokerSlot::new();
         slot.register(&mut registry);
+        tasker_runtime::register_store_metrics(&store, &mut registry);
         let stop = shutdown.child_token();
         let checks = vec![tasker_runtime::store_check(&store), slot.check()];
         let admin_task = tokio::spawn(admin.serve(checks, registry, config.health.live_timeout, stop.clone()));
@@ -148,6 +176,7 @@ async fn relay_batch(
             let created = std::time::UNIX_EPOCH + Duration::new(secs, nanos);
             let lag = std::time::SystemTime::now().duration_since(created).unwrap_or_default();
             metrics.lag_ms.set(lag.as_millis() as i64);
+            metrics.lag.observe(lag.as_secs_f64());
         }
     }
     let ids: Vec<String> = batch.rows.iter().map(|r| r.event_id.to_string()).collect();
@@ -156,5 +185,9 @@ async fn relay_batch(
     publisher.publish_events(&events).await?;
     batch.complete().await?;
     metrics.published.inc_by(n as u64);
+    // a batch short of the limit took everything there was; a full one leaves a backlog,
+    // counted (the count scans the outbox, so only then)
+    let depth = if (n as i64) < limit { 0 } else { store.outbox_depth().await? };
+    metrics.depth.set(depth as i64);
     Ok(Some(n))
 }

@@ -55,6 +55,7 @@ impl Orchestrator {
         let metrics = Metrics::register(&mut registry);
         let slot = tasker_runtime::BrokerSlot::new();
         slot.register(&mut registry);
+        tasker_runtime::register_store_metrics(&store, &mut registry);
         let stop = shutdown.child_token();
         let checks = vec![tasker_runtime::store_check(&store), slot.check()];
         let admin = tokio::spawn(admin.serve(checks, registry, config.health.live_timeout, stop.clone()));

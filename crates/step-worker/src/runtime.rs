@@ -1,7 +1,10 @@
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use prometheus_client::{metrics::counter::Counter, registry::Registry as MetricsRegistry};
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry as MetricsRegistry,
+};
 use serde_json::Value;
 use tasker_domain::TraceContext;
 use tasker_messaging::{Command, Consumer, Incoming, Publisher};
@@ -26,6 +29,23 @@ pub struct Worker {
 struct Metrics {
     executed: Counter,
     failed: Counter,
+    in_flight: Gauge,
+}
+
+/// One attempt counted in `steps_in_flight` while it lives (an aborted attempt too).
+struct InFlight(Gauge);
+
+impl InFlight {
+    fn count(gauge: &Gauge) -> InFlight {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Outcomes whose report was not confirmed when the broker connection was lost, by
@@ -73,6 +93,7 @@ impl Worker {
         let sub = metrics_registry.sub_registry_with_prefix("tasker_worker");
         sub.register("steps_executed", "Step attempts run", metrics.executed.clone());
         sub.register("steps_failed", "Step attempts that failed", metrics.failed.clone());
+        sub.register("steps_in_flight", "Step attempts running on this worker now", metrics.in_flight.clone());
         let slot = tasker_runtime::BrokerSlot::new();
         slot.register(&mut metrics_registry);
         let stop = shutdown.child_token();
@@ -200,6 +221,7 @@ impl Runner {
         );
         tasker_runtime::trace::set_parent(&span, &received);
         let trace = tasker_runtime::trace::context_of(&span, &received).to_headers();
+        let _in_flight = InFlight::count(&self.metrics.in_flight);
         self.attempt(exec, ack, trace).instrument(span).await;
     }
 

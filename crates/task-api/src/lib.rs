@@ -10,6 +10,7 @@ mod convert;
 mod error;
 mod input;
 mod link;
+mod metrics;
 mod spans;
 mod steps;
 mod tasks;
@@ -91,6 +92,8 @@ impl TaskApi {
         let slot = tasker_runtime::BrokerSlot::new();
         let mut registry = Registry::default();
         slot.register(&mut registry);
+        tasker_runtime::register_store_metrics(&store, &mut registry);
+        let api_metrics = metrics::ApiMetrics::register(&mut registry);
         let link_loop = {
             let (link, slot, stop, amqp) = (link.clone(), slot.clone(), stop.clone(), config.amqp.clone());
             tokio::spawn(async move {
@@ -108,6 +111,7 @@ impl TaskApi {
             limits: config.limits,
             schemas: Default::default(),
             watches: Watches::new(config.api.max_watches_per_caller),
+            metrics: api_metrics,
         };
         let steps = Steps { tasks: tasks.clone() };
         let analytics = analytics::Analytics { store: store.clone() };

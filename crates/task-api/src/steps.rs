@@ -14,6 +14,7 @@ use crate::{
     tasks::Tasks,
 };
 use tasker_domain::TraceContext;
+use tasker_store::TaskRef;
 use tracing::Instrument;
 
 #[derive(Clone)]
@@ -41,11 +42,11 @@ impl Steps {
         id: Uuid,
         action: &'static str,
         received: &TraceContext,
-    ) -> ApiResult<tracing::Span> {
+    ) -> ApiResult<(tracing::Span, TaskRef)> {
         caller.require(permission)?;
         let task = self.tasks.store.step_ref(id).await?;
         caller.require_namespace(&task.namespace)?;
-        Ok(spans::operator(action, &task, received))
+        Ok((spans::operator(action, &task, received), task))
     }
 }
 
@@ -66,7 +67,7 @@ impl StepService for Steps {
         let r = request.into_inner();
         let id = parse_id("step_id", &r.step_id)?;
         input::text("reason", &r.reason, input::MAX_TEXT_BYTES)?;
-        let span = self.act_on_step(&caller, "steps:retry", id, "RetryStep", &received).await?;
+        let (span, task) = self.act_on_step(&caller, "steps:retry", id, "RetryStep", &received).await?;
         let actor = Actor { who: caller.subject, reason: r.reason };
         let retried = async {
             let task_id = self.tasks.store.retry_step(id, &actor).await.map_err(ApiError::from)?;
@@ -74,6 +75,7 @@ impl StepService for Steps {
             self.tasks.store.step(id, false).await.map_err(ApiError::from)
         };
         let step = retried.instrument(span).await?;
+        self.tasks.metrics.action(&task.namespace, &task.name, "retry");
         Ok(Response::new(convert::step(&step)))
     }
 
@@ -86,7 +88,7 @@ impl StepService for Steps {
         // the children receive these results: the same rules as a handler's
         input::json("results_json", results, self.tasks.limits.max_results_bytes)?;
         input::text("reason", &r.reason, input::MAX_TEXT_BYTES)?;
-        let span = self.act_on_step(&caller, "steps:resolve", id, "ResolveStep", &received).await?;
+        let (span, task) = self.act_on_step(&caller, "steps:resolve", id, "ResolveStep", &received).await?;
         let actor = Actor { who: caller.subject, reason: r.reason };
         let resolved = async {
             let task_id =
@@ -95,6 +97,7 @@ impl StepService for Steps {
             self.tasks.store.step(id, false).await.map_err(ApiError::from)
         };
         let step = resolved.instrument(span).await?;
+        self.tasks.metrics.action(&task.namespace, &task.name, "resolve");
         Ok(Response::new(convert::step(&step)))
     }
 }

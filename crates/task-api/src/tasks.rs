@@ -39,6 +39,7 @@ pub struct Tasks {
     /// Compiled input schemas by template id (a registered version never changes).
     pub(crate) schemas: Arc<Mutex<HashMap<Uuid, Option<Arc<ContextSchema>>>>>,
     pub(crate) watches: Watches,
+    pub(crate) metrics: crate::metrics::ApiMetrics,
 }
 
 /// WatchTask streams open per caller, bounded (`api.max_watches_per_caller`).
@@ -139,6 +140,7 @@ impl Tasks {
         let outcome = self.store.create_task(&new).await.map_err(refused_in("context_json"))?;
         let view = match outcome.view {
             Some(view) => {
+                self.metrics.created(&view.task.namespace, &view.task.name);
                 self.request(outcome.task_id).await;
                 view
             }
@@ -363,6 +365,7 @@ impl TaskService for Tasks {
             self.store.task(id, false).await.map_err(ApiError::from)
         };
         let view = cancelled.instrument(span).await?;
+        self.metrics.action(&view.task.namespace, &view.task.name, "cancel");
         Ok(Response::new(convert::task(&view)))
     }
 

@@ -36,3 +36,46 @@ pub fn store_check(store: &Store) -> ReadyCheck {
         async move { store.ping().await.map_err(|e| e.to_string()) }
     })
 }
+
+/// The database pool's gauges, read at each scrape: `tasker_db_pool_connections{state}`
+/// (`in_use`, `idle`), `tasker_db_pool_max` and `tasker_db_pool_waiting` (callers waiting
+/// for a connection: the pool is too small, or the database slow).
+pub fn register_store_metrics(store: &Store, registry: &mut prometheus_client::registry::Registry) {
+    registry.register_collector(Box::new(PoolCollector(store.clone())));
+}
+
+struct PoolCollector(Store);
+
+impl std::fmt::Debug for PoolCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for PoolCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{
+            encoding::EncodeMetric,
+            metrics::{MetricType, gauge::ConstGauge},
+        };
+        let status = self.0.pool_status();
+        let mut connections = encoder.encode_descriptor(
+            "tasker_db_pool_connections",
+            "Database connections by state",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, n) in [("in_use", status.open.saturating_sub(status.idle)), ("idle", status.idle)] {
+            let labels = [("state", state)];
+            ConstGauge::new(n as i64).encode(connections.encode_family(&labels)?)?;
+        }
+        for (name, help, value) in [
+            ("tasker_db_pool_max", "Most database connections the pool opens", status.max),
+            ("tasker_db_pool_waiting", "Callers waiting for a database connection", status.waiting),
+        ] {
+            let gauge = ConstGauge::new(value as i64);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}

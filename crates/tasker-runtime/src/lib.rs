@@ -16,7 +16,7 @@ pub use config::{
     AmqpConfig, ApiConfig, Config, DatabaseConfig, HealthConfig, LogConfig, LogFormat, OrchestratorConfig,
     PublisherConfig, ServerTls, TelemetryConfig, WorkerConfig,
 };
-pub use connect::{connect_broker, connect_store, store_check, topology};
+pub use connect::{connect_broker, connect_store, register_store_metrics, store_check, topology};
 pub use prometheus_client;
 pub use shutdown::{shutdown_on_signal, wait_for_signal};
 pub use supervise::{BrokerSlot, hold_delay, join_loops, reconnect_delay, supervise, watch_connection};

@@ -84,6 +84,15 @@ pub async fn ensure_database(database_url: &str) -> Result<()> {
     Ok(())
 }
 
+/// See [`Store::pool_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub max: usize,
+    pub open: usize,
+    pub idle: usize,
+    pub waiting: usize,
+}
+
 /// A pool of connections to Tasker's database.
 #[derive(Clone)]
 pub struct Store {
@@ -118,6 +127,13 @@ impl Store {
     /// Starts a transaction (its `BEGIN` goes out with its first round trip).
     pub async fn begin(&self) -> Result<Tx> {
         Ok(Tx::new(self.pool.get().await?))
+    }
+
+    /// The pool now: its limit, connections open, idle among them, and callers waiting
+    /// for one.
+    pub fn pool_status(&self) -> PoolStatus {
+        let s = self.pool.status();
+        PoolStatus { max: s.max_size, open: s.size, idle: s.available, waiting: s.waiting }
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {

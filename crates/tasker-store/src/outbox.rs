@@ -9,7 +9,7 @@ use tokio_postgres::{AsyncMessage, types::ToSql};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{Result, Store, Tx};
+use crate::{Result, Store, Tx, counter::Counted};
 
 /// One relay at a time holds this transaction-scoped advisory lock, so several
 /// event-publisher replicas never interleave and per-task order holds.
@@ -58,6 +58,13 @@ impl OutboxBatch {
 }
 
 impl Store {
+    /// Events written and not yet relayed.
+    pub async fn outbox_depth(&self) -> Result<u64> {
+        let client = self.client().await?;
+        let stmt = client.statement("SELECT count(*) FROM outbox").await?;
+        Ok(client.query_one(&stmt, &[]).await?.get::<_, i64>(0).max(0) as u64)
+    }
+
     /// Claims up to `limit` of the oldest events. `None` when another relay holds the
     /// lock; an empty batch when there is nothing to relay.
     pub async fn claim_outbox(&self, limit: i64) -> Result<Option<OutboxBatch>> {

@@ -46,6 +46,8 @@ pub struct NewTask<'a> {
 #[derive(Debug, Clone)]
 pub struct TaskRef {
     pub namespace: String,
+    /// The task's name (its template's).
+    pub name: String,
     pub trace: tasker_domain::TraceContext,
 }
 
@@ -328,12 +330,12 @@ impl Store {
     /// The namespace and trace context of a task (for permission checks and the spans of
     /// operator actions).
     pub async fn task_ref(&self, id: Uuid) -> Result<TaskRef> {
-        self.task_ref_of("SELECT namespace, traceparent, tracestate FROM tasks WHERE id = $1", id, "task").await
+        self.task_ref_of("SELECT namespace, name, traceparent, tracestate FROM tasks WHERE id = $1", id, "task").await
     }
 
     /// The namespace and trace context of a step's task.
     pub async fn step_ref(&self, id: Uuid) -> Result<TaskRef> {
-        let sql = "SELECT t.namespace, t.traceparent, t.tracestate FROM workflow_steps s \
+        let sql = "SELECT t.namespace, t.name, t.traceparent, t.tracestate FROM workflow_steps s \
                    JOIN tasks t ON t.id = s.task_id WHERE s.id = $1";
         self.task_ref_of(sql, id, "step").await
     }
@@ -345,7 +347,8 @@ impl Store {
             client.query_opt(&stmt, &[&id]).await?.ok_or_else(|| Error::NotFound(format!("{what} {id} not found")))?;
         Ok(TaskRef {
             namespace: row.get(0),
-            trace: tasker_domain::TraceContext { traceparent: row.get(1), tracestate: row.get(2) },
+            name: row.get(1),
+            trace: tasker_domain::TraceContext { traceparent: row.get(2), tracestate: row.get(3) },
         })
     }
 

@@ -58,6 +58,8 @@ pub struct System {
     pub api_admin: SocketAddr,
     pub orchestrator_admin: SocketAddr,
     pub publisher_admin: SocketAddr,
+    /// The workers' admin endpoints, in the order they were started.
+    pub worker_admins: Vec<SocketAddr>,
     config: Config,
     channel: Channel,
     services: Vec<Running>,
@@ -125,7 +127,16 @@ impl System {
             crate::wait_status(admin, "/health/ready", 200).await;
         }
         let config = config_for("step-worker");
-        let mut system = System { api_addr, api_admin, orchestrator_admin, publisher_admin, config, channel, services };
+        let mut system = System {
+            api_addr,
+            api_admin,
+            orchestrator_admin,
+            publisher_admin,
+            worker_admins: Vec::new(),
+            config,
+            channel,
+            services,
+        };
         for spec in workers {
             system.add_worker(env, spec).await;
         }
@@ -142,6 +153,7 @@ impl System {
         config.worker.namespaces = spec.namespaces;
         config.worker.concurrency = spec.concurrency;
         let worker = Worker::bind(config, spec.registry).await.expect("bind step-worker");
+        self.worker_admins.push(worker.admin_addr());
         let stop = CancellationToken::new();
         let handle = tokio::spawn(worker.run(stop.clone()));
         self.services.push(Running { name: format!("worker {}", spec.id), stop, handle });

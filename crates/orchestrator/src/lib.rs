@@ -57,11 +57,13 @@ impl Orchestrator {
         slot.register(&mut registry);
         tasker_runtime::register_store_metrics(&store, &mut registry);
         let stop = shutdown.child_token();
-        let checks = vec![tasker_runtime::store_check(&store), slot.check()];
+        // ready: the database (schema current), the broker, and both input queues consumed
+        let consumers = tasker_runtime::Consumers::expecting(2);
+        let checks = vec![tasker_runtime::store_check(&store), slot.check(), consumers.check()];
         let admin = tokio::spawn(admin.serve(checks, registry, config.health.live_timeout, stop.clone()));
         let carried = Carried::default();
         let result = tasker_runtime::supervise("orchestrator", &stop, || {
-            orchestrate(&config, &store, &metrics, &slot, &carried, stop.clone())
+            orchestrate(&config, &store, &metrics, &slot, &carried, &consumers, stop.clone())
         })
         .await;
         stop.cancel();
@@ -78,6 +80,7 @@ async fn orchestrate(
     metrics: &Metrics,
     slot: &tasker_runtime::BrokerSlot,
     carried: &Carried,
+    consumers: &tasker_runtime::Consumers,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let settings = config.orchestrator.clone();
@@ -104,6 +107,7 @@ async fn orchestrate(
     let topology = broker.topology().clone();
     let tasks: Consumer<TaskRequest> = broker.consume(&topology.tasks_queue(), settings.prefetch).await?;
     let results: Consumer<StepReport> = broker.consume(&topology.results_queue(), settings.prefetch).await?;
+    let _attached = [consumers.attach(), consumers.attach()];
 
     let local = stop.child_token();
     let mut set = JoinSet::new();

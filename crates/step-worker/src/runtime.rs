@@ -98,11 +98,14 @@ impl Worker {
         slot.register(&mut metrics_registry);
         let stop = shutdown.child_token();
         let live_timeout = config.health.live_timeout;
-        let admin = tokio::spawn(admin.serve(vec![slot.check()], metrics_registry, live_timeout, stop.clone()));
+        // ready: connected, and consuming the step queue of every namespace it serves
+        let consumers = tasker_runtime::Consumers::expecting(config.worker.namespaces.len());
+        let checks = vec![slot.check(), consumers.check()];
+        let admin = tokio::spawn(admin.serve(checks, metrics_registry, live_timeout, stop.clone()));
         tracing::info!(worker_id, namespaces = ?config.worker.namespaces, handlers = ?registry.names(), "step worker starting");
         let unreported = Unreported::default();
         let result = tasker_runtime::supervise("step-worker", &stop, || {
-            consume_all(&config, &registry, &worker_id, &metrics, &slot, &unreported, stop.clone())
+            consume_all(&config, &registry, &worker_id, &metrics, &slot, &unreported, &consumers, stop.clone())
         })
         .await;
         stop.cancel();
@@ -119,6 +122,7 @@ async fn consume_all(
     metrics: &Metrics,
     slot: &tasker_runtime::BrokerSlot,
     unreported: &Unreported,
+    consumers: &tasker_runtime::Consumers,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let settings = &config.worker;
@@ -135,10 +139,12 @@ async fn consume_all(
     let local = stop.child_token();
     let mut set = JoinSet::new();
     tasker_runtime::watch_connection(&mut set, broker.clone(), local.clone());
+    let mut attached = Vec::with_capacity(settings.namespaces.len());
     for ns in &settings.namespaces {
         broker.declare_steps(ns).await.with_context(|| format!("declaring the step queue of `{ns}`"))?;
         let queue = broker.topology().steps_queue(ns);
         let consumer: Consumer<StepExecution> = broker.consume(&queue, settings.concurrency).await?;
+        attached.push(consumers.attach());
         set.spawn(runner.clone().consume(consumer, settings.drain_timeout, local.clone()));
     }
     tracing::info!(worker_id, "step worker consuming");

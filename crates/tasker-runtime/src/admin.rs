@@ -1,7 +1,7 @@
 //! The HTTP admin endpoint each service serves: `/health/live` (the process answers, and
 //! no dependency has been down longer than `health.live_timeout`), `/health/ready` (every
-//! dependency check passes; 503 naming the failing ones otherwise) and `/metrics`
-//! (Prometheus text).
+//! dependency check passes; 503 naming the failing ones otherwise), `/health/status`
+//! (every check, passing or not, as JSON) and `/metrics` (Prometheus text).
 
 use std::{
     collections::HashMap,
@@ -54,10 +54,11 @@ impl Admin {
         let mut registry = registry;
         registry.register_collector(Box::new(StatementCounter));
         let registry = Arc::new(registry);
-        let health = Arc::new(Health { checks, live_timeout, down_since: Mutex::default() });
+        let health = Arc::new(Health { checks, live_timeout, down_since: Mutex::default(), started: Instant::now() });
         let app = Router::new()
             .route("/health/live", get(live))
             .route("/health/ready", get(ready))
+            .route("/health/status", get(status))
             .with_state(health)
             .route("/metrics", get(move || metrics(registry.clone())));
         axum::serve(self.listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
@@ -69,11 +70,13 @@ struct Health {
     checks: Vec<ReadyCheck>,
     live_timeout: Duration,
     down_since: Mutex<HashMap<&'static str, Instant>>,
+    started: Instant,
 }
 
 impl Health {
-    /// Runs every check; returns the failing ones with how long each has been failing.
-    async fn run(&self) -> Vec<(String, Duration)> {
+    /// Runs every check: each one's name, its problem (if failing) and how long it has
+    /// been failing.
+    async fn run_all(&self) -> Vec<(&'static str, Option<String>, Duration)> {
         let results = join_all(self.checks.iter().map(|(name, check)| {
             let fut = check();
             async move { (*name, fut.await) }
@@ -82,16 +85,25 @@ impl Health {
         let mut down_since = self.down_since.lock().expect("health lock");
         results
             .into_iter()
-            .filter_map(|(name, result)| match result {
+            .map(|(name, result)| match result {
                 Ok(()) => {
                     down_since.remove(name);
-                    None
+                    (name, None, Duration::ZERO)
                 }
                 Err(problem) => {
                     let since = *down_since.entry(name).or_insert_with(Instant::now);
-                    Some((format!("{name}: {problem}"), since.elapsed()))
+                    (name, Some(problem), since.elapsed())
                 }
             })
+            .collect()
+    }
+
+    /// The failing checks, with how long each has been failing.
+    async fn run(&self) -> Vec<(String, Duration)> {
+        self.run_all()
+            .await
+            .into_iter()
+            .filter_map(|(name, problem, down)| Some((format!("{name}: {}", problem?), down)))
             .collect()
     }
 }
@@ -104,6 +116,28 @@ async fn ready(State(health): State<Arc<Health>>) -> (StatusCode, String) {
         let lines: Vec<String> = failing.iter().map(|(what, down)| format!("{what} (for {down:.0?})")).collect();
         (StatusCode::SERVICE_UNAVAILABLE, format!("not ready\n{}\n", lines.join("\n")))
     }
+}
+
+/// Every check as JSON: `{"ready", "live", "version", "uptime_seconds", "checks": [{"name",
+/// "ok", "problem", "failing_for_seconds"}]}`; 200 when ready, 503 otherwise.
+async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let checks = health.run_all().await;
+    let ready = checks.iter().all(|(_, problem, _)| problem.is_none());
+    let live = checks.iter().all(|(_, problem, down)| problem.is_none() || *down < health.live_timeout);
+    let body = serde_json::json!({
+        "ready": ready,
+        "live": live,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": health.started.elapsed().as_secs(),
+        "checks": checks.iter().map(|(name, problem, down)| serde_json::json!({
+            "name": name,
+            "ok": problem.is_none(),
+            "problem": problem,
+            "failing_for_seconds": down.as_secs_f64(),
+        })).collect::<Vec<_>>(),
+    });
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string())
 }
 
 /// Live unless a dependency has been down past the timeout: then a restart is the best

@@ -28,13 +28,58 @@ pub async fn connect_broker(config: &AmqpConfig, service: &str) -> anyhow::Resul
     Broker::connect_trusting(&config.url, ca, topology(config)?, &name).await.context("connecting to the broker")
 }
 
-/// Readiness check: a database round trip.
+/// Readiness check: a database round trip, and every migration this build carries
+/// applied (a replica of a newer build waits until the schema is there).
 pub fn store_check(store: &Store) -> ReadyCheck {
     let store = store.clone();
     ready_check("database", move || {
         let store = store.clone();
-        async move { store.ping().await.map_err(|e| e.to_string()) }
+        async move {
+            let pending = tasker_store::pending_migrations(&store).await.map_err(|e| e.to_string())?;
+            match pending.as_slice() {
+                [] => Ok(()),
+                versions => Err(format!("{} migration(s) not applied: {versions:?}", versions.len())),
+            }
+        }
     })
+}
+
+/// How many of a service's consumers are attached to their queues, for readiness: a
+/// connected service that is not consuming is not ready.
+#[derive(Clone)]
+pub struct Consumers {
+    attached: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    expected: usize,
+}
+
+impl Consumers {
+    pub fn expecting(expected: usize) -> Consumers {
+        Consumers { attached: Default::default(), expected }
+    }
+
+    /// Counts one consumer attached until the returned guard is dropped.
+    pub fn attach(&self) -> AttachedConsumer {
+        self.attached.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        AttachedConsumer(self.attached.clone())
+    }
+
+    pub fn check(&self) -> ReadyCheck {
+        let consumers = self.clone();
+        ready_check("consumers", move || {
+            let attached = consumers.attached.load(std::sync::atomic::Ordering::SeqCst);
+            let expected = consumers.expected;
+            async move { if attached >= expected { Ok(()) } else { Err(format!("{attached} of {expected} attached")) } }
+        })
+    }
+}
+
+/// See [`Consumers::attach`].
+pub struct AttachedConsumer(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for AttachedConsumer {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The database pool's gauges, read at each scrape: `tasker_db_pool_connections{state}`

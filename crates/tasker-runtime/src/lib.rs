@@ -16,7 +16,9 @@ pub use config::{
     AmqpConfig, ApiConfig, Config, DatabaseConfig, HealthConfig, LogConfig, LogFormat, OrchestratorConfig,
     PublisherConfig, ServerTls, TelemetryConfig, WorkerConfig,
 };
-pub use connect::{connect_broker, connect_store, register_store_metrics, store_check, topology};
+pub use connect::{
+    AttachedConsumer, Consumers, connect_broker, connect_store, register_store_metrics, store_check, topology,
+};
 pub use prometheus_client;
 pub use shutdown::{shutdown_on_signal, wait_for_signal};
 pub use supervise::{BrokerSlot, hold_delay, join_loops, reconnect_delay, supervise, watch_connection};
@@ -61,7 +63,7 @@ where
     tracing::info!(
         service = name,
         version = env!("CARGO_PKG_VERSION"),
-        traces = config.telemetry.otlp_endpoint.is_some(),
+        traces = config.telemetry.otlp_endpoint.as_deref().is_some_and(|e| !e.trim().is_empty()),
         "starting"
     );
     let code = match run(config, shutdown).await {

@@ -68,7 +68,8 @@ pub fn init_tracing(log: &LogConfig, telemetry: &TelemetryConfig, service: &str)
             .boxed(),
         LogFormat::Pretty => fmt::layer().with_target(false).compact().boxed(),
     };
-    let provider = match &telemetry.otlp_endpoint {
+    // an empty endpoint (an unset variable in docker-compose) is no endpoint
+    let provider = match telemetry.otlp_endpoint.as_deref().map(str::trim).filter(|e| !e.is_empty()) {
         Some(endpoint) => Some(provider(endpoint, telemetry, service)?),
         None => None,
     };

@@ -62,6 +62,20 @@ pub async fn migrate(database_url: &str) -> Result<()> {
     .map_err(Error::migrate)?
 }
 
+/// The migrations this build carries that the database has not applied (successfully):
+/// empty when the schema is current.
+pub async fn pending_migrations(store: &Store) -> Result<Vec<i64>> {
+    let client = store.client().await?;
+    counter::count(1);
+    let applied: Vec<i64> = match client.query("SELECT version FROM _sqlx_migrations WHERE success", &[]).await {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        // no migration table: nothing applied
+        Err(e) if e.as_db_error().is_some_and(|db| db.code().code() == "42P01") => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(MIGRATOR.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect())
+}
+
 /// Creates the database the URL names if it does not exist, connecting to the server's
 /// `postgres` database to do so.
 pub async fn ensure_database(database_url: &str) -> Result<()> {

@@ -10,6 +10,7 @@ mod events;
 mod faults;
 mod foreign;
 mod hardening;
+mod health;
 mod metrics;
 mod operator;
 mod retries;

@@ -103,9 +103,9 @@ impl Worker {
         let checks = vec![slot.check(), consumers.check()];
         let admin = tokio::spawn(admin.serve(checks, metrics_registry, live_timeout, stop.clone()));
         tracing::info!(worker_id, namespaces = ?config.worker.namespaces, handlers = ?registry.names(), "step worker starting");
-        let unreported = Unreported::default();
+        let lasting = Lasting { metrics, slot, unreported: Unreported::default(), consumers };
         let result = tasker_runtime::supervise("step-worker", &stop, || {
-            consume_all(&config, &registry, &worker_id, &metrics, &slot, &unreported, &consumers, stop.clone())
+            consume_all(&config, &registry, &worker_id, &lasting, stop.clone())
         })
         .await;
         stop.cancel();
@@ -114,17 +114,23 @@ impl Worker {
     }
 }
 
+/// What outlives a broker connection.
+struct Lasting {
+    metrics: Metrics,
+    slot: tasker_runtime::BrokerSlot,
+    unreported: Unreported,
+    consumers: tasker_runtime::Consumers,
+}
+
 /// One connection's life: consume every namespace until `stop` (Ok) or a failure (Err).
 async fn consume_all(
     config: &Config,
     registry: &Registry,
     worker_id: &str,
-    metrics: &Metrics,
-    slot: &tasker_runtime::BrokerSlot,
-    unreported: &Unreported,
-    consumers: &tasker_runtime::Consumers,
+    lasting: &Lasting,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Lasting { metrics, slot, unreported, consumers } = lasting;
     let settings = &config.worker;
     let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "step-worker").await?);
     slot.set(Some(broker.clone()));

@@ -3,6 +3,7 @@
 //! reference points, and prints min/median/max over repeats (plus a JSON file).
 
 mod cpu;
+mod history;
 mod reference;
 mod scenarios;
 mod services;
@@ -39,7 +40,8 @@ struct Args {
     /// Smaller counts, for a quick look.
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (e.g. `--only B1,B4`); the table then has only their rows.
+    /// Run only these scenarios (e.g. `--only B1,B4`; `A` for the analytics figures); the
+    /// table then has only their rows.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Serve task-api over TLS with this certificate (PEM; it must name 127.0.0.1) and
@@ -126,6 +128,7 @@ fn templates() -> Vec<String> {
         sleep.push_str(&format!("  - {{ name: s{i}, handler: sleep, config: {{ ms: 50 }} }}\n"));
     }
     all.push(sleep);
+    all.push(history::TEMPLATE.into());
     all
 }
 
@@ -143,7 +146,7 @@ async fn run(args: &Args, services: &mut Services) -> anyhow::Result<Vec<Vec<Fig
     config.amqp.prefix = PREFIX.into();
     let broker = tasker_runtime::connect_broker(&config.amqp, "tasker-bench").await?;
     let completions = scenarios::Completions::listen(broker.subscribe_events(&["*.*.task.completed"]).await?);
-    let bench = Bench { client: TaskServiceClient::new(channel), broker, completions, quick: args.quick };
+    let bench = Bench { client: TaskServiceClient::new(channel.clone()), broker, completions, quick: args.quick };
     // warm up: connections, prepared statements, queue declarations
     bench.b1_b2().await?;
     let vacuum = Vacuum::connect(&args.database_url).await?;
@@ -174,6 +177,18 @@ async fn run(args: &Args, services: &mut Services) -> anyhow::Result<Vec<Vec<Fig
             figures.extend(got);
         }
         repeats.push(figures);
+    }
+    // analytics last: the history it writes would change the figures above
+    if args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case("A")) {
+        eprintln!("bench: analytics (A1–A5) on a long history");
+        history::seed(&args.database_url).await?;
+        for (r, figures) in repeats.iter_mut().enumerate() {
+            let got = history::measure(channel.clone()).await?;
+            for f in &got {
+                eprintln!("  repeat {} {:<3} {:<48} {:>10.2} {}", r + 1, f.id, f.name, f.value, f.unit);
+            }
+            figures.extend(got);
+        }
     }
     bench.broker.close().await?;
     Ok(repeats)

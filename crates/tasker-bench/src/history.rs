@@ -28,7 +28,7 @@ pub async fn seed(database_url: &str) -> anyhow::Result<i64> {
         .batch_execute(&format!(
             "BEGIN;
              CREATE TEMP TABLE h ON COMMIT DROP AS
-               SELECT gen_random_uuid() AS id, now() - (g * {seconds} / {TASKS}) * interval '1 second' AS at,
+               SELECT gen_random_uuid() AS id, now() - (g * {seconds}::float8 / {TASKS}) * interval '1 second' AS at,
                       g % 20 = 0 AS failed, g
                FROM generate_series(1, {TASKS}) g;
              INSERT INTO tasks (id, named_task_id, namespace, name, version, status, context, created_at, started_at,

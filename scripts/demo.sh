@@ -6,6 +6,7 @@
 #     the demo, which it shows), orchestrator, event-publisher and two step workers,
 #   - registers the example templates, submits an e-commerce order,
 #   - prints its lifecycle events live, then the final state of the task and each step,
+#     and the analytics of the last minutes (taskerctl stats),
 #   - stops everything (or, with --keep, leaves it running; `scripts/demo.sh --stop` stops it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -110,6 +111,9 @@ EVENTS=""
 echo
 echo "demo: final state"
 "$BIN/taskerctl" task get "$task_id"
+echo
+echo "demo: analytics of the last 10 minutes (taskerctl stats)"
+"$BIN/taskerctl" stats --window 10m --limit 3
 echo
 if [ "$KEEP" -eq 1 ]; then
   echo "demo: services keep running (API on 127.0.0.1:50051, auth on). Try:"

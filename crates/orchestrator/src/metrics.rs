@@ -31,6 +31,7 @@ pub struct Metrics {
     step_run: Histograms,
     queue_wait: Histograms,
     dropped_by: Family<Labels, Counter>,
+    retired: Counter,
     dispatched: Counter,
     completed: Counter,
     failed: Counter,
@@ -53,6 +54,7 @@ impl Metrics {
             step_run: Family::new_with_constructor(seconds),
             queue_wait: Family::new_with_constructor(seconds),
             dropped_by: Family::default(),
+            retired: Counter::default(),
             dispatched: Counter::default(),
             completed: Counter::default(),
             failed: Counter::default(),
@@ -95,6 +97,11 @@ impl Metrics {
             "step_queue_wait_seconds",
             "From a step enqueued to its attempt started by a worker, by namespace and task",
             m.queue_wait.clone(),
+        );
+        r.register(
+            "tasks_retired",
+            "Finished tasks deleted with their history past orchestrator.retention",
+            m.retired.clone(),
         );
         r.register(
             "reports_dropped_by_reason",
@@ -157,6 +164,9 @@ impl Metrics {
         labels.push(("outcome", outcome.to_owned()));
         self.step_attempts.get_or_create(&labels).inc();
         self.step_run.get_or_create(&labels).observe(ms as f64 / 1000.0);
+    }
+    pub fn retired(&self, n: u64) {
+        self.retired.inc_by(n);
     }
     pub fn queue_wait(&self, namespace: &str, task: &str, ms: u64) {
         self.queue_wait.get_or_create(&task_labels(namespace, task)).observe(ms as f64 / 1000.0);

@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{Pipeline, Work};
 
 const SWEEP_LIMIT: i64 = 500;
+const RETENTION_BATCH: i64 = 500;
+const RETENTION_BATCHES: usize = 20;
 
 /// Re-dispatches steps whose retry is due. Wakes at the earliest due time this process
 /// scheduled, and at least every `poll` (for retries other replicas scheduled).
@@ -117,6 +119,27 @@ async fn sweep(pipeline: &Pipeline, store: &Store, config: &OrchestratorConfig) 
     if !items.is_empty() {
         tracing::info!(items = items.len(), "sweeper repairing stuck work");
         pipeline.process(&items).await?;
+    }
+    if let Some(age) = config.retention {
+        retire(pipeline, store, age).await?;
+    }
+    Ok(())
+}
+
+/// Deletes finished tasks past the retention age: batches of `RETENTION_BATCH`, at most
+/// `RETENTION_BATCHES` per sweep, so a long backlog (retention just turned on) drains over
+/// several sweeps without holding the database.
+async fn retire(pipeline: &Pipeline, store: &Store, age: std::time::Duration) -> anyhow::Result<()> {
+    for _ in 0..RETENTION_BATCHES {
+        let deleted = store.delete_finished_tasks(age, RETENTION_BATCH).await?;
+        pipeline.metrics.retired(deleted);
+        if deleted > 0 {
+            tracing::debug!(deleted, "finished tasks past retention deleted");
+        }
+        if (deleted as i64) < RETENTION_BATCH {
+            break;
+        }
+        tokio::task::yield_now().await;
     }
     Ok(())
 }

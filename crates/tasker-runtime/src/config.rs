@@ -201,6 +201,10 @@ pub struct OrchestratorConfig {
     /// A step `in_progress` past its timeout plus this grace fails as timed out.
     #[serde(with = "humantime_serde")]
     pub timeout_grace: Duration,
+    /// Finished tasks (complete, error, cancelled) older than this are deleted with their
+    /// steps and history, in bounded batches by the sweeper; unset: kept for good.
+    #[serde(with = "humantime_serde")]
+    pub retention: Option<Duration>,
 }
 
 impl Default for OrchestratorConfig {
@@ -215,6 +219,7 @@ impl Default for OrchestratorConfig {
             pending_task_timeout: Duration::from_secs(30),
             enqueued_step_timeout: Duration::from_secs(300),
             timeout_grace: Duration::from_secs(10),
+            retention: None,
         }
     }
 }

@@ -450,6 +450,32 @@ impl Store {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    /// Deletes up to `limit` tasks finished (complete, error, cancelled) more than
+    /// `older_than` ago, with their steps, edges and transitions, in one statement (rows
+    /// another transaction holds are skipped, not waited for). Returns how many went.
+    pub async fn delete_finished_tasks(&self, older_than: std::time::Duration, limit: i64) -> Result<u64> {
+        let client = self.client().await?;
+        let stmt = client
+            .statement(
+                "WITH doomed AS ( \
+                   SELECT id FROM tasks WHERE status IN ('complete', 'error', 'cancelled') \
+                   AND completed_at < now() - make_interval(secs => $1::float8) \
+                   ORDER BY completed_at LIMIT $2 FOR UPDATE SKIP LOCKED \
+                 ), edges AS ( \
+                   DELETE FROM workflow_step_edges WHERE task_id IN (SELECT id FROM doomed) \
+                 ), step_history AS ( \
+                   DELETE FROM workflow_step_transitions WHERE task_id IN (SELECT id FROM doomed) \
+                 ), task_history AS ( \
+                   DELETE FROM task_transitions WHERE task_id IN (SELECT id FROM doomed) \
+                 ), steps AS ( \
+                   DELETE FROM workflow_steps WHERE task_id IN (SELECT id FROM doomed) \
+                 ) \
+                 DELETE FROM tasks WHERE id IN (SELECT id FROM doomed)",
+            )
+            .await?;
+        Ok(client.execute(&stmt, &[&older_than.as_secs_f64(), &limit]).await?)
+    }
+
     /// `(task, step)` of retries due now.
     pub async fn due_retries(&self, limit: i64) -> Result<Vec<(Uuid, Uuid)>> {
         let client = self.client().await?;

@@ -13,6 +13,7 @@ mod hardening;
 mod health;
 mod metrics;
 mod operator;
+mod retention;
 mod retries;
 mod shapes;
 mod skeleton;

@@ -55,3 +55,50 @@ async fn secrets_stay_out_of_logs_and_metrics() {
     }
     env.cleanup().await;
 }
+
+/// The real binary exports its spans over OTLP with its own service name, version and
+/// instance, continuing the caller's trace; what is still buffered at SIGTERM is flushed
+/// before the process exits (the export interval here is far longer than the test).
+#[tokio::test]
+async fn spans_are_exported_as_task_api_and_flushed_at_stop() {
+    use tasker_proto::v1::{
+        self as pb, task_service_client::TaskServiceClient, template_service_client::TemplateServiceClient,
+    };
+    let env = TestEnv::new().await;
+    let collector = tasker_test_support::OtlpCollector::start().await;
+    let endpoint = collector.endpoint();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let listen_text = listen.to_string();
+    let extra = [
+        ("TASKER_TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+        ("TASKER_TELEMETRY__EXPORT_INTERVAL", "10m"),
+        ("TASKER_TELEMETRY__INSTANCE", "api-under-test"),
+        ("TASKER_API__LISTEN", listen_text.as_str()),
+    ];
+    let api = Service::start(env!("CARGO_BIN_EXE_task-api"), &env, &extra, "task-api serving").await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{listen}")).unwrap().connect().await.unwrap();
+    let yaml = "namespace: exported\nname: one\nversion: 1.0.0\nsteps:\n  - { name: a, handler: echo }\n";
+    TemplateServiceClient::new(channel.clone())
+        .register_template(pb::RegisterTemplateRequest { yaml: yaml.into() })
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(pb::CreateTaskRequest {
+        namespace: "exported".into(),
+        name: "one".into(),
+        ..Default::default()
+    });
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
+    request.metadata_mut().insert("traceparent", format!("00-{trace_id}-10f067aa0ba902b7-01").parse().unwrap());
+    let task = TaskServiceClient::new(channel).create_task(request).await.unwrap().into_inner().task.unwrap();
+    assert!(collector.spans().is_empty(), "nothing exported before the interval or the stop");
+
+    api.stop_cleanly().await;
+    let spans = collector.wait_for(|spans| spans.iter().any(|s| s.name == "CreateTask")).await;
+    let create = spans.iter().find(|s| s.name == "CreateTask").unwrap();
+    assert_eq!(create.service, "task-api");
+    assert_eq!(create.resource["service.version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(create.resource["service.instance.id"], "api-under-test");
+    assert_eq!((create.trace_id.as_str(), create.parent_span_id.as_str()), (trace_id, "10f067aa0ba902b7"));
+    assert_eq!(create.attributes["task_id"], task.id);
+    env.cleanup().await;
+}

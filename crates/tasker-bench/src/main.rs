@@ -1,6 +1,7 @@
-//! `tasker-bench`: runs scenarios B1–B7 of `shared/bench.md` against the four services as
-//! separate release processes on real Postgres and RabbitMQ, beside the machine's physical
-//! reference points, and prints min/median/max over repeats (plus a JSON file).
+//! `tasker-bench`: runs scenarios B1–B7 of `shared/bench.md`, B9 (a 10,000-step task) and
+//! the analytics timings A1–A5 against the four services as separate release processes on
+//! real Postgres and RabbitMQ, beside the machine's physical reference points, and prints
+//! min/median/max over repeats (plus a JSON file).
 
 mod cpu;
 mod history;
@@ -22,7 +23,7 @@ use tokio_postgres::NoTls;
 use crate::{scenarios::Bench, services::Services, stats::Figure};
 
 #[derive(Debug, Parser)]
-#[command(about = "Tasker's benchmark (shared/bench.md, B1–B7)")]
+#[command(about = "Tasker's benchmark (shared/bench.md, B1–B7, B9, A1–A5)")]
 struct Args {
     /// Where the release binaries are.
     #[arg(long, default_value = "target/release")]
@@ -123,6 +124,19 @@ fn templates() -> Vec<String> {
         }
     }
     all.push(wide);
+    // B9: 100 layers of 100, each step after two of the layer before (limits raised for it)
+    let mut huge = String::from("namespace: bench\nname: wide10000\nversion: 1.0.0\nsteps:\n");
+    for layer in 0..100 {
+        for i in 0..100 {
+            let deps = if layer == 0 {
+                String::new()
+            } else {
+                format!("m{}_{i}, m{}_{}", layer - 1, layer - 1, (i + 1) % 100)
+            };
+            huge.push_str(&format!("  - {{ name: m{layer}_{i}, handler: noop, depends_on: [{deps}] }}\n"));
+        }
+    }
+    all.push(huge);
     let mut sleep = String::from("namespace: bench_sleep\nname: sleep10\nversion: 1.0.0\nsteps:\n");
     for i in 0..10 {
         sleep.push_str(&format!("  - {{ name: s{i}, handler: sleep, config: {{ ms: 50 }} }}\n"));
@@ -155,7 +169,7 @@ async fn run(args: &Args, services: &mut Services) -> anyhow::Result<Vec<Vec<Fig
     for r in 1..=args.repeats {
         eprintln!("bench: repeat {r}/{}", args.repeats);
         let mut figures = Vec::new();
-        for label in ["B1/B2", "B3", "B4", "B5", "B6", "B7"] {
+        for label in ["B1/B2", "B3", "B4", "B5", "B6", "B7", "B9"] {
             if !args.only.is_empty() && !args.only.iter().any(|o| label.split('/').any(|l| l.eq_ignore_ascii_case(o))) {
                 continue;
             }
@@ -167,7 +181,8 @@ async fn run(args: &Args, services: &mut Services) -> anyhow::Result<Vec<Vec<Fig
                 "B4" => bench.b4().await,
                 "B5" => bench.b5().await,
                 "B6" => bench.b6(services).await,
-                _ => bench.b7().await,
+                "B7" => bench.b7().await,
+                _ => bench.b9().await,
             };
             let got = result.with_context(|| format!("scenario {label}"))?;
             eprintln!("  {label}: {}", cpu::used(&cpu_before, &cpu::snapshot()));

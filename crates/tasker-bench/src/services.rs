@@ -24,6 +24,9 @@ impl Services {
             ("TASKER_AMQP__URL".into(), amqp_url.into()),
             ("TASKER_AMQP__PREFIX".into(), prefix.into()),
             ("TASKER_LOG__FILTER".into(), "warn".into()),
+            // B9's 10,000-step task (its template is about 700 KB)
+            ("TASKER_LIMITS__MAX_STEPS".into(), "10000".into()),
+            ("TASKER_LIMITS__MAX_TEMPLATE_BYTES".into(), (2 << 20).to_string()),
             ("TASKER_API__LISTEN".into(), format!("127.0.0.1:{API_PORT}")),
             ("TASKER_API__ADMIN_LISTEN".into(), format!("127.0.0.1:{}", ADMIN[0].1)),
             ("TASKER_ORCHESTRATOR__ADMIN_LISTEN".into(), format!("127.0.0.1:{}", ADMIN[1].1)),

@@ -214,7 +214,7 @@ impl Default for OrchestratorConfig {
             batch_size: 64,
             prefetch: 256,
             backoff: Backoff::default(),
-            retry_poll_interval: Duration::from_secs(1),
+            retry_poll_interval: Duration::from_secs(5),
             sweep_interval: Duration::from_secs(5),
             pending_task_timeout: Duration::from_secs(30),
             enqueued_step_timeout: Duration::from_secs(300),
@@ -270,7 +270,7 @@ pub struct PublisherConfig {
 
 impl Default for PublisherConfig {
     fn default() -> Self {
-        Self { admin_listen: ([0, 0, 0, 0], 9093).into(), batch_size: 500, poll_interval: Duration::from_secs(1) }
+        Self { admin_listen: ([0, 0, 0, 0], 9093).into(), batch_size: 500, poll_interval: Duration::from_secs(5) }
     }
 }
 

@@ -19,7 +19,7 @@ use tasker_proto::messages::{StepReport, step_report::Outcome as Reported};
 use tasker_store::{Dispatch, Progress, StepChange, StepRow, Store, TaskHead, Tx};
 use uuid::Uuid;
 
-use crate::metrics::Metrics;
+use crate::metrics::Tally;
 
 /// Something to do to a task.
 #[derive(Debug, Clone)]
@@ -52,6 +52,8 @@ pub struct Outcome {
     pub dispatches: Vec<Dispatch>,
     /// The earliest retry this batch scheduled.
     pub next_retry_at: Option<DateTime<Utc>>,
+    /// What the committed batch counted, for the metrics.
+    pub tally: Tally,
 }
 
 #[derive(Clone)]
@@ -59,12 +61,11 @@ pub struct Engine {
     store: Store,
     backoff: Backoff,
     limits: Limits,
-    metrics: Metrics,
 }
 
 impl Engine {
-    pub fn new(store: Store, backoff: Backoff, limits: Limits, metrics: Metrics) -> Engine {
-        Engine { store, backoff, limits, metrics }
+    pub fn new(store: Store, backoff: Backoff, limits: Limits) -> Engine {
+        Engine { store, backoff, limits }
     }
 
     /// Applies the items in one transaction (tasks locked in id order) and commits.
@@ -99,6 +100,7 @@ impl Engine {
             enqueued: Vec::new(),
             republished: Vec::new(),
             next_retry_at: None,
+            tally: Tally::default(),
         };
         for (task_id, work) in items {
             batch.apply(*task_id, work)?;
@@ -128,13 +130,14 @@ struct Batch<'a> {
     /// Steps whose current attempt is published again.
     republished: Vec<Uuid>,
     next_retry_at: Option<DateTime<Utc>>,
+    tally: Tally,
 }
 
 impl Batch<'_> {
     fn apply(&mut self, task_id: Uuid, work: &Work) -> tasker_store::Result<()> {
         let Some(task) = self.tasks.get(&task_id) else {
             tracing::warn!(%task_id, "work for an unknown task dropped");
-            self.engine.metrics.dropped("unknown task");
+            self.tally.dropped("unknown task");
             return Ok(());
         };
         let in_progress = task.status == TaskState::InProgress;
@@ -178,7 +181,7 @@ impl Batch<'_> {
             let started = change.started_at.unwrap_or(now);
             if let Some(wait) = step.enqueued_at.map(|enqueued| millis_between(enqueued, started)) {
                 metadata["wait_ms"] = json!(wait);
-                self.engine.metrics.queue_wait(&task.namespace, &task.name, wait);
+                self.tally.queue_wait(&task.namespace, &task.name, wait);
             }
         } else if step.status == StepState::InProgress
             && let Some(run) = step.started_at.map(|started| millis_between(started, now))
@@ -189,7 +192,7 @@ impl Batch<'_> {
                 StepState::WaitingForRetry => "retry",
                 _ => "error",
             };
-            self.engine.metrics.run_time(&task.namespace, &task.name, outcome, run);
+            self.tally.run_time(&task.namespace, &task.name, outcome, run);
         }
         let subject = task.subject();
         self.tx.transition_step(&subject, step, to, metadata, change)?;
@@ -240,9 +243,9 @@ impl Batch<'_> {
         }
     }
 
-    fn drop_stale(&self, task_id: Uuid, step: Uuid, attempt: u32, why: &'static str) {
+    fn drop_stale(&mut self, task_id: Uuid, step: Uuid, attempt: u32, why: &'static str) {
         tracing::debug!(%task_id, step_id = %step, attempt, why, "stale step report dropped");
-        self.engine.metrics.dropped(why);
+        self.tally.dropped(why);
     }
 
     fn report(&mut self, task_id: Uuid, report: &StepReport) -> tasker_store::Result<()> {
@@ -287,7 +290,7 @@ impl Batch<'_> {
                     Ok(results) => {
                         let change = StepChange { results: Some(results), ..Default::default() };
                         self.transition(&mut step, StepState::Complete, worker, change)?;
-                        self.engine.metrics.completed();
+                        self.tally.completed();
                         self.release_children(step.id);
                         Ok(())
                     }
@@ -361,12 +364,12 @@ impl Batch<'_> {
                     StepChange { error: Some(error.to_string()), next_attempt_at: Some(due), ..Default::default() };
                 self.transition(step, StepState::WaitingForRetry, metadata, change)?;
                 self.next_retry_at = Some(self.next_retry_at.map_or(due, |t| t.min(due)));
-                self.engine.metrics.retried();
+                self.tally.retried();
             }
             FailureDecision::Fail => {
                 let change = StepChange { error: Some(error.to_string()), ..Default::default() };
                 self.transition(step, StepState::Error, metadata, change)?;
-                self.engine.metrics.failed();
+                self.tally.failed();
             }
         }
         Ok(())
@@ -431,7 +434,7 @@ impl Batch<'_> {
             self.tx.transition_task(task, to, metadata)?;
             let seconds = (Utc::now() - task.created_at).num_milliseconds().max(0) as f64 / 1000.0;
             let outcome = if to == TaskState::Complete { "complete" } else { "error" };
-            self.engine.metrics.task_finished(&task.namespace, &task.name, outcome, seconds);
+            self.tally.task_finished(&task.namespace, &task.name, outcome, seconds);
         }
 
         let mut to_dispatch: Vec<StepRow> = self
@@ -443,8 +446,8 @@ impl Batch<'_> {
             .collect();
         to_dispatch.extend(self.republished.iter().filter_map(|id| self.steps.get(id)).cloned());
         let dispatches = self.tx.commit_dispatching(&self.tasks, &to_dispatch, &self.republished).await?;
-        self.engine.metrics.dispatched(dispatches.len());
-        Ok(Outcome { dispatches, next_retry_at: self.next_retry_at })
+        self.tally.dispatched(dispatches.len());
+        Ok(Outcome { dispatches, next_retry_at: self.next_retry_at, tally: self.tally })
     }
 }
 

@@ -87,7 +87,7 @@ async fn orchestrate(
     let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "orchestrator").await?);
     slot.set(Some(broker.clone()));
     broker.declare_orchestrator().await.context("declaring the orchestrator's queues")?;
-    let engine = Engine::new(store.clone(), settings.backoff, config.limits, metrics.clone());
+    let engine = Engine::new(store.clone(), settings.backoff, config.limits);
     let dispatcher = Dispatcher::new(broker.clone(), metrics.clone()).await?;
     let own_dispatcher = dispatcher.clone();
     if carried.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
@@ -208,7 +208,9 @@ impl Pipeline {
 
     async fn process_in(&self, items: &[(Uuid, Work)]) -> anyhow::Result<()> {
         let received = std::time::Instant::now();
-        let outcome = self.holding("applying a batch", || async { Ok(self.engine.apply(items).await?) }).await?;
+        let mut outcome = self.holding("applying a batch", || async { Ok(self.engine.apply(items).await?) }).await?;
+        // counted once the batch committed, however often it was tried
+        self.metrics.apply(std::mem::take(&mut outcome.tally));
         self.metrics.batch();
         if let Some(due) = outcome.next_retry_at {
             let _ = self.retries.send(due);

@@ -190,3 +190,69 @@ impl Metrics {
         self.batches.inc();
     }
 }
+
+/// What a batch counted, kept until its transaction commits and then applied with
+/// [`Metrics::apply`]: a batch retried in place through an outage, or rolled back, must
+/// not count twice.
+#[derive(Debug, Default)]
+pub struct Tally(Vec<Observation>);
+
+#[derive(Debug)]
+enum Observation {
+    Dropped(&'static str),
+    Completed,
+    Failed,
+    Retried,
+    Dispatched(usize),
+    QueueWait { namespace: String, task: String, ms: u64 },
+    RunTime { namespace: String, task: String, outcome: &'static str, ms: u64 },
+    TaskFinished { namespace: String, task: String, outcome: &'static str, seconds: f64 },
+}
+
+impl Tally {
+    pub fn dropped(&mut self, reason: &'static str) {
+        self.0.push(Observation::Dropped(reason));
+    }
+    pub fn completed(&mut self) {
+        self.0.push(Observation::Completed);
+    }
+    pub fn failed(&mut self) {
+        self.0.push(Observation::Failed);
+    }
+    pub fn retried(&mut self) {
+        self.0.push(Observation::Retried);
+    }
+    pub fn dispatched(&mut self, n: usize) {
+        self.0.push(Observation::Dispatched(n));
+    }
+    pub fn queue_wait(&mut self, namespace: &str, task: &str, ms: u64) {
+        self.0.push(Observation::QueueWait { namespace: namespace.to_owned(), task: task.to_owned(), ms });
+    }
+    pub fn run_time(&mut self, namespace: &str, task: &str, outcome: &'static str, ms: u64) {
+        self.0.push(Observation::RunTime { namespace: namespace.to_owned(), task: task.to_owned(), outcome, ms });
+    }
+    pub fn task_finished(&mut self, namespace: &str, task: &str, outcome: &'static str, seconds: f64) {
+        let (namespace, task) = (namespace.to_owned(), task.to_owned());
+        self.0.push(Observation::TaskFinished { namespace, task, outcome, seconds });
+    }
+}
+
+impl Metrics {
+    /// Applies what a committed batch counted.
+    pub fn apply(&self, tally: Tally) {
+        for observation in tally.0 {
+            match observation {
+                Observation::Dropped(reason) => self.dropped(reason),
+                Observation::Completed => self.completed(),
+                Observation::Failed => self.failed(),
+                Observation::Retried => self.retried(),
+                Observation::Dispatched(n) => self.dispatched(n),
+                Observation::QueueWait { namespace, task, ms } => self.queue_wait(&namespace, &task, ms),
+                Observation::RunTime { namespace, task, outcome, ms } => self.run_time(&namespace, &task, outcome, ms),
+                Observation::TaskFinished { namespace, task, outcome, seconds } => {
+                    self.task_finished(&namespace, &task, outcome, seconds)
+                }
+            }
+        }
+    }
+}

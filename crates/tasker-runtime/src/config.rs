@@ -364,4 +364,16 @@ mod tests {
             Ok(())
         });
     }
+
+    #[test]
+    fn an_empty_otlp_endpoint_loads() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TASKER_TELEMETRY__OTLP_ENDPOINT", "");
+            jail.set_env("TASKER_ORCHESTRATOR__RETENTION", "30d");
+            let config = Config::load(None).unwrap();
+            assert!(config.telemetry.otlp_endpoint.as_deref().is_none_or(str::is_empty));
+            assert_eq!(config.orchestrator.retention, Some(Duration::from_secs(30 * 86_400)));
+            Ok(())
+        });
+    }
 }

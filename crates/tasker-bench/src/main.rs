@@ -54,6 +54,9 @@ struct Args {
     /// The CA that signed `--api-cert`.
     #[arg(long, requires = "api_cert")]
     ca_cert: Option<PathBuf>,
+    /// `quorum` (the default) or `classic` queues, to compare them.
+    #[arg(long, default_value = "quorum")]
+    queue_type: String,
 }
 
 const PREFIX: &str = "bench";
@@ -71,7 +74,10 @@ async fn main() -> anyhow::Result<()> {
         reference::amqp_confirms_per_second(&args.amqp_url, Duration::from_secs(3)).await?;
     eprintln!("bench: pg {pg:.0} commits/s, amqp {amqp_one:.0}/s one at a time, {amqp_pipelined:.0}/s pipelined");
 
+    let queue_type: tasker_messaging::QueueType =
+        args.queue_type.parse().map_err(|e: String| anyhow::anyhow!("--queue-type: {e}"))?;
     let mut services = Services::new(args.bin_dir.clone(), logs, &args.database_url, &args.amqp_url, PREFIX);
+    services.set("TASKER_AMQP__QUEUE_TYPE", &args.queue_type);
     if let (Some(cert), Some(key)) = (&args.api_cert, &args.api_key) {
         services.serve_tls(cert, key);
     }
@@ -81,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
     services.stop().await;
     let broker = tasker_messaging::Broker::connect(
         &args.amqp_url,
-        tasker_messaging::Topology::new(PREFIX, tasker_messaging::QueueType::Quorum, 10),
+        tasker_messaging::Topology::new(PREFIX, queue_type, 10),
         "tasker-bench-cleanup",
     )
     .await?;

@@ -35,6 +35,11 @@ impl Services {
         Services { bin_dir, logs, env, core: Vec::new(), workers: Vec::new(), next_worker: 0 }
     }
 
+    /// One more variable for every service.
+    pub fn set(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// task-api serves gRPC over TLS with this certificate and key.
     pub fn serve_tls(&mut self, cert: &std::path::Path, key: &std::path::Path) {
         self.env.push(("TASKER_API__TLS__CERT_FILE".into(), cert.display().to_string()));

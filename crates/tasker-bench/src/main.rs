@@ -111,6 +111,23 @@ async fn reset_database(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A `bench` template of `layers` layers of 100 `noop` steps, each after two steps of the
+/// layer before.
+fn layered(name: &str, prefix: &str, layers: usize) -> String {
+    let mut yaml = format!("namespace: bench\nname: {name}\nversion: 1.0.0\nsteps:\n");
+    for layer in 0..layers {
+        for i in 0..100 {
+            let deps = if layer == 0 {
+                String::new()
+            } else {
+                format!("{prefix}{}_{i}, {prefix}{}_{}", layer - 1, layer - 1, (i + 1) % 100)
+            };
+            yaml.push_str(&format!("  - {{ name: {prefix}{layer}_{i}, handler: noop, depends_on: [{deps}] }}\n"));
+        }
+    }
+    yaml
+}
+
 fn templates() -> Vec<String> {
     let mut all = Vec::new();
     let diamond = "  - { name: start, handler: noop }\n  - { name: b1, handler: noop, depends_on: [start] }\n  - { name: b2, handler: noop, depends_on: [start] }\n  - { name: c1, handler: noop, depends_on: [b1] }\n  - { name: c2, handler: noop, depends_on: [b2] }\n  - { name: merge, handler: noop, depends_on: [c1, c2] }\n  - { name: end, handler: noop, depends_on: [merge] }\n";
@@ -118,31 +135,9 @@ fn templates() -> Vec<String> {
         all.push(format!("namespace: {ns}\nname: diamond7\nversion: 1.0.0\nsteps:\n{diamond}"));
     }
     all.push("namespace: bench\nname: linear4\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n  - { name: b, handler: noop, depends_on: [a] }\n  - { name: c, handler: noop, depends_on: [b] }\n  - { name: d, handler: noop, depends_on: [c] }\n".into());
-    let mut wide = String::from("namespace: bench\nname: wide1000\nversion: 1.0.0\nsteps:\n");
-    for layer in 0..10 {
-        for i in 0..100 {
-            let deps = if layer == 0 {
-                String::new()
-            } else {
-                format!("l{}_{i}, l{}_{}", layer - 1, layer - 1, (i + 1) % 100)
-            };
-            wide.push_str(&format!("  - {{ name: l{layer}_{i}, handler: noop, depends_on: [{deps}] }}\n"));
-        }
-    }
-    all.push(wide);
-    // B9: 100 layers of 100, each step after two of the layer before (limits raised for it)
-    let mut huge = String::from("namespace: bench\nname: wide10000\nversion: 1.0.0\nsteps:\n");
-    for layer in 0..100 {
-        for i in 0..100 {
-            let deps = if layer == 0 {
-                String::new()
-            } else {
-                format!("m{}_{i}, m{}_{}", layer - 1, layer - 1, (i + 1) % 100)
-            };
-            huge.push_str(&format!("  - {{ name: m{layer}_{i}, handler: noop, depends_on: [{deps}] }}\n"));
-        }
-    }
-    all.push(huge);
+    all.push(layered("wide1000", "l", 10));
+    // B9: 100 layers of 100 (task-api's limits are raised for it)
+    all.push(layered("wide10000", "m", 100));
     let mut sleep = String::from("namespace: bench_sleep\nname: sleep10\nversion: 1.0.0\nsteps:\n");
     for i in 0..10 {
         sleep.push_str(&format!("  - {{ name: s{i}, handler: sleep, config: {{ ms: 50 }} }}\n"));

@@ -294,3 +294,18 @@ fn report(args: &Args, repeats: &[Vec<Figure>], pg: f64, amqp_one: f64, amqp_pip
     eprintln!("bench: figures written to {}", args.out.join("latest.json").display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use tasker_domain::{Limits, Template};
+
+    #[test]
+    fn every_template_is_valid_within_the_limits_the_bench_gives_task_api() {
+        let limits = Limits { max_steps: 10_000, max_template_bytes: 2 << 20, ..Limits::default() };
+        let steps: Vec<usize> = super::templates()
+            .iter()
+            .map(|yaml| Template::from_yaml(yaml, &limits).unwrap_or_else(|e| panic!("{e}")).steps.len())
+            .collect();
+        assert_eq!(steps, [7, 7, 4, 1_000, 10_000, 10, 3]);
+    }
+}

@@ -49,13 +49,15 @@ async fn a_lost_step_execution_is_published_again() {
     system.wait_for(&task.id, |t| t.steps[0].status() == pb::StepStatus::Enqueued).await;
     let queue = broker.topology().steps_queue("recovery");
     let mut purged = 0;
-    for _ in 0..50 {
-        // the queue exists once the dispatcher declared it, just before publishing
+    // the queue exists once the dispatcher declared it, just before publishing; declaring
+    // a quorum queue can take a while on a loaded broker (nothing republishes meanwhile:
+    // the namespace has no worker)
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while purged == 0 && tokio::time::Instant::now() < deadline {
         purged += broker.purge(&queue).await.unwrap_or(0);
-        if purged > 0 {
-            break;
+        if purged == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(purged, 1, "the execution was lost");
     system.add_worker(&env, WorkerSpec::new("w1", &["recovery"])).await;

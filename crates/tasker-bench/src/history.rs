@@ -14,62 +14,71 @@ use crate::stats::Figure;
 
 pub const TEMPLATE: &str = "namespace: bench_history\nname: history3\nversion: 1.0.0\nsteps:\n  - { name: s1, handler: noop }\n  - { name: s2, handler: noop, depends_on: [s1] }\n  - { name: s3, handler: noop, depends_on: [s2] }\n";
 
-/// Tasks written: 15 transitions each (3 of the task, 4 of each of its 3 steps).
+/// Tasks written for A1–A5: 15 transitions each (3 of the task, 4 of each of its 3
+/// steps); B8 writes a million.
 pub const TASKS: i64 = 80_000;
+pub const B8_TASKS: i64 = 1_000_000;
 const DAYS: f64 = 30.0;
 
-/// Writes the history; returns the transition rows the database then holds.
-pub async fn seed(database_url: &str) -> anyhow::Result<i64> {
+/// Writes `tasks` finished tasks of history, in chunks of 100,000; returns the transition
+/// rows the database then holds.
+pub async fn seed(database_url: &str, tasks: i64) -> anyhow::Result<i64> {
     let (client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
     tokio::spawn(connection);
     let started = Instant::now();
     let seconds = DAYS * 86_400.0;
-    client
-        .batch_execute(&format!(
-            "BEGIN;
-             CREATE TEMP TABLE h ON COMMIT DROP AS
-               SELECT gen_random_uuid() AS id, now() - (g * {seconds}::float8 / {TASKS}) * interval '1 second' AS at,
-                      g % 20 = 0 AS failed, g
-               FROM generate_series(1, {TASKS}) g;
-             INSERT INTO tasks (id, named_task_id, namespace, name, version, status, context, created_at, started_at,
-                                completed_at, updated_at)
-               SELECT h.id, n.id, 'bench_history', 'history3', '1.0.0',
-                      CASE WHEN failed THEN 'error' ELSE 'complete' END, '{{}}', at, at + interval '5 ms',
-                      at + (300 + g % 200) * interval '1 ms', at + (300 + g % 200) * interval '1 ms'
-               FROM h, named_tasks n JOIN task_namespaces ns ON ns.id = n.namespace_id
-               WHERE ns.name = 'bench_history' AND n.name = 'history3';
-             INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at)
-               SELECT gen_random_uuid(), h.id, t.f, t.t, t.k, t.k = 3, '{{}}', h.at + t.ms * interval '1 ms'
-               FROM h, LATERAL (VALUES (1, NULL, 'pending', 0), (2, 'pending', 'in_progress', 5),
-                                       (3, 'in_progress', CASE WHEN h.failed THEN 'error' ELSE 'complete' END,
-                                        300 + h.g % 200)) AS t(k, f, t, ms);
-             CREATE TEMP TABLE hs ON COMMIT DROP AS
-               SELECT gen_random_uuid() AS sid, h.id AS tid, h.at, h.g, k, h.failed AND k = 3 AS failed
-               FROM h, generate_series(1, 3) k;
-             INSERT INTO workflow_steps (id, task_id, name, handler, retryable, max_attempts, attempts, timeout_ms,
-                                         status, pending_parents, dependency_level, started_at, completed_at)
-               SELECT sid, tid, 's' || k, 'noop', true, 3, 1, 30000,
-                      CASE WHEN failed THEN 'error' ELSE 'complete' END, 0, k - 1,
-                      at + (k * 90) * interval '1 ms', at + (k * 90 + 20 + g % 50) * interval '1 ms'
-               FROM hs;
-             INSERT INTO workflow_step_transitions (id, workflow_step_id, task_id, from_state, to_state, sort_key,
-                                                    most_recent, metadata, created_at)
-               SELECT gen_random_uuid(), hs.sid, hs.tid, t.f, t.t, t.k, t.k = 4, t.meta::jsonb,
-                      hs.at + (hs.k * 90 + t.ms) * interval '1 ms'
-               FROM hs, LATERAL (VALUES
-                 (1, NULL, 'pending', '{{}}', -90),
-                 (2, 'pending', 'enqueued', '{{}}', -5),
-                 (3, 'enqueued', 'in_progress', format('{{\"wait_ms\": %s}}', 5 + hs.g % 7), 0),
-                 (4, 'in_progress', CASE WHEN hs.failed THEN 'error' ELSE 'complete' END,
-                  CASE WHEN hs.failed
-                       THEN format('{{\"run_ms\": %s, \"error\": {{\"message\": \"upstream timeout %s\", \"kind\": \"permanent\"}}}}',
-                                   20 + hs.g % 50, hs.g % 5)
-                       ELSE format('{{\"run_ms\": %s}}', 20 + hs.g % 50 + hs.k * 10) END,
-                  20 + hs.g % 50)) AS t(k, f, t, meta, ms);
-             COMMIT;
-             ANALYZE tasks, workflow_steps, task_transitions, workflow_step_transitions;"
-        ))
-        .await?;
+    const CHUNK: i64 = 100_000;
+    let mut first = 1;
+    while first <= tasks {
+        let last = (first + CHUNK - 1).min(tasks);
+        client
+            .batch_execute(&format!(
+                "BEGIN;
+                 CREATE TEMP TABLE h ON COMMIT DROP AS
+                   SELECT gen_random_uuid() AS id, now() - (g * {seconds}::float8 / {tasks}) * interval '1 second' AS at,
+                          g % 20 = 0 AS failed, g
+                   FROM generate_series({first}, {last}) g;
+                 INSERT INTO tasks (id, named_task_id, namespace, name, version, status, context, created_at, started_at,
+                                    completed_at, updated_at)
+                   SELECT h.id, n.id, 'bench_history', 'history3', '1.0.0',
+                          CASE WHEN failed THEN 'error' ELSE 'complete' END, '{{}}', at, at + interval '5 ms',
+                          at + (300 + g % 200) * interval '1 ms', at + (300 + g % 200) * interval '1 ms'
+                   FROM h, named_tasks n JOIN task_namespaces ns ON ns.id = n.namespace_id
+                   WHERE ns.name = 'bench_history' AND n.name = 'history3';
+                 INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at)
+                   SELECT gen_random_uuid(), h.id, t.f, t.t, t.k, t.k = 3, '{{}}', h.at + t.ms * interval '1 ms'
+                   FROM h, LATERAL (VALUES (1, NULL, 'pending', 0), (2, 'pending', 'in_progress', 5),
+                                           (3, 'in_progress', CASE WHEN h.failed THEN 'error' ELSE 'complete' END,
+                                            300 + h.g % 200)) AS t(k, f, t, ms);
+                 CREATE TEMP TABLE hs ON COMMIT DROP AS
+                   SELECT gen_random_uuid() AS sid, h.id AS tid, h.at, h.g, k, h.failed AND k = 3 AS failed
+                   FROM h, generate_series(1, 3) k;
+                 INSERT INTO workflow_steps (id, task_id, name, handler, retryable, max_attempts, attempts, timeout_ms,
+                                             status, pending_parents, dependency_level, started_at, completed_at)
+                   SELECT sid, tid, 's' || k, 'noop', true, 3, 1, 30000,
+                          CASE WHEN failed THEN 'error' ELSE 'complete' END, 0, k - 1,
+                          at + (k * 90) * interval '1 ms', at + (k * 90 + 20 + g % 50) * interval '1 ms'
+                   FROM hs;
+                 INSERT INTO workflow_step_transitions (id, workflow_step_id, task_id, from_state, to_state, sort_key,
+                                                        most_recent, metadata, created_at)
+                   SELECT gen_random_uuid(), hs.sid, hs.tid, t.f, t.t, t.k, t.k = 4, t.meta::jsonb,
+                          hs.at + (hs.k * 90 + t.ms) * interval '1 ms'
+                   FROM hs, LATERAL (VALUES
+                     (1, NULL, 'pending', '{{}}', -90),
+                     (2, 'pending', 'enqueued', '{{}}', -5),
+                     (3, 'enqueued', 'in_progress', format('{{\"wait_ms\": %s}}', 5 + hs.g % 7), 0),
+                     (4, 'in_progress', CASE WHEN hs.failed THEN 'error' ELSE 'complete' END,
+                      CASE WHEN hs.failed
+                           THEN format('{{\"run_ms\": %s, \"error\": {{\"message\": \"upstream timeout %s\", \"kind\": \"permanent\"}}}}',
+                                       20 + hs.g % 50, hs.g % 5)
+                           ELSE format('{{\"run_ms\": %s}}', 20 + hs.g % 50 + hs.k * 10) END,
+                      20 + hs.g % 50)) AS t(k, f, t, meta, ms);
+                 COMMIT;
+                 ANALYZE tasks, workflow_steps, task_transitions, workflow_step_transitions;"
+            ))
+            .await?;
+        first = last + 1;
+    }
     let rows: i64 = client
         .query_one(
             "SELECT (SELECT count(*) FROM task_transitions) + (SELECT count(*) FROM workflow_step_transitions)",
@@ -77,7 +86,7 @@ pub async fn seed(database_url: &str) -> anyhow::Result<i64> {
         )
         .await?
         .get(0);
-    eprintln!("bench: history of {TASKS} tasks written ({rows} transition rows) in {:.1?}", started.elapsed());
+    eprintln!("bench: history of {tasks} tasks written ({rows} transition rows) in {:.1?}", started.elapsed());
     Ok(rows)
 }
 

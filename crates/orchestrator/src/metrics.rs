@@ -30,13 +30,12 @@ pub struct Metrics {
     step_attempts: Family<Labels, Counter>,
     step_run: Histograms,
     queue_wait: Histograms,
-    dropped_by: Family<Labels, Counter>,
     retired: Counter,
     dispatched: Counter,
     completed: Counter,
     failed: Counter,
     retried: Counter,
-    dropped: Counter,
+    dropped: Family<Labels, Counter>,
     batches: Counter,
     queue_mismatch: Family<Labels, Gauge>,
     paused: Gauge,
@@ -53,13 +52,12 @@ impl Metrics {
             step_attempts: Family::default(),
             step_run: Family::new_with_constructor(seconds),
             queue_wait: Family::new_with_constructor(seconds),
-            dropped_by: Family::default(),
             retired: Counter::default(),
             dispatched: Counter::default(),
             completed: Counter::default(),
             failed: Counter::default(),
             retried: Counter::default(),
-            dropped: Counter::default(),
+            dropped: Family::default(),
             batches: Counter::default(),
             queue_mismatch: Family::default(),
             paused: Gauge::default(),
@@ -71,7 +69,11 @@ impl Metrics {
         r.register("steps_completed", "Step attempts that completed", m.completed.clone());
         r.register("steps_failed", "Steps that failed for good", m.failed.clone());
         r.register("steps_retried", "Failed attempts scheduled for a retry", m.retried.clone());
-        r.register("reports_dropped", "Duplicate, stale or late reports dropped", m.dropped.clone());
+        r.register(
+            "reports_dropped",
+            "Step reports dropped, by reason (duplicate, stale, late, unknown step or task)",
+            m.dropped.clone(),
+        );
         r.register("batches", "Transactions applied", m.batches.clone());
         r.register(
             "tasks_finished",
@@ -102,11 +104,6 @@ impl Metrics {
             "tasks_retired",
             "Finished tasks deleted with their history past orchestrator.retention",
             m.retired.clone(),
-        );
-        r.register(
-            "reports_dropped_by_reason",
-            "Step reports dropped, by reason (duplicate, stale, late, unknown step or task)",
-            m.dropped_by.clone(),
         );
         r.register(
             "consumers_paused",
@@ -149,8 +146,7 @@ impl Metrics {
         self.retried.inc();
     }
     pub fn dropped(&self, reason: &'static str) {
-        self.dropped.inc();
-        self.dropped_by.get_or_create(&vec![("reason", reason.to_owned())]).inc();
+        self.dropped.get_or_create(&vec![("reason", reason.to_owned())]).inc();
     }
     pub fn task_finished(&self, namespace: &str, task: &str, outcome: &'static str, seconds: f64) {
         let mut labels = task_labels(namespace, task);

@@ -88,7 +88,7 @@ async fn metrics_count_a_known_workload_by_namespace_task_and_outcome() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let orchestrator = loop {
         let body = http_get(system.orchestrator_admin, "/metrics").await;
-        if sample(&body, "tasker_orchestrator_reports_dropped_by_reason_total", &[("reason", "unknown task")]).is_some()
+        if sample(&body, "tasker_orchestrator_reports_dropped_total", &[("reason", "unknown task")]).is_some()
         {
             break body;
         }
@@ -117,7 +117,7 @@ async fn metrics_count_a_known_workload_by_namespace_task_and_outcome() {
         None,
         "cancelled, not finished"
     );
-    expect(&orchestrator, "tasker_orchestrator_reports_dropped_by_reason_total", &[("reason", "unknown task")], 1.0);
+    expect(&orchestrator, "tasker_orchestrator_reports_dropped_total", &[("reason", "unknown task")], 1.0);
     expect(&orchestrator, "tasker_broker_connected", &[], 1.0);
 
     let publisher = http_get(system.publisher_admin, "/metrics").await;

@@ -88,8 +88,7 @@ async fn metrics_count_a_known_workload_by_namespace_task_and_outcome() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let orchestrator = loop {
         let body = http_get(system.orchestrator_admin, "/metrics").await;
-        if sample(&body, "tasker_orchestrator_reports_dropped_total", &[("reason", "unknown task")]).is_some()
-        {
+        if sample(&body, "tasker_orchestrator_reports_dropped_total", &[("reason", "unknown task")]).is_some() {
             break body;
         }
         assert!(tokio::time::Instant::now() < deadline, "the stray report was not counted:\n{body}");

@@ -21,7 +21,7 @@ fn check<'a>(status: &'a Value, name: &str) -> &'a Value {
 #[tokio::test]
 async fn ready_needs_the_schema_current_and_the_consumers_attached() {
     let env = TestEnv::new().await;
-    let system = System::start(&env, vec![WorkerSpec::new("healthy", &["health_a", "health_b"])]).await;
+    let mut system = System::start(&env, vec![WorkerSpec::new("healthy", &["health_a", "health_b"])]).await;
 
     let (code, orchestrator) = status(system.orchestrator_admin).await;
     assert_eq!(code, 200, "{orchestrator}");
@@ -34,6 +34,30 @@ async fn ready_needs_the_schema_current_and_the_consumers_attached() {
     let (code, worker) = status(system.worker_admins[0]).await;
     assert_eq!(code, 200, "{worker}");
     assert_eq!(check(&worker, "consumers")["ok"], true, "both namespaces consumed: {worker}");
+
+    // connected but not consuming is not ready: a worker whose step queue exists with
+    // other arguments cannot declare it, so it attaches nothing until the queue is fixed
+    env.uses_namespace("health_c");
+    let connection =
+        lapin::Connection::connect(&env.config.amqp.url, lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = format!("{}.steps.health_c", env.config.amqp.prefix);
+    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare(queue.as_str().into(), durable, Default::default()).await.unwrap();
+    system.add_worker(&env, WorkerSpec::new("blocked", &["health_c"])).await;
+    let blocked = system.worker_admins[1];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while check(&status(blocked).await.1, "broker")["ok"] != true {
+        assert!(tokio::time::Instant::now() < deadline, "the worker never reached the broker");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let (code, waiting) = status(blocked).await;
+    assert_eq!(code, 503, "{waiting}");
+    assert_eq!(check(&waiting, "consumers")["problem"], "0 of 1 attached", "{waiting}");
+    channel.queue_delete(queue.as_str().into(), Default::default()).await.unwrap();
+    let _ = connection.close(200, "fixed".into()).await;
+    wait_status(blocked, "/health/ready", 200).await;
 
     // a schema behind this build (as when a new version's replica starts before the
     // migration ran): every service with a database stops being ready, and says why

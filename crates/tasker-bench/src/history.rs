@@ -73,12 +73,13 @@ pub async fn seed(database_url: &str, tasks: i64) -> anyhow::Result<i64> {
                                        20 + hs.g % 50, hs.g % 5)
                            ELSE format('{{\"run_ms\": %s}}', 20 + hs.g % 50 + hs.k * 10) END,
                       20 + hs.g % 50)) AS t(k, f, t, meta, ms);
-                 COMMIT;
-                 ANALYZE tasks, workflow_steps, task_transitions, workflow_step_transitions;"
+                 COMMIT;"
             ))
             .await?;
         first = last + 1;
     }
+    // the planner's statistics once, for the whole history
+    client.batch_execute("ANALYZE tasks, workflow_steps, task_transitions, workflow_step_transitions").await?;
     let rows: i64 = client
         .query_one(
             "SELECT (SELECT count(*) FROM task_transitions) + (SELECT count(*) FROM workflow_step_transitions)",

@@ -135,10 +135,6 @@ impl TlsTerminator {
         TlsTerminator::start(crate::proxy::upstream_of(url).await, cert, start).await
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// `url` with its host and port replaced by the terminator's.
     pub fn url(&self, url: &str) -> String {
         crate::proxy::with_addr(url, self.addr)

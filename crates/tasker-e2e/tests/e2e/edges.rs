@@ -334,9 +334,6 @@ async fn a_long_echo_chain_fails_clearly_where_results_get_too_deep() {
     env.cleanup().await;
 }
 
-const BIG: &str = "123456789012345678901234567890";
-const PI: &str = "3.1415926535897932384626433832795028";
-
 /// Numbers keep every digit: context → `echo` → child's input → results, as stored and
 /// as GetTask returns them.
 #[tokio::test]

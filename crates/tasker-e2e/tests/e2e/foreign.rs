@@ -18,8 +18,7 @@ use tasker_proto::{
 use tasker_test_support::{System, TestEnv, http_get};
 use tokio::task::JoinHandle;
 
-const BIG: &str = "123456789012345678901234567890";
-const PI: &str = "3.1415926535897932384626433832795028";
+use crate::support::{BIG, PI};
 
 /// The arguments the README documents for a step queue (defaults: quorum, limit 10).
 fn documented_arguments(prefix: &str) -> FieldTable {

@@ -7,6 +7,10 @@ use serde_json::Value;
 use tasker_messaging::EventStream;
 use tasker_proto::v1 as pb;
 
+/// Numbers past f64's precision, which must keep every digit end to end.
+pub const BIG: &str = "123456789012345678901234567890";
+pub const PI: &str = "3.1415926535897932384626433832795028";
+
 /// An event as a subscriber received it.
 #[derive(Debug, Clone)]
 pub struct Received {

@@ -119,7 +119,10 @@ async fn relay(
     let mut failures = 0u32;
     while !stop.is_cancelled() {
         match relay_batch(store, publisher, config.batch_size, metrics).await {
-            Ok(Some(n)) if n > 0 => {
+            // a full batch leaves a backlog: take the next one at once; a short one took
+            // everything committed before it was read, and whatever committed since has
+            // woken the listener (its wake-up waits below), so no empty claim follows it
+            Ok(Some(n)) if n as i64 >= config.batch_size => {
                 failures = 0;
                 continue;
             }

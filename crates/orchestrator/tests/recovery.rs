@@ -163,3 +163,82 @@ async fn a_clean_stop_logs_no_error() {
     system.stop().await;
     env.cleanup().await;
 }
+
+/// The orchestrator's input queues are classic, which keep no delivery count: Tasker's
+/// consumer keeps it. A message retried each time it arrives is delivered the limit plus
+/// one times, then dead-lettered; one returned by channels that closed before settling it
+/// (outages, restarts) is not counted, and still arrives past the limit.
+#[tokio::test]
+async fn a_message_retried_on_a_classic_queue_is_dead_lettered_past_the_limit_but_not_for_outages() {
+    use tasker_messaging::{Command, QueueType};
+    use tasker_proto::messages::TaskRequest;
+
+    let mut env = TestEnv::new().await;
+    env.config.amqp.delivery_limit = 3;
+    let broker = env.broker().await;
+    let topology = broker.topology().clone();
+    let (tasks, dead) = (topology.tasks_queue(), topology.dead_letter_queue());
+    assert_eq!(topology.queue_type(&tasks), QueueType::Classic, "the default for the orchestrator's queues");
+    broker.declare_orchestrator().await.unwrap();
+    let publisher = broker.publisher().await.unwrap();
+    let requests = ["retried", "abandoned"].map(|id| TaskRequest { task_id: id.into(), ..Default::default() });
+    publisher.send(&[Command::Task(requests[0].clone())]).await.unwrap();
+
+    // retried each time it arrives
+    let mut consumer = broker.consume::<TaskRequest>(&tasks, 1).await.unwrap();
+    for delivery in 1..=4 {
+        let incoming = consumer.next().await.unwrap();
+        assert_eq!(incoming.message.as_ref().map(|r| r.task_id.as_str()), Some("retried"), "delivery {delivery}");
+        incoming.ack.retry().await.unwrap();
+    }
+    wait_depth(&broker, &dead, 1).await;
+    assert_eq!(broker.queue_state(&tasks).await.unwrap().unwrap().ready, 0, "the fifth delivery never happens");
+    consumer.close().await;
+
+    // taken and never settled: each consumer's channel closes with it in hand
+    publisher.send(&[Command::Task(requests[1].clone())]).await.unwrap();
+    for delivery in 1..=6 {
+        let mut consumer = broker.consume::<TaskRequest>(&tasks, 1).await.unwrap();
+        let incoming = consumer.next().await.unwrap();
+        assert_eq!(incoming.message.as_ref().map(|r| r.task_id.as_str()), Some("abandoned"), "delivery {delivery}");
+        assert_eq!(incoming.redelivered, delivery > 1);
+        if delivery == 6 {
+            incoming.ack.ack().await.unwrap();
+        }
+        consumer.close().await;
+    }
+    assert_eq!(broker.queue_state(&dead).await.unwrap().unwrap().ready, 1, "only the retried one");
+    publisher.close().await;
+    broker.close().await.unwrap();
+    env.cleanup().await;
+}
+
+/// Queues an earlier version declared as quorum queues keep working: the orchestrator
+/// (and task-api) use them as they are, and work flows.
+#[tokio::test]
+async fn orchestrator_queues_declared_as_quorum_by_an_earlier_version_are_used_as_they_are() {
+    let mut env = TestEnv::new().await;
+    env.config.amqp.orchestrator_queue_type = "quorum".into();
+    let old = env.broker().await;
+    old.declare_orchestrator().await.unwrap();
+    old.close().await.unwrap();
+    env.config.amqp.orchestrator_queue_type = "classic".into();
+    let system = System::start(&env, vec![WorkerSpec::new("w1", &["recovery"])]).await;
+    system.register(&env, CHAIN).await;
+    let task = system.submit("recovery", "chain", json!({})).await;
+    assert_eq!(system.wait_final(&task.id).await.status(), pb::TaskStatus::Complete);
+    system.stop().await;
+    env.cleanup().await;
+}
+
+async fn wait_depth(broker: &tasker_messaging::Broker, queue: &str, depth: u32) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let state = broker.queue_state(queue).await.unwrap().expect("the queue exists");
+        if state.ready == depth {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{queue}: {state:?}, expected {depth} ready");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

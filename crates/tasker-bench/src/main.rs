@@ -54,9 +54,12 @@ struct Args {
     /// The CA that signed `--api-cert`.
     #[arg(long, requires = "api_cert")]
     ca_cert: Option<PathBuf>,
-    /// `quorum` (the default) or `classic` queues, to compare them.
+    /// The step queues' type, `quorum` (the default) or `classic`, to compare them.
     #[arg(long, default_value = "quorum")]
     queue_type: String,
+    /// The orchestrator's input queues' type, `classic` (the default) or `quorum`.
+    #[arg(long, default_value = "classic")]
+    orchestrator_queue_type: String,
 }
 
 const PREFIX: &str = "bench";
@@ -76,8 +79,11 @@ async fn main() -> anyhow::Result<()> {
 
     let queue_type: tasker_messaging::QueueType =
         args.queue_type.parse().map_err(|e: String| anyhow::anyhow!("--queue-type: {e}"))?;
+    let orchestrator_queue_type: tasker_messaging::QueueType =
+        args.orchestrator_queue_type.parse().map_err(|e: String| anyhow::anyhow!("--orchestrator-queue-type: {e}"))?;
     let mut services = Services::new(args.bin_dir.clone(), logs, &args.database_url, &args.amqp_url, PREFIX);
     services.set("TASKER_AMQP__QUEUE_TYPE", &args.queue_type);
+    services.set("TASKER_AMQP__ORCHESTRATOR_QUEUE_TYPE", &args.orchestrator_queue_type);
     if let (Some(cert), Some(key)) = (&args.api_cert, &args.api_key) {
         services.serve_tls(cert, key);
     }
@@ -87,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
     services.stop().await;
     let broker = tasker_messaging::Broker::connect(
         &args.amqp_url,
-        tasker_messaging::Topology::new(PREFIX, queue_type, 10),
+        tasker_messaging::Topology::new(PREFIX, queue_type, orchestrator_queue_type, 10),
         "tasker-bench-cleanup",
     )
     .await?;

@@ -26,7 +26,7 @@ pub async fn pg_commits_per_second(database_url: &str, run: Duration) -> anyhow:
 
 /// Persistent publishes with confirms per second: one at a time, and pipelined in batches.
 pub async fn amqp_confirms_per_second(amqp_url: &str, run: Duration) -> anyhow::Result<(f64, f64)> {
-    let topology = Topology::new("bench-ref", QueueType::Quorum, 10);
+    let topology = Topology::new("bench-ref", QueueType::Quorum, QueueType::Quorum, 10);
     let broker = Broker::connect(amqp_url, topology, "tasker-bench-reference").await?;
     broker.declare_orchestrator().await?;
     let publisher = broker.publisher().await?;

@@ -2,19 +2,36 @@ use std::{collections::HashMap, marker::PhantomData};
 
 use futures::{FutureExt, StreamExt};
 use lapin::{
-    Acker, Channel, Connection,
+    Acker, BasicProperties, Channel, Connection,
     options::{
-        BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+        BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable},
 };
 
 use crate::{Error, Result, Topology};
 
+/// The header in which Tasker's consumers of a classic queue count how many times a
+/// message came back to its queue (a quorum queue counts in the broker).
+pub const RETURNS_HEADER: &str = "x-tasker-returns";
+
 /// Settles one delivery. Ack only once the delivery's effects are committed and what it
 /// caused is confirmed.
 pub struct Ack {
     acker: Acker,
+    /// Set on a classic queue: what a retry needs to count the delivery itself.
+    counted: Option<Counted>,
+}
+
+/// A delivery from a classic queue, kept so that a retry can send it back counted.
+struct Counted {
+    channel: Channel,
+    queue: String,
+    data: Vec<u8>,
+    properties: BasicProperties,
+    returns: u32,
+    limit: u32,
 }
 
 impl Ack {
@@ -23,11 +40,19 @@ impl Ack {
         Ok(())
     }
 
-    /// Returns the delivery to the queue for another try (counts toward the delivery
-    /// limit on quorum queues).
+    /// Returns the delivery to the queue for another try; past the delivery limit it goes
+    /// to the dead-letter queue instead (counted by the broker on a quorum queue, by this
+    /// consumer on a classic one).
     pub async fn retry(&self) -> Result<()> {
-        self.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
-        Ok(())
+        match &self.counted {
+            Some(c) => {
+                send_back(&c.channel, &c.queue, &self.acker, &c.data, &c.properties, c.returns + 1, c.limit).await
+            }
+            None => {
+                self.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+                Ok(())
+            }
+        }
     }
 
     /// Refuses the delivery for good: it goes to the dead-letter queue.
@@ -48,21 +73,37 @@ pub struct Incoming<T> {
 }
 
 /// A manual-ack consumer of protobuf messages.
+///
+/// On a classic queue (`limit` set), which keeps no delivery count, it counts the tries
+/// itself: [`Ack::retry`] sends the message to the back of the queue with its count raised
+/// in [`RETURNS_HEADER`], confirmed, and only then acks the delivery; a message retried
+/// more than `limit` times is dead-lettered. A delivery returned because its channel
+/// closed (an outage, a restart) is not counted: no outage counts against a message.
 pub struct Consumer<T> {
     queue: String,
     inner: lapin::Consumer,
     channel: Channel,
+    limit: Option<u32>,
     _kind: PhantomData<fn() -> T>,
 }
 
 impl<T: prost::Message + Default> Consumer<T> {
-    pub(crate) async fn open(connection: &Connection, queue: &str, prefetch: u16) -> Result<Consumer<T>> {
+    pub(crate) async fn open(
+        connection: &Connection,
+        queue: &str,
+        prefetch: u16,
+        limit: Option<u32>,
+    ) -> Result<Consumer<T>> {
         let channel = connection.create_channel().await?;
+        if limit.is_some() {
+            // counted deliveries are sent back on this channel, confirmed before the ack
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        }
         channel.basic_qos(prefetch.max(1), BasicQosOptions::default()).await?;
         let inner = channel
             .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await?;
-        Ok(Consumer { queue: queue.to_owned(), inner, channel, _kind: PhantomData })
+        Ok(Consumer { queue: queue.to_owned(), inner, channel, limit, _kind: PhantomData })
     }
 
     /// Stops consuming: deliveries not acked yet go back to the queue.
@@ -73,7 +114,7 @@ impl<T: prost::Message + Default> Consumer<T> {
     /// The next delivery; an error when the consumer is gone.
     pub async fn next(&mut self) -> Result<Incoming<T>> {
         match self.inner.next().await {
-            Some(delivery) => Ok(decode(delivery?)),
+            Some(delivery) => Ok(self.accept(delivery?)),
             None => Err(Error::ConsumerClosed(self.queue.clone())),
         }
     }
@@ -84,16 +125,69 @@ impl<T: prost::Message + Default> Consumer<T> {
         let mut batch = vec![self.next().await?];
         while batch.len() < max {
             match self.inner.next().now_or_never() {
-                Some(Some(delivery)) => batch.push(decode(delivery?)),
+                Some(Some(delivery)) => batch.push(self.accept(delivery?)),
                 Some(None) => return Err(Error::ConsumerClosed(self.queue.clone())),
                 None => break,
             }
         }
         Ok(batch)
     }
+
+    /// A delivery, decoded, with what a retry on a classic queue needs to count it.
+    fn accept(&self, delivery: lapin::message::Delivery) -> Incoming<T> {
+        let counted = self.limit.map(|limit| Counted {
+            channel: self.channel.clone(),
+            queue: self.queue.clone(),
+            data: Vec::new(),
+            properties: delivery.properties.clone(),
+            returns: returns_of(&delivery.properties),
+            limit,
+        });
+        decode(delivery, counted)
+    }
 }
 
-fn decode<T: prost::Message + Default>(delivery: lapin::message::Delivery) -> Incoming<T> {
+/// How many times a message came back to its classic queue, by Tasker's count.
+fn returns_of(properties: &BasicProperties) -> u32 {
+    let value = properties.headers().as_ref().and_then(|h| h.inner().get(RETURNS_HEADER).cloned());
+    match value {
+        Some(AMQPValue::LongUInt(n)) => n,
+        Some(AMQPValue::LongInt(n)) => n.max(0) as u32,
+        Some(AMQPValue::LongLongInt(n)) => n.clamp(0, i64::from(u32::MAX)) as u32,
+        Some(AMQPValue::ShortUInt(n)) => u32::from(n),
+        Some(AMQPValue::ShortShortUInt(n)) => u32::from(n),
+        _ => 0,
+    }
+}
+
+/// Sends a delivery back to the end of its classic queue with `returns` in its count, and
+/// acks it once the copy is confirmed; past `limit` returns it is dead-lettered instead.
+/// (Should the ack be lost, the delivery comes back too: a copy more, never one less.)
+async fn send_back(
+    channel: &Channel,
+    queue: &str,
+    acker: &Acker,
+    data: &[u8],
+    properties: &BasicProperties,
+    returns: u32,
+    limit: u32,
+) -> Result<()> {
+    if returns > limit {
+        tracing::warn!(queue, returns, limit, "message came back more times than the delivery limit; dead-lettered");
+        acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?;
+        return Ok(());
+    }
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(RETURNS_HEADER.into(), AMQPValue::LongUInt(returns));
+    let copy = properties.clone().with_headers(headers);
+    let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+    let confirm = channel.basic_publish("".into(), queue.into(), options, data, copy).await?;
+    crate::bounded("a publisher confirm", crate::publisher::confirmed(confirm, queue.to_owned())).await?;
+    acker.ack(BasicAckOptions::default()).await?;
+    Ok(())
+}
+
+fn decode<T: prost::Message + Default>(delivery: lapin::message::Delivery, counted: Option<Counted>) -> Incoming<T> {
     let headers = delivery
         .properties
         .headers()
@@ -109,12 +203,9 @@ fn decode<T: prost::Message + Default>(delivery: lapin::message::Delivery) -> In
                 .collect()
         })
         .unwrap_or_default();
-    Incoming {
-        message: T::decode(delivery.data.as_slice()).ok(),
-        redelivered: delivery.redelivered,
-        headers,
-        ack: Ack { acker: delivery.acker },
-    }
+    let message = T::decode(delivery.data.as_slice()).ok();
+    let counted = counted.map(|c| Counted { data: delivery.data, ..c });
+    Incoming { message, redelivered: delivery.redelivered, headers, ack: Ack { acker: delivery.acker, counted } }
 }
 
 /// A lifecycle event as received by a subscriber.

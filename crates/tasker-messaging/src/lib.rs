@@ -14,7 +14,7 @@ mod topology;
 
 use lapin::{Connection, ConnectionProperties};
 
-pub use consumer::{Ack, Consumer, EventStream, Incoming, ReceivedEvent};
+pub use consumer::{Ack, Consumer, EventStream, Incoming, RETURNS_HEADER, ReceivedEvent};
 pub use publisher::{Command, Publisher};
 pub use topology::{QueueArgument, QueueType, Topology};
 
@@ -138,9 +138,21 @@ impl Broker {
     async fn declare_orchestrator_now(&self) -> Result<()> {
         let channel = self.connection.create_channel().await?;
         self.topology.declare_dead_letter(&channel).await?;
-        self.topology.declare_queue(&channel, &self.topology.tasks_queue()).await?;
-        self.topology.declare_queue(&channel, &self.topology.results_queue()).await?;
         channel.close(200, "declared".into()).await?;
+        for queue in [self.topology.tasks_queue(), self.topology.results_queue()] {
+            let channel = self.connection.create_channel().await?;
+            match self.topology.declare_queue(&channel, &queue).await {
+                // declared by an earlier version as the other type: still the orchestrator's
+                // queue, and either type carries the work; the broker closed the channel
+                Err(Error::Amqp(e)) if is_precondition_failed(&e) => {
+                    let wanted = self.topology.queue_type(&queue).name();
+                    tracing::warn!(%queue, wanted, error = %e,
+                        "queue exists with other arguments; using it as it is (delete it while empty to change its type)");
+                }
+                Err(e) => return Err(e),
+                Ok(()) => channel.close(200, "declared".into()).await?,
+            }
+        }
         Ok(())
     }
 
@@ -180,7 +192,7 @@ impl Broker {
 
     /// Consumes a queue with manual acks and at most `prefetch` unacked deliveries.
     pub async fn consume<T: prost::Message + Default>(&self, queue: &str, prefetch: u16) -> Result<Consumer<T>> {
-        Consumer::open(&self.connection, queue, prefetch).await
+        Consumer::open(&self.connection, queue, prefetch, self.topology.counted_by_consumer(queue)).await
     }
 
     /// Binds a private, auto-deleted queue to the events exchange with each pattern

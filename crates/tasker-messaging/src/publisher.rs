@@ -129,7 +129,7 @@ impl Publisher {
     }
 }
 
-async fn confirmed(confirm: PublisherConfirm, target: String) -> Result<()> {
+pub(crate) async fn confirmed(confirm: PublisherConfirm, target: String) -> Result<()> {
     match confirm.await? {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
         Confirmation::Ack(Some(_returned)) => Err(Error::Unroutable(target)),

@@ -7,10 +7,12 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString},
 };
 
-/// Durable queue flavour. Quorum (replicated, with a delivery limit) is the default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Durable queue flavour, chosen per role (README "Queue types"): quorum queues replicate
+/// and count deliveries in the broker; classic queues deliver a message before it reaches
+/// the disk (it is still confirmed only once it is there), and Tasker's own consumers count
+/// their deliveries instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueType {
-    #[default]
     Quorum,
     Classic,
 }
@@ -55,14 +57,37 @@ impl std::fmt::Display for QueueArgument {
 #[derive(Debug, Clone)]
 pub struct Topology {
     prefix: String,
-    queue_type: QueueType,
-    /// Deliveries of one message before it is dead-lettered (quorum queues only).
+    /// The step queues' type (workers in any language consume them).
+    steps_type: QueueType,
+    /// The type of the orchestrator's two input queues (only Tasker consumes them).
+    orchestrator_type: QueueType,
+    /// Times one message may come back to its queue before it is dead-lettered.
     delivery_limit: u32,
 }
 
 impl Topology {
-    pub fn new(prefix: impl Into<String>, queue_type: QueueType, delivery_limit: u32) -> Topology {
-        Topology { prefix: prefix.into(), queue_type, delivery_limit }
+    pub fn new(
+        prefix: impl Into<String>,
+        steps_type: QueueType,
+        orchestrator_type: QueueType,
+        delivery_limit: u32,
+    ) -> Topology {
+        Topology { prefix: prefix.into(), steps_type, orchestrator_type, delivery_limit }
+    }
+
+    /// The type a queue of this topology is declared with.
+    pub fn queue_type(&self, queue: &str) -> QueueType {
+        if queue == self.tasks_queue() || queue == self.results_queue() {
+            self.orchestrator_type
+        } else {
+            self.steps_type
+        }
+    }
+
+    /// For a queue whose consumers count deliveries themselves (a classic one): how many
+    /// times a message may come back before it is dead-lettered.
+    pub(crate) fn counted_by_consumer(&self, queue: &str) -> Option<u32> {
+        (self.queue_type(queue) == QueueType::Classic).then_some(self.delivery_limit)
     }
 
     pub fn prefix(&self) -> &str {
@@ -93,15 +118,19 @@ impl Topology {
         format!("{}.dead", self.prefix)
     }
 
-    /// The arguments every Tasker queue is declared with (durable, not exclusive, not
+    /// The arguments the step queues are declared with (durable, not exclusive, not
     /// auto-deleted): a worker in another language declares its step queues with exactly
     /// these, or RabbitMQ refuses one of the two declarations (PRECONDITION_FAILED).
     pub fn queue_arguments(&self) -> Vec<(&'static str, QueueArgument)> {
+        self.arguments(self.steps_type)
+    }
+
+    fn arguments(&self, queue_type: QueueType) -> Vec<(&'static str, QueueArgument)> {
         let mut args = vec![
-            ("x-queue-type", QueueArgument::Text(self.queue_type.name().to_owned())),
+            ("x-queue-type", QueueArgument::Text(queue_type.name().to_owned())),
             ("x-dead-letter-exchange", QueueArgument::Text(self.dead_letter_exchange())),
         ];
-        if self.queue_type == QueueType::Quorum {
+        if queue_type == QueueType::Quorum {
             args.push(("x-delivery-limit", QueueArgument::Int(self.delivery_limit as i32)));
         }
         args
@@ -115,7 +144,7 @@ impl Topology {
 
     pub(crate) async fn declare_queue(&self, channel: &Channel, name: &str) -> Result<()> {
         let mut args = FieldTable::default();
-        for (key, value) in self.queue_arguments() {
+        for (key, value) in self.arguments(self.queue_type(name)) {
             let value = match value {
                 QueueArgument::Text(text) => AMQPValue::LongString(LongString::from(text)),
                 QueueArgument::Int(n) => AMQPValue::LongInt(n),

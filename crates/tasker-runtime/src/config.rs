@@ -68,9 +68,11 @@ pub struct AmqpConfig {
     pub url: String,
     /// Every queue and exchange name starts with it.
     pub prefix: String,
-    /// `quorum` or `classic`.
+    /// The step queues' type: `quorum` or `classic`.
     pub queue_type: String,
-    /// Deliveries of a message before it goes to `{prefix}.dead` (quorum queues).
+    /// The type of the orchestrator's two input queues: `classic` or `quorum`.
+    pub orchestrator_queue_type: String,
+    /// Times a message may come back to its queue before it goes to `{prefix}.dead`.
     pub delivery_limit: u32,
     /// PEM certificates of a private CA to trust for an `amqps://` URL (besides the system
     /// roots).
@@ -86,6 +88,7 @@ impl Default for AmqpConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             prefix: "tasker".into(),
             queue_type: "quorum".into(),
+            orchestrator_queue_type: "classic".into(),
             delivery_limit: 10,
             ca_file: None,
             url_file: None,

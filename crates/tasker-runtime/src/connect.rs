@@ -16,9 +16,12 @@ pub async fn connect_store(config: &DatabaseConfig) -> anyhow::Result<Store> {
 
 /// The broker names for this configuration.
 pub fn topology(config: &AmqpConfig) -> anyhow::Result<Topology> {
-    let queue_type: QueueType =
-        config.queue_type.parse().map_err(|e: String| anyhow::anyhow!("amqp.queue_type: {e}"))?;
-    Ok(Topology::new(&config.prefix, queue_type, config.delivery_limit))
+    let steps: QueueType = config.queue_type.parse().map_err(|e: String| anyhow::anyhow!("amqp.queue_type: {e}"))?;
+    let orchestrator: QueueType = config
+        .orchestrator_queue_type
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("amqp.orchestrator_queue_type: {e}"))?;
+    Ok(Topology::new(&config.prefix, steps, orchestrator, config.delivery_limit))
 }
 
 /// Connects to the broker; `service` names the connection.

@@ -108,9 +108,9 @@ impl Bench {
         let hops = histogram_delta(&before, &after, "tasker_orchestrator_hop_seconds");
         let hop = |q| bucket_quantile(&hops, q).map(|s| s * 1000.0).unwrap_or(f64::NAN);
         Ok(vec![
-            figure("B1", "4-step linear, submit→complete p50", "ms", latencies.quantile_ms(0.5), Some("≤ 50")),
-            figure("B1", "4-step linear, submit→complete p99", "ms", latencies.quantile_ms(0.99), Some("≤ 150")),
-            figure("B2", "per hop, report received→child dispatched p50", "ms", hop(0.5), Some("≤ 5")),
+            figure("B1", "4-step linear, submit→complete p50", "ms", latencies.quantile_ms(0.5), Some("≤ 8")),
+            figure("B1", "4-step linear, submit→complete p99", "ms", latencies.quantile_ms(0.99), Some("≤ 15")),
+            figure("B2", "per hop, report received→child dispatched p50", "ms", hop(0.5), Some("≤ 1.5")),
             figure("B2", "per hop, report received→child dispatched p99", "ms", hop(0.99), None),
         ])
     }
@@ -160,7 +160,7 @@ impl Bench {
         }
         let steps_per_second = (total * 7) as f64 / (last - start).as_secs_f64();
         Ok(vec![
-            figure("B3", "2,000 diamonds, 16 clients: steps/s", "steps/s", steps_per_second, Some("≥ 500")),
+            figure("B3", "2,000 diamonds, 16 clients: steps/s", "steps/s", steps_per_second, Some("≥ 3000")),
             figure("B3", "task latency under load p50", "ms", latencies.quantile_ms(0.5), None),
             figure("B3", "task latency under load p99", "ms", latencies.quantile_ms(0.99), None),
         ])
@@ -208,7 +208,7 @@ impl Bench {
         self.broker.purge(&self.broker.topology().steps_queue("bench_idle")).await?;
         Ok(vec![
             figure("B4", "CreateTask, 16 clients: requests/s", "req/s", total as f64 / elapsed.as_secs_f64(), None),
-            figure("B4", "CreateTask latency p50", "ms", latencies.quantile_ms(0.5), Some("≤ 5")),
+            figure("B4", "CreateTask latency p50", "ms", latencies.quantile_ms(0.5), Some("≤ 8")),
             figure("B4", "CreateTask latency p99", "ms", latencies.quantile_ms(0.99), None),
             figure("B4", "CreateTask latency, 1 client p50", "ms", alone.quantile_ms(0.5), None),
         ])

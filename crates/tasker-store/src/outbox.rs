@@ -18,9 +18,17 @@ const RELAY_LOCK: i64 = 0x7461_736b_6572; // "tasker"
 /// Wakes the relay: sent right after a transaction that wrote events commits, outside it
 /// (see the migration `hot_path`). Never fails: without the wake-up, the relay only waits
 /// for its next poll.
+///
+/// A NOTIFY is a transaction of its own that takes an xid, and Postgres holds one
+/// database-wide lock from queueing the notification until the commit is done: committed
+/// synchronously, every wake-up in the database waited on the one before it to reach the
+/// disk (seen under load as `Lock:object` waits on `NOTIFY`). It commits asynchronously
+/// instead: it is delivered at commit all the same, and a wake-up lost to a crash is
+/// covered by the relay's polling.
 pub(crate) async fn wake_relay(client: &tokio_postgres::Client) -> std::result::Result<(), tokio_postgres::Error> {
-    crate::counter::count(1);
-    if let Err(error) = client.batch_execute("NOTIFY tasker_outbox").await {
+    let wake = "BEGIN; SET LOCAL synchronous_commit = off; NOTIFY tasker_outbox; COMMIT";
+    crate::counter::count(4);
+    if let Err(error) = client.batch_execute(wake).await {
         tracing::debug!(%error, "could not wake the event relay");
     }
     Ok(())

@@ -76,7 +76,7 @@ fn create(namespace: &str, name: &str) -> pb::CreateTaskRequest {
     pb::CreateTaskRequest { namespace: namespace.into(), name: name.into(), ..Default::default() }
 }
 
-fn figure(
+pub(crate) fn figure(
     id: &'static str,
     name: &'static str,
     unit: &'static str,

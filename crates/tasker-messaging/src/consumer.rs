@@ -133,17 +133,19 @@ impl<T: prost::Message + Default> Consumer<T> {
         Ok(batch)
     }
 
-    /// A delivery, decoded, with what a retry on a classic queue needs to count it.
+    /// A delivery, decoded; on a classic queue with what a retry needs to count it (its
+    /// body and properties moved there, not copied).
     fn accept(&self, delivery: lapin::message::Delivery) -> Incoming<T> {
+        let (incoming, data, properties) = decode(delivery);
         let counted = self.limit.map(|limit| Counted {
             channel: self.channel.clone(),
             queue: self.queue.clone(),
-            data: Vec::new(),
-            properties: delivery.properties.clone(),
-            returns: returns_of(&delivery.properties),
+            returns: returns_of(&properties),
+            data,
+            properties,
             limit,
         });
-        decode(delivery, counted)
+        Incoming { ack: Ack { counted, ..incoming.ack }, ..incoming }
     }
 }
 
@@ -187,7 +189,8 @@ async fn send_back(
     Ok(())
 }
 
-fn decode<T: prost::Message + Default>(delivery: lapin::message::Delivery, counted: Option<Counted>) -> Incoming<T> {
+/// The delivery decoded (its ack not counted yet), and its body and properties.
+fn decode<T: prost::Message + Default>(delivery: lapin::message::Delivery) -> (Incoming<T>, Vec<u8>, BasicProperties) {
     let headers = delivery
         .properties
         .headers()
@@ -204,8 +207,8 @@ fn decode<T: prost::Message + Default>(delivery: lapin::message::Delivery, count
         })
         .unwrap_or_default();
     let message = T::decode(delivery.data.as_slice()).ok();
-    let counted = counted.map(|c| Counted { data: delivery.data, ..c });
-    Incoming { message, redelivered: delivery.redelivered, headers, ack: Ack { acker: delivery.acker, counted } }
+    let ack = Ack { acker: delivery.acker, counted: None };
+    (Incoming { message, redelivered: delivery.redelivered, headers, ack }, delivery.data, delivery.properties)
 }
 
 /// A lifecycle event as received by a subscriber.

@@ -52,7 +52,7 @@ pub fn context_of(span: &Span, received: &TraceContext) -> TraceContext {
 
 /// Records the trace id (of the span's own context when recorded, else of `trace`) in the
 /// span's `trace_id` field, so log lines written in it carry it.
-pub fn record_trace_id(span: &Span, trace: &TraceContext) {
+fn record_trace_id(span: &Span, trace: &TraceContext) {
     let context = span.context();
     let own = context.span().span_context().clone();
     if own.is_valid() {

@@ -12,6 +12,7 @@ mod sweeper;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tasker_messaging::{Ack, Consumer, Incoming};
 use tasker_proto::messages::{Failed, FailureKind, StepReport, TaskRequest, step_report};
 use tasker_runtime::{Admin, Config, prometheus_client::registry::Registry};
@@ -120,8 +121,9 @@ async fn orchestrate(
         carried: carried.clone(),
         stop: local.clone(),
     };
-    set.spawn(pipeline.clone().consume(tasks, task_work, settings.batch_size, local.clone()));
-    set.spawn(pipeline.clone().consume(results, report_work, settings.batch_size, local.clone()));
+    let batching = (settings.batch_size, settings.batches_in_flight);
+    set.spawn(pipeline.clone().consume(tasks, task_work, batching, local.clone()));
+    set.spawn(pipeline.clone().consume(results, report_work, batching, local.clone()));
     set.spawn(sweeper::retry_scheduler(
         pipeline.clone(),
         store.clone(),
@@ -276,71 +278,97 @@ impl Pipeline {
         self.carried.last_outage.lock().expect("carried lock").is_some_and(|t| t.elapsed() < window)
     }
 
-    /// Consumes a queue in batches: apply in one transaction, publish, then ack. A batch
-    /// that fails is split to isolate a poison message; messages that fail are requeued
-    /// (and dead-lettered by the broker after the delivery limit).
+    /// Consumes a queue in batches: apply in one transaction, publish, then ack. Up to
+    /// `in_flight` batches run at once (their tasks' row locks order them where they
+    /// meet, as between replicas). A batch that fails is split to isolate a poison
+    /// message; messages that fail are requeued (and dead-lettered after the delivery
+    /// limit).
     async fn consume<T: prost::Message + Default>(
         self,
         mut consumer: Consumer<T>,
         to_work: fn(T) -> Option<(Uuid, Work)>,
-        batch_size: usize,
+        (batch_size, in_flight): (usize, usize),
         stop: CancellationToken,
     ) -> anyhow::Result<()> {
+        let mut running = FuturesUnordered::new();
+        let mut failed = None;
         loop {
-            let batch = tokio::select! {
-                _ = stop.cancelled() => {
-                    consumer.close().await;
-                    return Ok(());
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                Some(done) = running.next(), if !running.is_empty() => if let Err(error) = done {
+                    failed = Some(error);
+                    break;
+                },
+                batch = consumer.next_batch(batch_size.max(1)), if running.len() < in_flight.max(1) => match batch {
+                    Ok(batch) => running.push(self.clone().handle(batch, to_work)),
+                    Err(error) => {
+                        failed = Some(error.into());
+                        break;
+                    }
+                },
+            }
+        }
+        // the batches under way finish (or give up, seeing the stop or the lost
+        // connection, and carry what they committed over) before this returns
+        while let Some(done) = running.next().await {
+            if let Err(error) = done {
+                failed.get_or_insert(error);
+            }
+        }
+        match failed {
+            Some(error) => Err(error),
+            None => {
+                consumer.close().await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Applies one batch and settles its messages.
+    async fn handle<T>(self, batch: Vec<Incoming<T>>, to_work: fn(T) -> Option<(Uuid, Work)>) -> anyhow::Result<()> {
+        let mut items = Vec::with_capacity(batch.len());
+        let mut acks = Vec::with_capacity(batch.len());
+        for Incoming { message, ack, .. } in batch {
+            match message.and_then(to_work) {
+                Some(item) => {
+                    items.push(item);
+                    acks.push(ack);
                 }
-                batch = consumer.next_batch(batch_size.max(1)) => batch?,
-            };
-            let mut items = Vec::with_capacity(batch.len());
-            let mut acks = Vec::with_capacity(batch.len());
-            for Incoming { message, ack, .. } in batch {
-                match message.and_then(to_work) {
-                    Some(item) => {
-                        items.push(item);
-                        acks.push(ack);
-                    }
-                    None => {
-                        tracing::warn!("undecodable message rejected to the dead-letter queue");
-                        self.metrics.dead_lettered("undecodable");
-                        ack.reject().await?;
-                    }
+                None => {
+                    tracing::warn!("undecodable message rejected to the dead-letter queue");
+                    self.metrics.dead_lettered("undecodable");
+                    ack.reject().await?;
                 }
             }
-            if items.is_empty() {
-                continue;
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+        match self.process(&items).await {
+            Ok(()) => {
+                for ack in acks {
+                    ack.ack().await?;
+                }
             }
-            match self.process(&items).await {
-                Ok(()) => {
-                    for ack in acks {
-                        ack.ack().await?;
-                    }
-                }
-                // shutting down, or the connection is gone: the input goes back to the
-                // queue unacked, without counting against it
-                Err(_) if self.stop.is_cancelled() => return Ok(()),
-                Err(error) if is_infrastructure(&error) => return Err(error),
-                Err(error) if items.len() == 1 => {
-                    let (item, ack) = (items.pop().expect("one item"), acks.pop().expect("one ack"));
-                    self.settle_failure(item, ack, error).await?;
-                }
-                Err(error) => {
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        size = items.len(),
-                        "batch failed; applying one by one"
-                    );
-                    for (item, ack) in items.into_iter().zip(acks) {
-                        match self.process(std::slice::from_ref(&item)).await {
-                            Ok(()) => ack.ack().await?,
-                            Err(error) => self.settle_failure(item, ack, error).await?,
-                        }
+            // shutting down, or the connection is gone: the input goes back to the
+            // queue unacked, without counting against it
+            Err(_) if self.stop.is_cancelled() => {}
+            Err(error) if is_infrastructure(&error) => return Err(error),
+            Err(error) if items.len() == 1 => {
+                let (item, ack) = (items.pop().expect("one item"), acks.pop().expect("one ack"));
+                self.settle_failure(item, ack, error).await?;
+            }
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), size = items.len(), "batch failed; applying one by one");
+                for (item, ack) in items.into_iter().zip(acks) {
+                    match self.process(std::slice::from_ref(&item)).await {
+                        Ok(()) => ack.ack().await?,
+                        Err(error) => self.settle_failure(item, ack, error).await?,
                     }
                 }
             }
         }
+        Ok(())
     }
 
     /// A message whose own transaction failed. A report carrying a value the database

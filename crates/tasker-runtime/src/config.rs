@@ -188,6 +188,9 @@ pub struct OrchestratorConfig {
     pub batch_size: usize,
     /// Unacked deliveries per input queue.
     pub prefetch: u16,
+    /// Batches of one input queue applied at once: the next batch's transaction runs
+    /// while the last one's executions are being confirmed by the broker.
+    pub batches_in_flight: usize,
     pub backoff: Backoff,
     /// How often the retry scheduler looks for due retries when none is known to be due.
     #[serde(with = "humantime_serde")]
@@ -216,6 +219,7 @@ impl Default for OrchestratorConfig {
             admin_listen: ([0, 0, 0, 0], 9091).into(),
             batch_size: 64,
             prefetch: 256,
+            batches_in_flight: 4,
             backoff: Backoff::default(),
             retry_poll_interval: Duration::from_secs(5),
             sweep_interval: Duration::from_secs(5),

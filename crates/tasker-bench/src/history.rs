@@ -39,10 +39,10 @@ pub async fn seed(database_url: &str, tasks: i64) -> anyhow::Result<i64> {
                           g % 20 = 0 AS failed, g
                    FROM generate_series({first}, {last}) g;
                  INSERT INTO tasks (id, named_task_id, namespace, name, version, status, context, created_at, started_at,
-                                    completed_at, updated_at)
+                                    completed_at, updated_at, last_sort_key)
                    SELECT h.id, n.id, 'bench_history', 'history3', '1.0.0',
                           CASE WHEN failed THEN 'error' ELSE 'complete' END, '{{}}', at, at + interval '5 ms',
-                          at + (300 + g % 200) * interval '1 ms', at + (300 + g % 200) * interval '1 ms'
+                          at + (300 + g % 200) * interval '1 ms', at + (300 + g % 200) * interval '1 ms', 3
                    FROM h, named_tasks n JOIN task_namespaces ns ON ns.id = n.namespace_id
                    WHERE ns.name = 'bench_history' AND n.name = 'history3';
                  INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at)
@@ -54,10 +54,11 @@ pub async fn seed(database_url: &str, tasks: i64) -> anyhow::Result<i64> {
                    SELECT gen_random_uuid() AS sid, h.id AS tid, h.at, h.g, k, h.failed AND k = 3 AS failed
                    FROM h, generate_series(1, 3) k;
                  INSERT INTO workflow_steps (id, task_id, name, handler, retryable, max_attempts, attempts, timeout_ms,
-                                             status, pending_parents, dependency_level, started_at, completed_at)
+                                             status, pending_parents, dependency_level, started_at, completed_at,
+                                             last_sort_key)
                    SELECT sid, tid, 's' || k, 'noop', true, 3, 1, 30000,
                           CASE WHEN failed THEN 'error' ELSE 'complete' END, 0, k - 1,
-                          at + (k * 90) * interval '1 ms', at + (k * 90 + 20 + g % 50) * interval '1 ms'
+                          at + (k * 90) * interval '1 ms', at + (k * 90 + 20 + g % 50) * interval '1 ms', 4
                    FROM hs;
                  INSERT INTO workflow_step_transitions (id, workflow_step_id, task_id, from_state, to_state, sort_key,
                                                         most_recent, metadata, created_at)

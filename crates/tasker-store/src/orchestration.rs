@@ -67,8 +67,7 @@ pub struct StepRow {
 
 const STEP_COLUMNS: &str = "s.id, s.task_id, s.name, s.handler, s.handler_config::text, s.status, s.attempts, \
     s.max_attempts, s.retryable, s.timeout_ms, s.pending_parents, s.next_attempt_at, s.last_error::text, \
-    s.enqueued_at, s.started_at, s.completed_at, s.attempts_before_retry, \
-    COALESCE((SELECT t.sort_key FROM workflow_step_transitions t WHERE t.workflow_step_id = s.id AND t.most_recent), 0)";
+    s.enqueued_at, s.started_at, s.completed_at, s.attempts_before_retry, s.last_sort_key";
 
 /// How many columns `STEP_COLUMNS` has (a query may add its own after them).
 const STEP_COLUMN_COUNT: usize = 18;
@@ -155,14 +154,11 @@ type Param1<'a> = [&'a (dyn ToSql + Sync); 1];
 
 /// Locks the tasks. Only columns of `tasks` itself: a row lock that waited re-reads the
 /// locked row at its latest version, but anything else in the statement (a subquery on
-/// the transitions, say) keeps the snapshot from before the wait.
+/// the transitions, say) keeps the snapshot from before the wait. So the last sort key is
+/// a column of the task, kept with every transition.
 const LOCK_TASKS: &str = "SELECT t.id, t.status, t.namespace, t.name, t.version, t.started_at, t.completed_at, t.created_at, \
-     t.traceparent, t.tracestate \
+     t.traceparent, t.tracestate, t.last_sort_key \
      FROM tasks t WHERE t.id = ANY($1) ORDER BY t.id FOR UPDATE OF t";
-
-/// The tasks' last transition sort keys: a statement of its own after the lock, so it sees
-/// whatever the previous holder of the lock committed.
-const TASK_SORT_KEYS: &str = "SELECT task_id, sort_key FROM task_transitions WHERE task_id = ANY($1) AND most_recent";
 
 fn task_head(row: &Row) -> Result<TaskHead> {
     Ok(TaskHead {
@@ -175,24 +171,13 @@ fn task_head(row: &Row) -> Result<TaskHead> {
         completed_at: row.get(6),
         created_at: row.get(7),
         trace: tasker_domain::TraceContext { traceparent: row.get(8), tracestate: row.get(9) },
-        last_sort_key: 0,
+        last_sort_key: row.get(10),
     })
 }
 
-/// The locked tasks by id, with their last sort keys (rows of `LOCK_TASKS` and
-/// `TASK_SORT_KEYS`).
-fn task_heads(locked: Vec<Row>, sort_keys: Vec<Row>) -> Result<HashMap<Uuid, TaskHead>> {
-    let mut tasks = HashMap::with_capacity(locked.len());
-    for row in &locked {
-        let task = task_head(row)?;
-        tasks.insert(task.id, task);
-    }
-    for row in &sort_keys {
-        if let Some(task) = tasks.get_mut(&row.get::<_, Uuid>(0)) {
-            task.last_sort_key = row.get(1);
-        }
-    }
-    Ok(tasks)
+/// The locked tasks by id (rows of `LOCK_TASKS`).
+fn task_heads(locked: &[Row]) -> Result<HashMap<Uuid, TaskHead>> {
+    locked.iter().map(|row| task_head(row).map(|task| (task.id, task))).collect()
 }
 
 fn steps_sql() -> String {
@@ -266,8 +251,7 @@ impl Tx {
         ids.sort_unstable();
         ids.dedup();
         let t: Param1 = [&ids];
-        let mut rows = self.round_trip(&[(LOCK_TASKS, &t), (TASK_SORT_KEYS, &t)], false).await?.into_iter();
-        task_heads(rows.next().unwrap_or_default(), rows.next().unwrap_or_default())
+        task_heads(&self.query(LOCK_TASKS, &t).await?)
     }
 
     /// The first round trip of an orchestrator batch: locks the tasks (in id order) and,
@@ -291,34 +275,30 @@ impl Tx {
         let (t, st, c, e): (Param1, Param1, Param1, Param1) = ([&ids], [&steps], [&completed], [&evaluate]);
         let reads = [
             (LOCK_TASKS, &t[..]),
-            (TASK_SORT_KEYS, &t[..]),
             (steps_sql.as_str(), &st[..]),
             (children_sql.as_str(), &c[..]),
             (ready_sql.as_str(), &e[..]),
             (PROGRESS, &t[..]),
         ];
-        // skip the reads with nothing to read (the lock, sort keys and progress always run)
-        let wanted = [true, true, !steps.is_empty(), !completed.is_empty(), !evaluate.is_empty(), true];
+        // skip the reads with nothing to read (the lock and progress always run)
+        let wanted = [true, !steps.is_empty(), !completed.is_empty(), !evaluate.is_empty(), true];
         let reads: Vec<Read> = reads.into_iter().zip(wanted).filter(|(_, w)| *w).map(|(r, _)| r).collect();
         let mut rows = self.round_trip(&reads, false).await?.into_iter();
-        let mut loaded = Loaded {
-            tasks: task_heads(rows.next().unwrap_or_default(), rows.next().unwrap_or_default())?,
-            ..Loaded::default()
-        };
-        if wanted[2] {
+        let mut loaded = Loaded { tasks: task_heads(&rows.next().unwrap_or_default())?, ..Loaded::default() };
+        if wanted[1] {
             for row in rows.next().unwrap_or_default() {
                 let step = step_row(&row)?;
                 loaded.steps.insert(step.id, step);
             }
         }
-        if wanted[3] {
+        if wanted[2] {
             for row in rows.next().unwrap_or_default() {
                 let child = step_row(&row)?;
                 loaded.children.entry(row.get(STEP_COLUMN_COUNT)).or_default().push(child.id);
                 loaded.steps.entry(child.id).or_insert(child);
             }
         }
-        if wanted[4] {
+        if wanted[3] {
             for row in rows.next().unwrap_or_default() {
                 let step = step_row(&row)?;
                 loaded.ready.push(step.id);

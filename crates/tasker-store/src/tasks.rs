@@ -126,9 +126,9 @@ impl Store {
                 "WITH task AS ( \
                    INSERT INTO tasks (id, named_task_id, namespace, name, version, status, context, tags, initiator, \
                      source_system, reason, priority, idempotency_key, request_hash, created_at, updated_at, \
-                     traceparent, tracestate) \
+                     traceparent, tracestate, last_sort_key) \
                    VALUES ($1, $2, $3, $4, $5, 'pending', $6::text::jsonb, $7, $8, $9, $10, $11, $12, $13, $14, $14, \
-                     $30, $31) \
+                     $30, $31, 1) \
                    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id \
                  ), steps AS ( \
                    INSERT INTO workflow_steps (id, task_id, name, handler, handler_config, retryable, max_attempts, \

@@ -51,6 +51,7 @@ struct StepWrite {
     enqueued_at: Option<DateTime<Utc>>,
     started_at: Option<DateTime<Utc>>,
     completed_at: Option<DateTime<Utc>>,
+    last_sort_key: i32,
 }
 
 impl StepRow {
@@ -67,12 +68,13 @@ impl StepRow {
             enqueued_at: self.enqueued_at,
             started_at: self.started_at,
             completed_at: self.completed_at,
+            last_sort_key: self.last_sort_key,
         }
     }
 }
 
-/// A task's changed columns: id, status, started_at, completed_at.
-type TaskWrite = (Uuid, &'static str, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+/// A task's changed columns: id, status, started_at, completed_at, last_sort_key.
+type TaskWrite = (Uuid, &'static str, Option<DateTime<Utc>>, Option<DateTime<Utc>>, i32);
 
 /// What a step transition writes besides its status and timestamps.
 #[derive(Debug, Default)]
@@ -186,7 +188,7 @@ impl Tx {
             TaskState::Pending => {}
         }
         self.tasks.retain(|t| t.0 != task.id);
-        self.tasks.push((task.id, to.as_str(), task.started_at, task.completed_at));
+        self.tasks.push((task.id, to.as_str(), task.started_at, task.completed_at, task.last_sort_key));
         let id = tasker_domain::new_id();
         let event = CloudEvent::task(id, &task.subject(), Some(from), to, &metadata, now);
         self.push_event(task.id, &event);
@@ -365,6 +367,7 @@ fn steps_write(steps: Vec<StepWrite>) -> Option<Write> {
     let enqueued: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.enqueued_at).collect();
     let started: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.started_at).collect();
     let completed: Vec<Option<DateTime<Utc>>> = steps.iter().map(|s| s.completed_at).collect();
+    let sort_keys: Vec<i32> = steps.iter().map(|s| s.last_sort_key).collect();
     let (error, results): (Vec<Option<String>>, Vec<Option<String>>) =
         steps.into_iter().map(|s| (s.last_error, s.results)).unzip();
     Some(Write {
@@ -373,12 +376,13 @@ fn steps_write(steps: Vec<StepWrite>) -> Option<Write> {
                next_attempt_at = u.next_attempt_at, last_error = u.last_error::jsonb, \
                results = CASE WHEN u.set_results THEN u.results::jsonb ELSE s.results END, \
                enqueued_at = u.enqueued_at, started_at = u.started_at, completed_at = u.completed_at, \
-               pending_parents = u.pending_parents, attempts_before_retry = u.before_retry, updated_at = now() \
+               pending_parents = u.pending_parents, attempts_before_retry = u.before_retry, \
+               last_sort_key = u.last_sort_key, updated_at = now() \
              FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::timestamptz[], $5::text[], $6::bool[], \
                          $7::text[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::int4[], \
-                         $12::int4[]) \
+                         $12::int4[], $13::int4[]) \
                AS u(id, status, attempts, next_attempt_at, last_error, set_results, results, \
-                    enqueued_at, started_at, completed_at, pending_parents, before_retry) \
+                    enqueued_at, started_at, completed_at, pending_parents, before_retry, last_sort_key) \
              WHERE s.id = u.id",
         ),
         params: vec![
@@ -394,6 +398,7 @@ fn steps_write(steps: Vec<StepWrite>) -> Option<Write> {
             boxed(completed),
             boxed(pending_parents),
             boxed(before_retry),
+            boxed(sort_keys),
         ],
     })
 }
@@ -406,15 +411,16 @@ fn tasks_write(tasks: Vec<TaskWrite>) -> Option<Write> {
     let status: Vec<&'static str> = tasks.iter().map(|t| t.1).collect();
     let started: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.2).collect();
     let completed: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.3).collect();
+    let sort_keys: Vec<i32> = tasks.iter().map(|t| t.4).collect();
     Some(Write {
         sql: Cow::Borrowed(
             "UPDATE tasks t SET status = u.status, started_at = u.started_at, \
-               completed_at = u.completed_at, updated_at = now() \
-             FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[]) \
-               AS u(id, status, started_at, completed_at) \
+               completed_at = u.completed_at, last_sort_key = u.last_sort_key, updated_at = now() \
+             FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::int4[]) \
+               AS u(id, status, started_at, completed_at, last_sort_key) \
              WHERE t.id = u.id",
         ),
-        params: vec![boxed(ids), boxed(status), boxed(started), boxed(completed)],
+        params: vec![boxed(ids), boxed(status), boxed(started), boxed(completed), boxed(sort_keys)],
     })
 }
 

@@ -219,7 +219,7 @@ impl Default for OrchestratorConfig {
             admin_listen: ([0, 0, 0, 0], 9091).into(),
             batch_size: 64,
             prefetch: 256,
-            batches_in_flight: 4,
+            batches_in_flight: 2,
             backoff: Backoff::default(),
             retry_poll_interval: Duration::from_secs(5),
             sweep_interval: Duration::from_secs(5),

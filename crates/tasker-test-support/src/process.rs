@@ -16,6 +16,7 @@ use crate::TestEnv;
 
 /// A service binary running against a test's database and broker prefix.
 pub struct Service {
+    binary: String,
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
 }
@@ -50,7 +51,7 @@ impl Service {
         let lines = Arc::new(Mutex::new(Vec::new()));
         collect(child.stdout.take().expect("stdout"), lines.clone());
         collect(child.stderr.take().expect("stderr"), lines.clone());
-        let service = Service { child, lines };
+        let service = Service { binary: binary.to_owned(), child, lines };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while !service.logged(ready) {
             assert!(tokio::time::Instant::now() < deadline, "{binary} not ready: {:#?}", service.lines());
@@ -78,10 +79,12 @@ impl Service {
     pub async fn terminate(mut self) -> (ExitStatus, Vec<String>) {
         let pid = self.child.id().expect("running").to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status().await;
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("the service exits after SIGTERM")
-            .expect("wait for the service");
+        let Ok(status) = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await else {
+            let lines = self.lines();
+            let last = &lines[lines.len().saturating_sub(40)..];
+            panic!("{} did not exit within 30 s of SIGTERM; its last lines: {last:#?}", self.binary);
+        };
+        let status = status.expect("wait for the service");
         // the readers finish with the pipes
         tokio::time::sleep(Duration::from_millis(100)).await;
         (status, self.lines())

@@ -45,9 +45,7 @@ impl Ack {
     /// consumer on a classic one).
     pub async fn retry(&self) -> Result<()> {
         match &self.counted {
-            Some(c) => {
-                send_back(&c.channel, &c.queue, &self.acker, &c.data, &c.properties, c.returns + 1, c.limit).await
-            }
+            Some(counted) => counted.send_back(&self.acker).await,
             None => {
                 self.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
                 Ok(())
@@ -162,31 +160,31 @@ fn returns_of(properties: &BasicProperties) -> u32 {
     }
 }
 
-/// Sends a delivery back to the end of its classic queue with `returns` in its count, and
-/// acks it once the copy is confirmed; past `limit` returns it is dead-lettered instead.
-/// (Should the ack be lost, the delivery comes back too: a copy more, never one less.)
-async fn send_back(
-    channel: &Channel,
-    queue: &str,
-    acker: &Acker,
-    data: &[u8],
-    properties: &BasicProperties,
-    returns: u32,
-    limit: u32,
-) -> Result<()> {
-    if returns > limit {
-        tracing::warn!(queue, returns, limit, "message came back more times than the delivery limit; dead-lettered");
-        acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?;
-        return Ok(());
+impl Counted {
+    /// Sends the delivery back to the end of its classic queue with its count raised, and
+    /// acks it once the copy is confirmed; past the limit it is dead-lettered instead.
+    /// (Should the ack be lost, the delivery comes back too: a copy more, never one less.)
+    async fn send_back(&self, acker: &Acker) -> Result<()> {
+        let (queue, returns, limit) = (self.queue.as_str(), self.returns + 1, self.limit);
+        if returns > limit {
+            tracing::warn!(
+                queue,
+                returns,
+                limit,
+                "message came back more times than the delivery limit; dead-lettered"
+            );
+            acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?;
+            return Ok(());
+        }
+        let mut headers = self.properties.headers().clone().unwrap_or_default();
+        headers.insert(RETURNS_HEADER.into(), AMQPValue::LongUInt(returns));
+        let copy = self.properties.clone().with_headers(headers);
+        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let confirm = self.channel.basic_publish("".into(), queue.into(), options, &self.data, copy).await?;
+        crate::bounded("a publisher confirm", crate::publisher::confirmed(confirm, queue.to_owned())).await?;
+        acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
     }
-    let mut headers = properties.headers().clone().unwrap_or_default();
-    headers.insert(RETURNS_HEADER.into(), AMQPValue::LongUInt(returns));
-    let copy = properties.clone().with_headers(headers);
-    let options = BasicPublishOptions { mandatory: true, ..Default::default() };
-    let confirm = channel.basic_publish("".into(), queue.into(), options, data, copy).await?;
-    crate::bounded("a publisher confirm", crate::publisher::confirmed(confirm, queue.to_owned())).await?;
-    acker.ack(BasicAckOptions::default()).await?;
-    Ok(())
 }
 
 /// The delivery decoded (its ack not counted yet), and its body and properties.

@@ -73,8 +73,27 @@ impl StepRow {
     }
 }
 
-/// A task's changed columns: id, status, started_at, completed_at, last_sort_key.
-type TaskWrite = (Uuid, &'static str, Option<DateTime<Utc>>, Option<DateTime<Utc>>, i32);
+/// The columns of a task a transition may change, snapshotted after the change.
+#[derive(Debug)]
+struct TaskWrite {
+    id: Uuid,
+    status: &'static str,
+    started_at: Option<DateTime<Utc>>,
+    completed_at: Option<DateTime<Utc>>,
+    last_sort_key: i32,
+}
+
+impl TaskHead {
+    fn snapshot(&self) -> TaskWrite {
+        TaskWrite {
+            id: self.id,
+            status: self.status.as_str(),
+            started_at: self.started_at,
+            completed_at: self.completed_at,
+            last_sort_key: self.last_sort_key,
+        }
+    }
+}
 
 /// What a step transition writes besides its status and timestamps.
 #[derive(Debug, Default)]
@@ -187,8 +206,8 @@ impl Tx {
             TaskState::Complete | TaskState::Error | TaskState::Cancelled => task.completed_at = Some(now),
             TaskState::Pending => {}
         }
-        self.tasks.retain(|t| t.0 != task.id);
-        self.tasks.push((task.id, to.as_str(), task.started_at, task.completed_at, task.last_sort_key));
+        self.tasks.retain(|t| t.id != task.id);
+        self.tasks.push(task.snapshot());
         let id = tasker_domain::new_id();
         let event = CloudEvent::task(id, &task.subject(), Some(from), to, &metadata, now);
         self.push_event(task.id, &event);
@@ -407,11 +426,11 @@ fn tasks_write(tasks: Vec<TaskWrite>) -> Option<Write> {
     if tasks.is_empty() {
         return None;
     }
-    let ids: Vec<Uuid> = tasks.iter().map(|t| t.0).collect();
-    let status: Vec<&'static str> = tasks.iter().map(|t| t.1).collect();
-    let started: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.2).collect();
-    let completed: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.3).collect();
-    let sort_keys: Vec<i32> = tasks.iter().map(|t| t.4).collect();
+    let ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
+    let status: Vec<&'static str> = tasks.iter().map(|t| t.status).collect();
+    let started: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.started_at).collect();
+    let completed: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.completed_at).collect();
+    let sort_keys: Vec<i32> = tasks.iter().map(|t| t.last_sort_key).collect();
     Some(Write {
         sql: Cow::Borrowed(
             "UPDATE tasks t SET status = u.status, started_at = u.started_at, \

@@ -220,6 +220,8 @@ async fn orchestrator_queues_declared_as_quorum_by_an_earlier_version_are_used_a
     let mut env = TestEnv::new().await;
     env.config.amqp.orchestrator_queue_type = "quorum".into();
     let old = env.broker().await;
+    let tasks = old.topology().tasks_queue();
+    assert_eq!(old.topology().queue_type(&tasks), tasker_messaging::QueueType::Quorum, "the earlier declaration");
     old.declare_orchestrator().await.unwrap();
     old.close().await.unwrap();
     env.config.amqp.orchestrator_queue_type = "classic".into();

@@ -345,10 +345,9 @@ impl Pipeline {
             return Ok(());
         }
         match self.process(&items).await {
+            // all sent at once: each ack waits only for its own write
             Ok(()) => {
-                for ack in acks {
-                    ack.ack().await?;
-                }
+                futures::future::try_join_all(acks.iter().map(Ack::ack)).await?;
             }
             // shutting down, or the connection is gone: the input goes back to the
             // queue unacked, without counting against it

@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, task::Poll};
 
 use futures::future::try_join_all;
 use lapin::{
@@ -71,34 +71,30 @@ impl Publisher {
     /// confirm together: one round trip for the batch, not one per message. Fails if any
     /// is nacked or unroutable; the caller then must not ack its input.
     pub async fn send(&self, commands: &[Command]) -> Result<()> {
-        let mut pending = Vec::with_capacity(commands.len());
-        for command in commands {
-            let (queue, kind, payload) = command.route(&self.topology);
-            let mut props = BasicProperties::default()
-                .with_delivery_mode(PERSISTENT)
-                .with_content_type("application/x-protobuf".into())
-                .with_type(kind.into());
-            if let Some(trace) = command.trace_context().filter(|t| !t.is_empty()) {
-                let mut headers = FieldTable::default();
-                for (k, v) in trace.iter().collect::<BTreeMap<_, _>>() {
-                    headers.insert(k.as_str().into(), AMQPValue::LongString(LongString::from(v.as_str())));
+        let publishes: Vec<_> = commands
+            .iter()
+            .map(|command| {
+                let (queue, kind, payload) = command.route(&self.topology);
+                let mut props = BasicProperties::default()
+                    .with_delivery_mode(PERSISTENT)
+                    .with_content_type("application/x-protobuf".into())
+                    .with_type(kind.into());
+                if let Some(trace) = command.trace_context().filter(|t| !t.is_empty()) {
+                    let mut headers = FieldTable::default();
+                    for (k, v) in trace.iter().collect::<BTreeMap<_, _>>() {
+                        headers.insert(k.as_str().into(), AMQPValue::LongString(LongString::from(v.as_str())));
+                    }
+                    props = props.with_headers(headers);
                 }
-                props = props.with_headers(headers);
-            }
-            let confirm = self
-                .channel
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions { mandatory: true, ..Default::default() },
-                    &payload,
-                    props,
-                )
-                .await?;
-            pending.push(confirmed(confirm, queue));
-        }
-        crate::bounded("publisher confirms", try_join_all(pending)).await?;
-        Ok(())
+                async move {
+                    let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+                    let confirm =
+                        self.channel.basic_publish("".into(), queue.as_str().into(), options, &payload, props).await?;
+                    confirmed(confirm, queue).await
+                }
+            })
+            .collect();
+        pipelined(publishes).await
     }
 
     /// Publishes CloudEvents (structured JSON) on the events exchange, then awaits every
@@ -106,27 +102,47 @@ impl Publisher {
     /// Each event is `(event id, routing key, CloudEvent JSON)`.
     pub async fn publish_events(&self, events: &[(&str, &str, &str)]) -> Result<()> {
         let exchange = self.topology.events_exchange();
-        let mut pending = Vec::new();
-        for &(event_id, routing_key, payload) in events {
-            let props = BasicProperties::default()
-                .with_delivery_mode(PERSISTENT)
-                .with_content_type("application/cloudevents+json".into())
-                .with_message_id(event_id.into());
-            let confirm = self
-                .channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    routing_key.into(),
-                    BasicPublishOptions::default(),
-                    payload.as_bytes(),
-                    props,
-                )
-                .await?;
-            pending.push(confirmed(confirm, routing_key.to_owned()));
-        }
-        crate::bounded("publisher confirms", try_join_all(pending)).await?;
-        Ok(())
+        let publishes: Vec<_> = events
+            .iter()
+            .map(|&(event_id, routing_key, payload)| {
+                let props = BasicProperties::default()
+                    .with_delivery_mode(PERSISTENT)
+                    .with_content_type("application/cloudevents+json".into())
+                    .with_message_id(event_id.into());
+                let exchange = exchange.as_str();
+                async move {
+                    let options = BasicPublishOptions::default();
+                    let confirm = self
+                        .channel
+                        .basic_publish(exchange.into(), routing_key.into(), options, payload.as_bytes(), props)
+                        .await?;
+                    confirmed(confirm, routing_key.to_owned()).await
+                }
+            })
+            .collect();
+        pipelined(publishes).await
     }
+}
+
+/// Starts the publishes one after another, in the given order, then awaits them all and
+/// their confirms (nothing runs until then: they are futures not yet polled).
+///
+/// lapin completes a publish only once its I/O thread has written the frames: awaited one
+/// at a time, every message cost two hand-offs between threads and a socket write of its
+/// own. A publish's first poll queues its frames and takes its confirm's delivery tag, so
+/// polling each once, in turn, keeps the messages in this order on the channel while the
+/// I/O thread writes them together.
+async fn pipelined<F: Future<Output = Result<()>>>(publishes: Vec<F>) -> Result<()> {
+    let mut pending = Vec::with_capacity(publishes.len());
+    for publish in publishes {
+        let mut publish = Box::pin(publish);
+        match futures::poll!(publish.as_mut()) {
+            Poll::Ready(done) => done?,
+            Poll::Pending => pending.push(publish),
+        }
+    }
+    crate::bounded("publisher confirms", try_join_all(pending)).await?;
+    Ok(())
 }
 
 pub(crate) async fn confirmed(confirm: PublisherConfirm, target: String) -> Result<()> {

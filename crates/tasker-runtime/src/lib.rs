@@ -29,6 +29,12 @@ use std::{future::Future, path::PathBuf, process::ExitCode};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+/// Every service allocates many small, short-lived buffers per message (frames, rows,
+/// events); mimalloc's thread-local free lists cost a fraction of glibc malloc's locking
+/// and consolidation, which took ~4 % of the machine's CPU in the benchmark.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Flags every service binary takes.
 #[derive(Debug, Parser)]
 pub struct ServiceArgs {

@@ -444,7 +444,8 @@ impl Store {
                  ), edges AS ( \
                    DELETE FROM workflow_step_edges WHERE task_id IN (SELECT id FROM doomed) \
                  ), step_history AS ( \
-                   DELETE FROM workflow_step_transitions WHERE task_id IN (SELECT id FROM doomed) \
+                   DELETE FROM workflow_step_transitions WHERE workflow_step_id IN \
+                     (SELECT s.id FROM workflow_steps s WHERE s.task_id IN (SELECT id FROM doomed)) \
                  ), task_history AS ( \
                    DELETE FROM task_transitions WHERE task_id IN (SELECT id FROM doomed) \
                  ), steps AS ( \

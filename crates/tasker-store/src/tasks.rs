@@ -294,7 +294,10 @@ impl Store {
                 )
                 .await?;
             let step_stmt = client
-                .statement(&format!("{STEP_TRANSITIONS} WHERE task_id = $1 ORDER BY workflow_step_id, sort_key"))
+                .statement(&format!(
+                    "{STEP_TRANSITIONS} WHERE workflow_step_id IN (SELECT id FROM workflow_steps WHERE task_id = $1) \
+                     ORDER BY workflow_step_id, sort_key"
+                ))
                 .await?;
             let (own, of_steps) =
                 futures::try_join!(client.query(&task_stmt, &params), client.query(&step_stmt, &params))?;

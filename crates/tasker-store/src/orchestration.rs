@@ -442,7 +442,8 @@ impl Store {
                    AND completed_at < now() - make_interval(secs => $1::float8) \
                    ORDER BY completed_at LIMIT $2 FOR UPDATE SKIP LOCKED \
                  ), edges AS ( \
-                   DELETE FROM workflow_step_edges WHERE task_id IN (SELECT id FROM doomed) \
+                   DELETE FROM workflow_step_edges WHERE from_step_id IN \
+                     (SELECT s.id FROM workflow_steps s WHERE s.task_id IN (SELECT id FROM doomed)) \
                  ), step_history AS ( \
                    DELETE FROM workflow_step_transitions WHERE workflow_step_id IN \
                      (SELECT s.id FROM workflow_steps s WHERE s.task_id IN (SELECT id FROM doomed)) \

@@ -275,9 +275,9 @@ impl Store {
             .await?;
         let edges_stmt = client
             .statement(
-                "SELECT f.name, t.name FROM workflow_step_edges e \
-                 JOIN workflow_steps f ON f.id = e.from_step_id JOIN workflow_steps t ON t.id = e.to_step_id \
-                 WHERE e.task_id = $1 ORDER BY f.dependency_level, f.name, t.name",
+                "SELECT f.name, t.name FROM workflow_steps f \
+                 JOIN workflow_step_edges e ON e.from_step_id = f.id JOIN workflow_steps t ON t.id = e.to_step_id \
+                 WHERE f.task_id = $1 ORDER BY f.dependency_level, f.name, t.name",
             )
             .await?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];

@@ -61,7 +61,7 @@ impl EventPublisher {
     /// Relays until `shutdown`; a lost broker connection is re-established (with backoff).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let EventPublisher { config, admin } = self;
-        let store = tasker_runtime::connect_store(&config.database).await?;
+        let store = tasker_runtime::connect_store(&config.database, tasker_store::Workload::Keyed).await?;
         let mut registry = Registry::default();
         let metrics = Metrics::default();
         let sub = registry.sub_registry_with_prefix("tasker_events");

@@ -51,7 +51,7 @@ impl Orchestrator {
     /// already applied).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Orchestrator { config, admin } = self;
-        let store = tasker_runtime::connect_store(&config.database).await?;
+        let store = tasker_runtime::connect_store(&config.database, tasker_store::Workload::Keyed).await?;
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         let slot = tasker_runtime::BrokerSlot::new();

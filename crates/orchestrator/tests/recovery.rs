@@ -14,7 +14,7 @@ async fn a_task_whose_request_was_lost_still_runs() {
     let env = TestEnv::new().await;
     let system = System::start(&env, vec![WorkerSpec::new("w1", &["recovery"])]).await;
     system.register(&env, CHAIN).await;
-    let store = Store::connect(&env.config.database.url, 2).await.unwrap();
+    let store = Store::connect(&env.config.database.url, 2, tasker_store::Workload::General).await.unwrap();
     let record = store.template("recovery", "chain", None).await.unwrap();
     let new = NewTask {
         template: &record,

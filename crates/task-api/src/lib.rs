@@ -86,7 +86,7 @@ impl TaskApi {
         let reflection_v1 = reflection().build_v1().context("building the reflection service")?;
         let reflection_v1alpha = reflection().build_v1alpha().context("building the reflection service")?;
 
-        let store = tasker_runtime::connect_store(&config.database).await?;
+        let store = tasker_runtime::connect_store(&config.database, tasker_store::Workload::General).await?;
         let stop = shutdown.child_token();
         let link = Link::default();
         let slot = tasker_runtime::BrokerSlot::new();

@@ -247,7 +247,7 @@ struct Report {
 
 /// Waits for the work to drain, then checks what must hold.
 async fn check(env: &TestEnv, seen: &events::Shared, submitted: &Submitted) -> anyhow::Result<Report> {
-    let store = tasker_store::Store::connect(&env.config.database.url, 2).await?;
+    let store = tasker_store::Store::connect(&env.config.database.url, 2, tasker_store::Workload::General).await?;
     let expected = submitted.by_key.lock().expect("submitted lock").len();
     let deadline = Instant::now() + Duration::from_secs(180);
     let audit = loop {

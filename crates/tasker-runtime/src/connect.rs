@@ -2,16 +2,16 @@
 
 use anyhow::Context;
 use tasker_messaging::{Broker, QueueType, Topology};
-use tasker_store::Store;
+use tasker_store::{Store, Workload};
 
 use crate::{AmqpConfig, DatabaseConfig, ReadyCheck, ready_check};
 
 /// Migrates (when configured) and opens the pool.
-pub async fn connect_store(config: &DatabaseConfig) -> anyhow::Result<Store> {
+pub async fn connect_store(config: &DatabaseConfig, workload: Workload) -> anyhow::Result<Store> {
     if config.migrate {
         tasker_store::migrate(&config.url).await.context("migrating the database")?;
     }
-    Store::connect(&config.url, config.pool_size).await.context("connecting to the database")
+    Store::connect(&config.url, config.pool_size, workload).await.context("connecting to the database")
 }
 
 /// The broker names for this configuration.

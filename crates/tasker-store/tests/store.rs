@@ -16,7 +16,7 @@ steps:
 "#;
 
 async fn setup(env: &TestEnv) -> (Store, uuid::Uuid) {
-    let store = Store::connect(&env.config.database.url, 4).await.unwrap();
+    let store = Store::connect(&env.config.database.url, 4, tasker_store::Workload::General).await.unwrap();
     let template = Template::from_yaml(TEMPLATE, &Limits::default()).unwrap();
     let record = store.register_template(&template).await.unwrap().record;
     let new = NewTask {

@@ -111,7 +111,10 @@ async fn services_reach_the_broker_over_amqps_and_postgres_over_verified_tls() {
     let other = TestCa::new("other");
     let distrusting =
         format!("{}?sslmode=require&sslrootcert={}", postgres.url(&env.config.database.url), other.ca_file.display());
-    let refused = tasker_store::Store::connect(&distrusting, 1).await.err().expect("an unknown issuer is refused");
+    let refused = tasker_store::Store::connect(&distrusting, 1, tasker_store::Workload::General)
+        .await
+        .err()
+        .expect("an unknown issuer is refused");
     assert!(refused.to_string().to_lowercase().contains("certificate"), "{refused}");
     let mut amqp = config.amqp.clone();
     amqp.ca_file = Some(other.ca_file.clone());

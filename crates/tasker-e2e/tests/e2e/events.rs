@@ -186,3 +186,37 @@ async fn a_long_step_shows_in_progress_while_it_runs_and_every_start_is_recorded
     system.stop().await;
     env.cleanup().await;
 }
+
+/// The relay hands a batch's publishes to the connection together (each started in turn,
+/// then all awaited with their confirms): a subscriber still gets them in the order given,
+/// which is each task's transition order.
+#[tokio::test]
+async fn a_large_batch_of_events_reaches_a_subscriber_in_the_order_it_was_published() {
+    let env = TestEnv::new().await;
+    let (_subscriber, mut events) = env.subscribe(&["#"]).await;
+    let broker = env.broker().await;
+    let publisher = broker.publisher().await.expect("a publisher");
+    let batch: Vec<(String, String, String)> = (0..500)
+        .map(|n| (format!("event-{n}"), format!("orders.task{}.step.completed", n % 7), json!({ "n": n }).to_string()))
+        .collect();
+    let refs: Vec<(&str, &str, &str)> =
+        batch.iter().map(|(id, key, body)| (id.as_str(), key.as_str(), body.as_str())).collect();
+    publisher.publish_events(&refs).await.expect("every event confirmed");
+
+    let mut received = Vec::new();
+    while received.len() < batch.len() {
+        let event = tokio::time::timeout(std::time::Duration::from_secs(10), events.next())
+            .await
+            .expect("the next event within 10 s")
+            .expect("the subscription is open")
+            .expect("a delivery");
+        let body: serde_json::Value = serde_json::from_str(&event.payload).expect("the JSON published");
+        received.push((event.routing_key, body["n"].as_i64().expect("n")));
+    }
+    let sent: Vec<(String, i64)> = (0..500).map(|n| (format!("orders.task{}.step.completed", n % 7), n)).collect();
+    assert_eq!(received, sent, "the order published");
+
+    publisher.close().await;
+    broker.close().await.expect("close");
+    env.cleanup().await;
+}

@@ -441,12 +441,12 @@ impl Store {
                    SELECT id FROM tasks WHERE status IN ('complete', 'error', 'cancelled') \
                    AND completed_at < now() - make_interval(secs => $1::float8) \
                    ORDER BY completed_at LIMIT $2 FOR UPDATE SKIP LOCKED \
+                 ), doomed_steps AS ( \
+                   SELECT s.id FROM workflow_steps s WHERE s.task_id IN (SELECT id FROM doomed) \
                  ), edges AS ( \
-                   DELETE FROM workflow_step_edges WHERE from_step_id IN \
-                     (SELECT s.id FROM workflow_steps s WHERE s.task_id IN (SELECT id FROM doomed)) \
+                   DELETE FROM workflow_step_edges WHERE from_step_id IN (SELECT id FROM doomed_steps) \
                  ), step_history AS ( \
-                   DELETE FROM workflow_step_transitions WHERE workflow_step_id IN \
-                     (SELECT s.id FROM workflow_steps s WHERE s.task_id IN (SELECT id FROM doomed)) \
+                   DELETE FROM workflow_step_transitions WHERE workflow_step_id IN (SELECT id FROM doomed_steps) \
                  ), task_history AS ( \
                    DELETE FROM task_transitions WHERE task_id IN (SELECT id FROM doomed) \
                  ), steps AS ( \

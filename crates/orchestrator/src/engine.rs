@@ -3,10 +3,11 @@
 //!
 //! A batch costs two round trips to Postgres, whatever its size. (1) Lock the tasks and,
 //! under the locks, read the steps the items name, the children of the steps reported
-//! complete, the ready steps of tasks to evaluate and every task's progress counts. Then,
-//! in memory: apply every item (transitions are buffered), count down the children of
-//! each completed step, enqueue what became ready, keep the progress counts true and
-//! settle the tasks by them. (2) Write it all, read what the executions carry, and commit.
+//! complete, the ready steps of tasks to evaluate and whether each task's other steps
+//! are unfinished or live. Then, in memory: apply every item (transitions are buffered),
+//! count down the children of each completed step, enqueue what became ready and settle
+//! the tasks by how their steps stand. (2) Write it all, read what the executions carry,
+//! and commit.
 //! Every item is re-checked under the task lock: reports are fenced by attempt and state,
 //! so duplicates, stale and late reports are dropped (and counted), never applied twice.
 
@@ -16,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use tasker_domain::{Backoff, FailureDecision, FailureKind, Limits, StepState, TaskState, backoff::decide};
 use tasker_proto::messages::{StepReport, step_report::Outcome as Reported};
-use tasker_store::{Dispatch, Progress, StepChange, StepRow, Store, TaskHead, Tx};
+use tasker_store::{Dispatch, Standing, StepChange, StepRow, Store, TaskHead, Tx};
 use uuid::Uuid;
 
 use crate::metrics::Tally;
@@ -94,7 +95,7 @@ impl Engine {
             tasks: loaded.tasks,
             steps: loaded.steps,
             children: loaded.children,
-            progress: loaded.progress,
+            standing: loaded.standing,
             touched: HashSet::new(),
             ready: loaded.ready,
             enqueued: Vec::new(),
@@ -118,8 +119,8 @@ struct Batch<'a> {
     steps: HashMap<Uuid, StepRow>,
     /// The children of the steps reported complete.
     children: HashMap<Uuid, Vec<Uuid>>,
-    /// Each task's counts over its unfinished steps, kept true as steps change.
-    progress: HashMap<Uuid, Progress>,
+    /// How each task's steps that no item names stood when the batch read them.
+    standing: HashMap<Uuid, Standing>,
     /// Tasks to settle at the end.
     touched: HashSet<Uuid>,
     /// Steps that may be ready to enqueue: of evaluated tasks, and children whose last
@@ -199,34 +200,43 @@ impl Batch<'_> {
         if to == StepState::Enqueued {
             self.enqueued.push(step.id);
         }
-        self.replace(step.clone());
+        self.steps.insert(step.id, step.clone());
         Ok(())
     }
 
-    /// Debug builds (the tests) check the counts kept in memory against the database
-    /// (one more round trip, before commit).
+    /// How each task stands at the end of the batch: the steps it has in memory as they
+    /// are now, and the rest as the batch read them. The batch changes only steps it has
+    /// in memory, and none of those it does not name ends less live or less unfinished
+    /// than it began: a child stays unfinished, a ready step is enqueued.
+    fn standing(&self, open: &[Uuid]) -> HashMap<Uuid, Standing> {
+        let mut standing: HashMap<Uuid, Standing> =
+            open.iter().map(|id| (*id, self.standing.get(id).copied().unwrap_or_default())).collect();
+        for step in self.steps.values() {
+            if let Some(task) = standing.get_mut(&step.task_id) {
+                task.count(step);
+            }
+        }
+        standing
+    }
+
+    /// Debug builds (the tests) check each task's standing against counts over all its
+    /// steps in the database, its writes included (one more round trip, before commit).
     #[cfg(debug_assertions)]
-    async fn check_progress(&mut self, open: &[Uuid]) -> tasker_store::Result<()> {
-        if open.is_empty() {
+    async fn check_standing(&mut self, standing: &HashMap<Uuid, Standing>) -> tasker_store::Result<()> {
+        if standing.is_empty() {
             return Ok(());
         }
-        let stored = self.tx.progress(open).await?;
-        for id in open {
-            let kept = self.progress.get(id).copied().unwrap_or_default();
+        let open: Vec<Uuid> = standing.keys().copied().collect();
+        let stored = self.tx.progress(&open).await?;
+        for (id, standing) in standing {
             let counted = stored.get(id).copied().unwrap_or_default();
-            assert_eq!(kept, counted, "progress of task {id} kept in memory differs from the database");
+            assert_eq!(
+                (standing.is_complete(), standing.is_stuck()),
+                (counted.is_complete(), counted.is_stuck()),
+                "task {id}: standing {standing:?} differs from the database's counts {counted:?}"
+            );
         }
         Ok(())
-    }
-
-    /// Puts the step's new version in place, keeping its task's progress counts true.
-    fn replace(&mut self, step: StepRow) {
-        let progress = self.progress.entry(step.task_id).or_default();
-        if let Some(before) = self.steps.get(&step.id) {
-            progress.count(before, -1);
-        }
-        progress.count(&step, 1);
-        self.steps.insert(step.id, step);
     }
 
     /// Counts a completed step as done for each of its children; a child whose last
@@ -239,7 +249,7 @@ impl Batch<'_> {
             if child.pending_parents == 0 {
                 self.ready.push(child.id);
             }
-            self.replace(child);
+            self.steps.insert(child.id, child);
         }
     }
 
@@ -408,7 +418,7 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Enqueues what is ready, settles the tasks by their progress counts, then the
+    /// Enqueues what is ready, settles the tasks by how their steps stand, then the
     /// second round trip: writes it all, reads the dispatch data and commits.
     async fn finish(mut self) -> tasker_store::Result<Outcome> {
         let mut seen = HashSet::new();
@@ -422,13 +432,21 @@ impl Batch<'_> {
         }
         let open: Vec<Uuid> =
             self.touched.iter().copied().filter(|id| self.tasks[id].status == TaskState::InProgress).collect();
+        let standing = self.standing(&open);
         #[cfg(debug_assertions)]
-        self.check_progress(&open).await?;
+        self.check_standing(&standing).await?;
+        let stuck: Vec<Uuid> = open.iter().copied().filter(|id| standing[id].is_stuck()).collect();
+        // a failed task's event says how many steps it left unfinished: counted, one more
+        // round trip, only for those (the batch's writes are sent with it)
+        let unfinished = if stuck.is_empty() { HashMap::new() } else { self.tx.progress(&stuck).await? };
         for task_id in open {
             let task = self.tasks.get_mut(&task_id).expect("locked task");
-            let (to, metadata) = match self.progress.get(&task_id).copied().unwrap_or_default() {
-                p if p.is_complete() => (TaskState::Complete, json!({})),
-                p if p.is_stuck() => (TaskState::Error, json!({ "unfinished_steps": p.unfinished })),
+            let (to, metadata) = match standing[&task_id] {
+                s if s.is_complete() => (TaskState::Complete, json!({})),
+                s if s.is_stuck() => {
+                    let left = unfinished.get(&task_id).map_or(0, |p| p.unfinished);
+                    (TaskState::Error, json!({ "unfinished_steps": left }))
+                }
                 _ => continue,
             };
             self.tx.transition_task(task, to, metadata)?;

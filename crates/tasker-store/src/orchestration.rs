@@ -116,17 +116,36 @@ impl Progress {
     pub fn is_stuck(&self) -> bool {
         self.unfinished > 0 && self.active == 0 && self.ready == 0
     }
+}
 
-    /// Counts a step as it is now (`sign` 1), or stops counting it as it was (`sign` -1):
-    /// keeps the counts true in memory as a batch changes steps (the same rules as the
-    /// `PROGRESS` query).
-    pub fn count(&mut self, step: &StepRow, sign: i64) {
-        let unfinished = !matches!(step.status, StepState::Complete | StepState::ResolvedManually);
-        let active = matches!(step.status, StepState::Enqueued | StepState::InProgress | StepState::WaitingForRetry);
-        let ready = step.status == StepState::Pending && step.pending_parents == 0;
-        self.unfinished += sign * i64::from(unfinished);
-        self.active += sign * i64::from(active);
-        self.ready += sign * i64::from(ready);
+/// What a task's steps hold, as far as settling the task needs to know: whether any is
+/// unfinished, and whether any is live (running, or able to run). Read for the steps a
+/// batch does not name; the batch adds the steps it has in memory as they end up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Standing {
+    /// A step is neither complete nor resolved.
+    pub unfinished: bool,
+    /// A step is enqueued, in progress or waiting for a retry, or pending with every
+    /// parent done.
+    pub live: bool,
+}
+
+impl Standing {
+    /// Adds a step as it is now.
+    pub fn count(&mut self, step: &StepRow) {
+        self.unfinished |= !matches!(step.status, StepState::Complete | StepState::ResolvedManually);
+        self.live |= matches!(step.status, StepState::Enqueued | StepState::InProgress | StepState::WaitingForRetry)
+            || (step.status == StepState::Pending && step.pending_parents == 0);
+    }
+
+    /// Every step complete or resolved.
+    pub fn is_complete(&self) -> bool {
+        !self.unfinished
+    }
+
+    /// Nothing is running or can run, yet steps are unfinished: a step failed.
+    pub fn is_stuck(&self) -> bool {
+        self.unfinished && !self.live
     }
 }
 
@@ -210,6 +229,37 @@ const PROGRESS: &str = "SELECT task_id, count(*), \
      FROM workflow_steps WHERE task_id = ANY($1) AND status NOT IN ('complete', 'resolved_manually') \
      GROUP BY task_id";
 
+/// How many of a task's unfinished steps [`standing_sql`] looks at in one pass.
+const STANDING_SAMPLE: i64 = 32;
+
+/// Each task's [`Standing`] over its steps other than those in $2, at a cost that does not
+/// grow with the task (a count over its unfinished steps, in every batch, would). One pass
+/// over at most [`STANDING_SAMPLE`] of its unfinished steps (its entries in
+/// `workflow_steps_unfinished`) answers both questions for a task that has no more than
+/// that, or that has a live one among them; only a task with more, none of them live, is
+/// asked again with existence tests that stop at the first step that passes (the ready
+/// test visits pending steps until one qualifies).
+fn standing_sql() -> String {
+    const UNFINISHED: &str = "s.status NOT IN ('complete', 'resolved_manually')";
+    const ACTIVE: &str = "s.status IN ('enqueued', 'in_progress', 'waiting_for_retry')";
+    const READY: &str = "s.status = 'pending' AND s.pending_parents = 0";
+    let others = |cond: &str| format!("workflow_steps s WHERE s.task_id = t.id AND {cond} AND s.id <> ALL($2)");
+    // `OFFSET 0` keeps each test a probe per task, evaluated only when reached: without
+    // it Postgres may plan an EXISTS as a hash of the matching steps of every task, built
+    // in full on every call
+    let exists = |cond: &str| format!("EXISTS (SELECT FROM {} OFFSET 0)", others(cond));
+    format!(
+        "SELECT t.id, f.seen > 0, f.live OR (f.seen = {STANDING_SAMPLE} AND ({} OR {})) \
+         FROM unnest($1::uuid[]) AS t(id), LATERAL ( \
+           SELECT count(*) AS seen, COALESCE(bool_or({ACTIVE} OR ({READY})), false) AS live \
+           FROM (SELECT s.status, s.pending_parents FROM {} LIMIT {STANDING_SAMPLE}) s \
+         ) f",
+        exists(ACTIVE),
+        exists(READY),
+        others(UNFINISHED),
+    )
+}
+
 const CONTEXTS: &str = "SELECT id, context::text FROM tasks WHERE id = ANY($1)";
 
 const PARENT_RESULTS: &str = "SELECT e.to_step_id, p.name, COALESCE(p.results::text, 'null') \
@@ -228,6 +278,10 @@ fn progress_by_task(rows: &[Row]) -> HashMap<Uuid, Progress> {
     rows.iter().map(|r| (r.get(0), Progress { unfinished: r.get(1), active: r.get(2), ready: r.get(3) })).collect()
 }
 
+fn standing_by_task(rows: &[Row]) -> HashMap<Uuid, Standing> {
+    rows.iter().map(|r| (r.get(0), Standing { unfinished: r.get(1), live: r.get(2) })).collect()
+}
+
 /// What an orchestrator batch reads in its first round trip, under the task locks.
 #[derive(Debug, Default)]
 pub struct Loaded {
@@ -239,8 +293,8 @@ pub struct Loaded {
     pub children: HashMap<Uuid, Vec<Uuid>>,
     /// The ready steps of the tasks to evaluate, in dispatch order.
     pub ready: Vec<Uuid>,
-    /// Counts over the unfinished steps of each task (a task with none is absent).
-    pub progress: HashMap<Uuid, Progress>,
+    /// How each task's steps other than `steps` stand (before the batch changes them).
+    pub standing: HashMap<Uuid, Standing>,
 }
 
 impl Tx {
@@ -256,7 +310,8 @@ impl Tx {
 
     /// The first round trip of an orchestrator batch: locks the tasks (in id order) and,
     /// once the server holds the locks, reads the `steps`, the children of the steps in
-    /// `completed`, the ready steps of the tasks in `evaluate`, and every task's progress.
+    /// `completed`, the ready steps of the tasks in `evaluate`, and how every task's
+    /// other steps stand.
     pub async fn load_batch(
         &mut self,
         task_ids: &[Uuid],
@@ -267,20 +322,21 @@ impl Tx {
         let mut ids = task_ids.to_vec();
         ids.sort_unstable();
         ids.dedup();
-        let (steps_sql, ready_sql) = (steps_sql(), ready_steps_sql());
+        let (steps_sql, ready_sql, standing_sql) = (steps_sql(), ready_steps_sql(), standing_sql());
         let children_sql = format!(
             "SELECT {STEP_COLUMNS}, e.from_step_id FROM workflow_step_edges e \
              JOIN workflow_steps s ON s.id = e.to_step_id WHERE e.from_step_id = ANY($1)"
         );
         let (t, st, c, e): (Param1, Param1, Param1, Param1) = ([&ids], [&steps], [&completed], [&evaluate]);
+        let others: [&(dyn ToSql + Sync); 2] = [&ids, &steps];
         let reads = [
             (LOCK_TASKS, &t[..]),
             (steps_sql.as_str(), &st[..]),
             (children_sql.as_str(), &c[..]),
             (ready_sql.as_str(), &e[..]),
-            (PROGRESS, &t[..]),
+            (standing_sql.as_str(), &others[..]),
         ];
-        // skip the reads with nothing to read (the lock and progress always run)
+        // skip the reads with nothing to read (the lock and the standing always run)
         let wanted = [true, !steps.is_empty(), !completed.is_empty(), !evaluate.is_empty(), true];
         let reads: Vec<Read> = reads.into_iter().zip(wanted).filter(|(_, w)| *w).map(|(r, _)| r).collect();
         let mut rows = self.round_trip(&reads, false).await?.into_iter();
@@ -305,7 +361,7 @@ impl Tx {
                 loaded.steps.entry(step.id).or_insert(step);
             }
         }
-        loaded.progress = progress_by_task(&rows.next().unwrap_or_default());
+        loaded.standing = standing_by_task(&rows.next().unwrap_or_default());
         Ok(loaded)
     }
 

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 use tasker_domain::{Limits, StepState, TaskState, Template};
-use tasker_store::{NewTask, StepChange, Store};
+use tasker_store::{NewTask, Standing, StepChange, Store};
 use tasker_test_support::TestEnv;
 
 const TEMPLATE: &str = r#"
@@ -16,8 +16,13 @@ steps:
 "#;
 
 async fn setup(env: &TestEnv) -> (Store, uuid::Uuid) {
+    setup_with(env, TEMPLATE).await
+}
+
+/// A store and one task of this template.
+async fn setup_with(env: &TestEnv, yaml: &str) -> (Store, uuid::Uuid) {
     let store = Store::connect(&env.config.database.url, 4, tasker_store::Workload::General).await.unwrap();
-    let template = Template::from_yaml(TEMPLATE, &Limits::default()).unwrap();
+    let template = Template::from_yaml(yaml, &Limits::default()).unwrap();
     let record = store.register_template(&template).await.unwrap().record;
     let new = NewTask {
         template: &record,
@@ -225,5 +230,46 @@ async fn a_writer_that_waited_for_the_lock_continues_the_history() {
         [("pending".into(), 1, false), ("in_progress".into(), 2, false), ("cancelled".into(), 3, true)]
     );
     drop(db);
+    env.cleanup().await;
+}
+
+/// How a batch reads a task's other steps stand does not stop at its first pass over a
+/// big task's unfinished steps: a live step behind forty that are not is still found, and
+/// without it the task is seen to be stuck.
+#[tokio::test]
+async fn a_big_tasks_standing_looks_past_its_first_steps() {
+    let env = TestEnv::new().await;
+    let mut yaml = String::from(
+        "namespace: store\nname: wide\nversion: 1.0.0\nsteps:\n  - { name: root, handler: noop }\n  - { name: other, handler: noop }\n",
+    );
+    for i in 0..40 {
+        yaml.push_str(&format!("  - {{ name: x{i}, handler: noop, depends_on: [root] }}\n"));
+    }
+    let (store, task_id) = setup_with(&env, &yaml).await;
+
+    // root fails for good, `other` waits for a retry, the forty wait on root
+    let mut tx = store.begin().await.unwrap();
+    let mut task = tx.lock_task(task_id).await.unwrap();
+    tx.transition_task(&mut task, TaskState::InProgress, json!({})).unwrap();
+    let subject = task.subject();
+    let ready = tx.ready_steps(&[task_id]).await.unwrap();
+    assert_eq!(ready.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["root", "other"]);
+    let (mut root, mut other) = (ready[0].clone(), ready[1].clone());
+    for to in [StepState::Enqueued, StepState::InProgress, StepState::Error] {
+        tx.transition_step(&subject, &mut root, to, json!({}), StepChange::default()).unwrap();
+    }
+    for to in [StepState::Enqueued, StepState::InProgress, StepState::WaitingForRetry] {
+        tx.transition_step(&subject, &mut other, to, json!({}), StepChange::default()).unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let mut tx = store.begin().await.unwrap();
+    let all = tx.load_batch(&[task_id], &[], &[], &[]).await.unwrap().standing[&task_id];
+    assert_eq!(all, Standing { unfinished: true, live: true }, "the step waiting for its retry is live");
+    let rest = tx.load_batch(&[task_id], &[other.id], &[], &[]).await.unwrap().standing[&task_id];
+    assert_eq!(rest, Standing { unfinished: true, live: false }, "without it nothing can run");
+    let progress = tx.progress(&[task_id]).await.unwrap()[&task_id];
+    assert_eq!((progress.unfinished, progress.active, progress.ready), (42, 1, 0));
+    tx.rollback().await.unwrap();
     env.cleanup().await;
 }

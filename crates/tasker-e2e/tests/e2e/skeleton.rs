@@ -129,6 +129,8 @@ steps:
     assert!(ts(&task.completed_at) >= ts(&steps["side_after"].completed_at));
     let failed = task.transitions.last().unwrap();
     assert_eq!((failed.from_state.as_str(), failed.to_state.as_str()), ("in_progress", "error"));
+    // it says what it left unfinished: `doomed` (failed) and `never` (waiting on it)
+    assert_eq!(metadata(failed)["unfinished_steps"], 2);
     system.stop().await;
     env.cleanup().await;
 }

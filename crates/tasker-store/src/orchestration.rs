@@ -203,10 +203,18 @@ fn steps_sql() -> String {
     format!("SELECT {STEP_COLUMNS} FROM workflow_steps s WHERE s.id = ANY($1)")
 }
 
+/// A step of `workflow_steps s` neither complete nor resolved (the predicate of the
+/// `workflow_steps_unfinished` index).
+const UNFINISHED: &str = "s.status NOT IN ('complete', 'resolved_manually')";
+/// A step running or about to: dispatched, in progress, or waiting for a retry.
+const ACTIVE: &str = "s.status IN ('enqueued', 'in_progress', 'waiting_for_retry')";
+/// A pending step with no parent left to wait for.
+const READY: &str = "s.status = 'pending' AND s.pending_parents = 0";
+
 fn ready_steps_sql() -> String {
     format!(
         "SELECT {STEP_COLUMNS} FROM workflow_steps s \
-         WHERE s.task_id = ANY($1) AND s.status = 'pending' AND s.pending_parents = 0 \
+         WHERE s.task_id = ANY($1) AND {READY} \
          ORDER BY s.task_id, s.dependency_level, s.id"
     )
 }
@@ -223,11 +231,12 @@ fn release_children_sql() -> String {
     )
 }
 
-const PROGRESS: &str = "SELECT task_id, count(*), \
-       count(*) FILTER (WHERE status IN ('enqueued', 'in_progress', 'waiting_for_retry')), \
-       count(*) FILTER (WHERE status = 'pending' AND pending_parents = 0) \
-     FROM workflow_steps WHERE task_id = ANY($1) AND status NOT IN ('complete', 'resolved_manually') \
-     GROUP BY task_id";
+fn progress_sql() -> String {
+    format!(
+        "SELECT s.task_id, count(*), count(*) FILTER (WHERE {ACTIVE}), count(*) FILTER (WHERE {READY}) \
+         FROM workflow_steps s WHERE s.task_id = ANY($1) AND {UNFINISHED} GROUP BY s.task_id"
+    )
+}
 
 /// How many of a task's unfinished steps [`standing_sql`] looks at in one pass.
 const STANDING_SAMPLE: i64 = 32;
@@ -240,9 +249,6 @@ const STANDING_SAMPLE: i64 = 32;
 /// asked again with existence tests that stop at the first step that passes (the ready
 /// test visits pending steps until one qualifies).
 fn standing_sql() -> String {
-    const UNFINISHED: &str = "s.status NOT IN ('complete', 'resolved_manually')";
-    const ACTIVE: &str = "s.status IN ('enqueued', 'in_progress', 'waiting_for_retry')";
-    const READY: &str = "s.status = 'pending' AND s.pending_parents = 0";
     let others = |cond: &str| format!("workflow_steps s WHERE s.task_id = t.id AND {cond} AND s.id <> ALL($2)");
     // `OFFSET 0` keeps each test a probe per task, evaluated only when reached: without
     // it Postgres may plan an EXISTS as a hash of the matching steps of every task, built
@@ -392,7 +398,7 @@ impl Tx {
         let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
         let sql = format!(
             "SELECT {STEP_COLUMNS} FROM workflow_steps s \
-             WHERE s.task_id = $1 AND s.status NOT IN ('complete', 'resolved_manually') AND s.status = ANY($2) \
+             WHERE s.task_id = $1 AND {UNFINISHED} AND s.status = ANY($2) \
              ORDER BY s.dependency_level, s.id"
         );
         let rows = self.query(&sql, &[&task_id, &states]).await?;
@@ -411,7 +417,7 @@ impl Tx {
     /// Counts over the unfinished steps of each task (a task with none is absent: it is
     /// complete).
     pub async fn progress(&mut self, task_ids: &[Uuid]) -> Result<HashMap<Uuid, Progress>> {
-        Ok(progress_by_task(&self.query(PROGRESS, &[&task_ids]).await?))
+        Ok(progress_by_task(&self.query(&progress_sql(), &[&task_ids]).await?))
     }
 
     /// One round trip: writes what is buffered, marks the `republished` steps as published

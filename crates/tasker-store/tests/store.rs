@@ -247,7 +247,8 @@ async fn a_big_tasks_standing_looks_past_its_first_steps() {
     }
     let (store, task_id) = setup_with(&env, &yaml).await;
 
-    // root fails for good, `other` waits for a retry, the forty wait on root
+    // root fails for good, `other` waits for a retry, the forty wait on root: the task's
+    // unfinished steps, by status, are `error`, forty `pending`, then `waiting_for_retry`
     let mut tx = store.begin().await.unwrap();
     let mut task = tx.lock_task(task_id).await.unwrap();
     tx.transition_task(&mut task, TaskState::InProgress, json!({})).unwrap();

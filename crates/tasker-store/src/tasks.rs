@@ -18,6 +18,9 @@ use crate::{
     },
 };
 
+/// The ids of the steps of task `$1`, as an array to probe an index with.
+const STEPS_OF_TASK: &str = "ARRAY(SELECT id FROM workflow_steps WHERE task_id = $1)";
+
 /// A step's transition rows, in the column order `transition_row` reads.
 const STEP_TRANSITIONS: &str = "SELECT workflow_step_id, from_state, to_state, sort_key, most_recent, metadata::text, \
     created_at, id FROM workflow_step_transitions";
@@ -261,46 +264,52 @@ impl Store {
         }
     }
 
-    /// A task with its steps and edges, and transitions when asked for.
+    /// A task with its steps and edges, and transitions when asked for, in one round trip.
+    /// The edges and the step transitions are read by the keys of the task's steps
+    /// (`STEPS_OF_TASK`), an index probe each whatever the statistics say: as a join, a
+    /// planner that misjudged a task's size hashed the whole edges table instead.
     pub async fn task(&self, id: Uuid, include_transitions: bool) -> Result<TaskView> {
         let client = self.client().await?;
-        let stmt = client.statement(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.id = $1")).await?;
-        let row =
-            client.query_opt(&stmt, &[&id]).await?.ok_or_else(|| Error::NotFound(format!("task {id} not found")))?;
-        let task = task_row(&row)?;
+        let task_stmt = client.statement(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.id = $1")).await?;
         let steps_stmt = client
             .statement(&format!(
                 "SELECT {STEP_VIEW_COLUMNS} FROM workflow_steps s WHERE s.task_id = $1 ORDER BY s.dependency_level, s.id"
             ))
             .await?;
         let edges_stmt = client
-            .statement(
-                "SELECT f.name, t.name FROM workflow_steps f \
-                 JOIN workflow_step_edges e ON e.from_step_id = f.id JOIN workflow_steps t ON t.id = e.to_step_id \
-                 WHERE f.task_id = $1 ORDER BY f.dependency_level, f.name, t.name",
-            )
+            .statement(&format!(
+                "SELECT from_step_id, to_step_id FROM workflow_step_edges WHERE from_step_id = ANY({STEPS_OF_TASK})"
+            ))
             .await?;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
-        let (steps, edges) =
-            futures::try_join!(client.query(&steps_stmt, &params), client.query(&edges_stmt, &params))?;
-        let mut steps: Vec<StepView> = steps.iter().map(step_view).collect::<Result<_>>()?;
-        let edges = edges.iter().map(|r| EdgeRow { from_step: r.get(0), to_step: r.get(1) }).collect();
-        let mut transitions = Vec::new();
-        if include_transitions {
-            let task_stmt = client
+        let params: [&(dyn ToSql + Sync); 1] = [&id];
+        let history = async {
+            if !include_transitions {
+                return Ok(None);
+            }
+            let own = client
                 .statement(
                     "SELECT task_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at, id \
                      FROM task_transitions WHERE task_id = $1 ORDER BY sort_key",
                 )
                 .await?;
-            let step_stmt = client
+            let of_steps = client
                 .statement(&format!(
-                    "{STEP_TRANSITIONS} WHERE workflow_step_id IN (SELECT id FROM workflow_steps WHERE task_id = $1) \
-                     ORDER BY workflow_step_id, sort_key"
+                    "{STEP_TRANSITIONS} WHERE workflow_step_id = ANY({STEPS_OF_TASK}) ORDER BY workflow_step_id, sort_key"
                 ))
                 .await?;
-            let (own, of_steps) =
-                futures::try_join!(client.query(&task_stmt, &params), client.query(&step_stmt, &params))?;
+            futures::try_join!(client.query(&own, &params), client.query(&of_steps, &params)).map(Some)
+        };
+        let (task, steps, edges, history) = futures::try_join!(
+            client.query_opt(&task_stmt, &params),
+            client.query(&steps_stmt, &params),
+            client.query(&edges_stmt, &params),
+            history,
+        )?;
+        let task = task_row(&task.ok_or_else(|| Error::NotFound(format!("task {id} not found")))?)?;
+        let mut steps: Vec<StepView> = steps.iter().map(step_view).collect::<Result<_>>()?;
+        let edges = edge_rows(&steps, &edges)?;
+        let mut transitions = Vec::new();
+        if let Some((own, of_steps)) = history {
             transitions = own.iter().map(transition_row).collect();
             let mut by_step: HashMap<Uuid, Vec<TransitionRow>> = HashMap::new();
             for row in &of_steps {
@@ -394,4 +403,19 @@ impl Store {
         let next = if more { tasks.last().map(|t| (t.created_at, t.id)) } else { None };
         Ok(TaskPage { tasks, next })
     }
+}
+
+/// A task's edges by its steps' names (rows of step ids), parents in the order of their
+/// dependency level and name, then children by name.
+fn edge_rows(steps: &[StepView], rows: &[tokio_postgres::Row]) -> Result<Vec<EdgeRow>> {
+    let by_id: HashMap<Uuid, &StepView> = steps.iter().map(|s| (s.id, s)).collect();
+    let step = |row: &tokio_postgres::Row, column: usize| {
+        let id: Uuid = row.get(column);
+        by_id.get(&id).copied().ok_or_else(|| Error::Corrupt(format!("edge to step {id}, not of its task")))
+    };
+    let mut edges = rows.iter().map(|row| Ok((step(row, 0)?, step(row, 1)?))).collect::<Result<Vec<_>>>()?;
+    edges.sort_by(|(f1, t1), (f2, t2)| {
+        (f1.dependency_level, &f1.name, &t1.name).cmp(&(f2.dependency_level, &f2.name, &t2.name))
+    });
+    Ok(edges.into_iter().map(|(f, t)| EdgeRow { from_step: f.name.clone(), to_step: t.name.clone() }).collect())
 }

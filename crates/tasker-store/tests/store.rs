@@ -274,3 +274,49 @@ async fn a_big_tasks_standing_looks_past_its_first_steps() {
     tx.rollback().await.unwrap();
     env.cleanup().await;
 }
+
+/// GetTask's read: a task with its own steps, its edges by name (parents by dependency
+/// level and name, then children by name), and its history only; a task that does not
+/// exist is not found.
+#[tokio::test]
+async fn a_task_reads_back_with_its_own_steps_edges_and_history() {
+    let env = TestEnv::new().await;
+    let diamond = "namespace: store\nname: diamond\nversion: 1.0.0\nsteps:\n  - { name: z, handler: noop }\n  \
+        - { name: y, handler: noop, depends_on: [z] }\n  - { name: x, handler: noop, depends_on: [z] }\n  \
+        - { name: w, handler: noop, depends_on: [y, x] }\n";
+    let (store, first) = setup_with(&env, diamond).await;
+    let (_, second) = setup_with(&env, diamond).await;
+    let (_, chain) = setup(&env).await;
+    run_chain(&store, chain).await;
+
+    for id in [first, second] {
+        let view = store.task(id, false).await.unwrap();
+        assert_eq!(view.task.id, id);
+        let steps: Vec<&str> = view.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(steps.len(), 4);
+        assert!(view.steps.iter().all(|s| s.task_id == id), "only the task's own steps");
+        let edges: Vec<(&str, &str)> = view.edges.iter().map(|e| (e.from_step.as_str(), e.to_step.as_str())).collect();
+        assert_eq!(edges, [("z", "x"), ("z", "y"), ("x", "w"), ("y", "w")]);
+        assert!(view.transitions.is_empty(), "not asked for");
+    }
+
+    let view = store.task(chain, true).await.unwrap();
+    let edges: Vec<(&str, &str)> = view.edges.iter().map(|e| (e.from_step.as_str(), e.to_step.as_str())).collect();
+    assert_eq!(edges, [("a", "b"), ("b", "c")]);
+    let task_path: Vec<&str> = view.transitions.iter().map(|t| t.to_state.as_str()).collect();
+    assert_eq!(task_path, ["pending", "in_progress", "complete"]);
+    let paths: Vec<(&str, Vec<&str>)> = view
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.transitions.iter().map(|t| t.to_state.as_str()).collect()))
+        .collect();
+    assert_eq!(paths[0], ("a", vec!["enqueued", "in_progress", "complete"]));
+    let b = vec!["enqueued", "in_progress", "waiting_for_retry", "enqueued", "in_progress", "complete"];
+    assert_eq!(paths[1], ("b", b));
+    assert_eq!(paths[2], ("c", vec!["enqueued", "in_progress", "complete"]));
+    assert!(view.steps.iter().flat_map(|s| &s.transitions).all(|t| view.steps.iter().any(|s| s.id == t.owner)));
+
+    let missing = store.task(tasker_domain::new_id(), true).await.unwrap_err();
+    assert!(matches!(missing, tasker_store::Error::NotFound(_)), "{missing:?}");
+    env.cleanup().await;
+}

@@ -411,7 +411,10 @@ fn edge_rows(steps: &[StepView], rows: &[tokio_postgres::Row]) -> Result<Vec<Edg
     let by_id: HashMap<Uuid, &StepView> = steps.iter().map(|s| (s.id, s)).collect();
     let step = |row: &tokio_postgres::Row, column: usize| {
         let id: Uuid = row.get(column);
-        by_id.get(&id).copied().ok_or_else(|| Error::Corrupt(format!("edge to step {id}, not of its task")))
+        by_id
+            .get(&id)
+            .copied()
+            .ok_or_else(|| Error::Corrupt(format!("an edge names step {id}, which is not one of its task's")))
     };
     let mut edges = rows.iter().map(|row| Ok((step(row, 0)?, step(row, 1)?))).collect::<Result<Vec<_>>>()?;
     edges.sort_by(|(f1, t1), (f2, t2)| {

@@ -292,8 +292,9 @@ async fn a_task_reads_back_with_its_own_steps_edges_and_history() {
     for id in [first, second] {
         let view = store.task(id, false).await.unwrap();
         assert_eq!(view.task.id, id);
-        let steps: Vec<&str> = view.steps.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(steps.len(), 4);
+        let mut steps: Vec<&str> = view.steps.iter().map(|s| s.name.as_str()).collect();
+        steps.sort_unstable();
+        assert_eq!(steps, ["w", "x", "y", "z"]);
         assert!(view.steps.iter().all(|s| s.task_id == id), "only the task's own steps");
         let edges: Vec<(&str, &str)> = view.edges.iter().map(|e| (e.from_step.as_str(), e.to_step.as_str())).collect();
         assert_eq!(edges, [("z", "x"), ("z", "y"), ("x", "w"), ("y", "w")]);
@@ -314,7 +315,6 @@ async fn a_task_reads_back_with_its_own_steps_edges_and_history() {
     let b = vec!["enqueued", "in_progress", "waiting_for_retry", "enqueued", "in_progress", "complete"];
     assert_eq!(paths[1], ("b", b));
     assert_eq!(paths[2], ("c", vec!["enqueued", "in_progress", "complete"]));
-    assert!(view.steps.iter().flat_map(|s| &s.transitions).all(|t| view.steps.iter().any(|s| s.id == t.owner)));
 
     let missing = store.task(tasker_domain::new_id(), true).await.unwrap_err();
     assert!(matches!(missing, tasker_store::Error::NotFound(_)), "{missing:?}");

@@ -212,7 +212,7 @@ impl Store {
             completed_at: None,
             trace: new.trace.clone(),
         };
-        let steps = template
+        let mut steps: Vec<StepView> = template
             .steps
             .iter()
             .zip(&ids)
@@ -238,11 +238,16 @@ impl Store {
                 transitions: Vec::new(),
             })
             .collect();
-        let edges = template
-            .steps
-            .iter()
-            .flat_map(|s| s.depends_on.iter().map(|d| EdgeRow { from_step: d.clone(), to_step: s.name.clone() }))
-            .collect();
+        // in the order GetTask reads them back: by level, then as created (ids are ordered;
+        // a registered template's steps are in topological order, so this keeps its order)
+        steps.sort_by_key(|s| (s.dependency_level, s.id));
+        let view_of: HashMap<&str, &StepView> = steps.iter().map(|s| (s.name.as_str(), s)).collect();
+        let edges = ordered_edges(
+            template
+                .steps
+                .iter()
+                .flat_map(|s| s.depends_on.iter().map(|d| (view_of[d.as_str()], view_of[s.name.as_str()]))),
+        );
         let view = TaskView { task, steps, edges, transitions: Vec::new() };
         Ok(CreateOutcome { task_id, deduplicated: false, view: Some(view) })
     }
@@ -416,9 +421,16 @@ fn edge_rows(steps: &[StepView], rows: &[tokio_postgres::Row]) -> Result<Vec<Edg
             .copied()
             .ok_or_else(|| Error::Corrupt(format!("an edge names step {id}, which is not one of its task's")))
     };
-    let mut edges = rows.iter().map(|row| Ok((step(row, 0)?, step(row, 1)?))).collect::<Result<Vec<_>>>()?;
+    let edges = rows.iter().map(|row| Ok((step(row, 0)?, step(row, 1)?))).collect::<Result<Vec<_>>>()?;
+    Ok(ordered_edges(edges))
+}
+
+/// Edges (parent, child) as a task's view lists them: by the parent's level, the parent's
+/// name, the child's name. CreateTask and GetTask both answer in this order.
+fn ordered_edges<'a>(edges: impl IntoIterator<Item = (&'a StepView, &'a StepView)>) -> Vec<EdgeRow> {
+    let mut edges: Vec<_> = edges.into_iter().collect();
     edges.sort_by(|(f1, t1), (f2, t2)| {
         (f1.dependency_level, &f1.name, &t1.name).cmp(&(f2.dependency_level, &f2.name, &t2.name))
     });
-    Ok(edges.into_iter().map(|(f, t)| EdgeRow { from_step: f.name.clone(), to_step: t.name.clone() }).collect())
+    edges.into_iter().map(|(f, t)| EdgeRow { from_step: f.name.clone(), to_step: t.name.clone() }).collect()
 }

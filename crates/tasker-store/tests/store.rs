@@ -320,3 +320,53 @@ async fn a_task_reads_back_with_its_own_steps_edges_and_history() {
     assert!(matches!(missing, tasker_store::Error::NotFound(_)), "{missing:?}");
     env.cleanup().await;
 }
+
+/// CreateTask's answer lists the steps and edges in the order GetTask reads them back
+/// (edges were in the template's order: by child, then as its `depends_on` lists them).
+#[tokio::test]
+async fn a_created_task_is_answered_as_it_reads_back() {
+    let env = TestEnv::new().await;
+    let store = Store::connect(&env.config.database.url, 2, tasker_store::Workload::General).await.unwrap();
+    let yaml = "namespace: store\nname: mixed\nversion: 1.0.0\nsteps:\n  - { name: m, handler: noop }\n  \
+        - { name: k, handler: noop, depends_on: [m, b] }\n  - { name: b, handler: noop }\n  \
+        - { name: a, handler: noop, depends_on: [m] }\n";
+    let record = store.register_template(&Template::from_yaml(yaml, &Limits::default()).unwrap()).await.unwrap().record;
+    let created = store.create_task(&new_task(&record)).await.unwrap();
+    let answered = created.view.expect("a new task's view");
+    let read = store.task(created.task_id, false).await.unwrap();
+    let names = |v: &tasker_store::TaskView| v.steps.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+    let edges = |v: &tasker_store::TaskView| {
+        v.edges.iter().map(|e| (e.from_step.clone(), e.to_step.clone())).collect::<Vec<_>>()
+    };
+    // the registered template lists its steps in topological order (m, b, a, k)
+    let registered: Vec<&str> = record.template.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(registered, ["m", "b", "a", "k"]);
+    assert_eq!(names(&read), registered, "by level, then as the registered template lists them");
+    assert_eq!(names(&answered), names(&read));
+    let expected = [("b", "k"), ("m", "a"), ("m", "k")].map(|(f, t)| (f.to_owned(), t.to_owned()));
+    assert_eq!(edges(&read), expected);
+    assert_eq!(edges(&answered), edges(&read));
+    let ids = |v: &tasker_store::TaskView| v.steps.iter().map(|s| s.id).collect::<Vec<_>>();
+    assert_eq!(ids(&answered), ids(&read));
+    env.cleanup().await;
+}
+
+static NO_TRACE: tasker_domain::TraceContext =
+    tasker_domain::TraceContext { traceparent: String::new(), tracestate: String::new() };
+
+/// A request for a task of `template`, with nothing in it.
+fn new_task(template: &tasker_store::TemplateRecord) -> NewTask<'_> {
+    NewTask {
+        template,
+        context: "{}",
+        tags: &[],
+        initiator: "test",
+        source_system: "",
+        reason: "",
+        priority: 0,
+        idempotency_key: None,
+        request_hash: "h",
+        actor: "test",
+        trace: &NO_TRACE,
+    }
+}

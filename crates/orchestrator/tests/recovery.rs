@@ -28,6 +28,7 @@ async fn a_task_whose_request_was_lost_still_runs() {
         request_hash: "",
         actor: "test",
         trace: &Default::default(),
+        as_latest: true,
     };
     let task_id = store.create_task(&new).await.unwrap().task_id;
     let done = system.wait_final(&task_id.to_string()).await;

@@ -16,6 +16,8 @@ pub enum ApiError {
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
     Unauthenticated(String),
@@ -40,6 +42,7 @@ impl From<tasker_store::Error> for ApiError {
             E::FailedPrecondition(m) => ApiError::FailedPrecondition(m),
             E::InvalidArgument(m) => ApiError::InvalidArgument(m),
             E::IllegalTransition(t) => ApiError::FailedPrecondition(t.to_string()),
+            E::Superseded(m) => ApiError::Aborted(format!("{m} while the task was being created; try again")),
             // the server's own words stay in the log: they may quote the request, and they
             // are no use to a client
             e if e.is_unavailable() => {
@@ -88,6 +91,7 @@ impl From<ApiError> for Status {
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::AlreadyExists(_) => Code::AlreadyExists,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ApiError::Aborted(_) => Code::Aborted,
             ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,

@@ -6,6 +6,7 @@
 
 mod analytics;
 mod auth;
+mod catalog;
 mod convert;
 mod error;
 mod input;
@@ -100,7 +101,8 @@ impl TaskApi {
                 tasker_runtime::supervise("task-api", &stop, || link.maintain(&amqp, &slot, stop.clone())).await
             })
         };
-        let templates = Templates { store: store.clone(), limits: config.limits };
+        let catalog = catalog::Catalog::new(store.clone());
+        let templates = Templates { store: store.clone(), limits: config.limits, catalog: catalog.clone() };
         if let Some(dir) = &config.api.templates_dir {
             let n = templates.load_dir(dir).await?;
             tracing::info!(dir = %dir.display(), templates = n, "templates loaded");
@@ -109,7 +111,7 @@ impl TaskApi {
             store: store.clone(),
             link,
             limits: config.limits,
-            schemas: Default::default(),
+            catalog,
             watches: Watches::new(config.api.max_watches_per_caller),
             metrics: api_metrics,
         };

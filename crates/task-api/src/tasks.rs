@@ -10,9 +10,9 @@ use futures::Stream;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tasker_auth::Principal;
-use tasker_domain::{CloudEvent, Limits, StepState, TaskState, event::StepRef, template::ContextSchema};
+use tasker_domain::{CloudEvent, Limits, StepState, TaskState, event::StepRef};
 use tasker_proto::v1::{self as pb, task_service_server::TaskService};
-use tasker_store::{Actor, NewTask, Store, TaskFilter, TaskView, TemplateRecord};
+use tasker_store::{Actor, NewTask, Store, TaskFilter, TaskView};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::{
     auth::{Allowed, caller},
+    catalog::Catalog,
     convert,
     error::{ApiError, ApiResult, parse_id, refused_in},
     input,
@@ -29,6 +30,9 @@ use crate::{
 };
 
 const DEFAULT_PAGE: u32 = 50;
+/// Times CreateTask reads its template's latest version again because a newer one was
+/// registered while it created the task, before it gives up (`ABORTED`).
+const MAX_SUPERSEDED: u32 = 3;
 const MAX_PAGE: u32 = 500;
 
 #[derive(Clone)]
@@ -36,8 +40,8 @@ pub struct Tasks {
     pub(crate) store: Store,
     pub(crate) link: Link,
     pub(crate) limits: Limits,
-    /// Compiled input schemas by template id (a registered version never changes).
-    pub(crate) schemas: Arc<Mutex<HashMap<Uuid, Option<Arc<ContextSchema>>>>>,
+    /// The templates tasks are created from, with their input schemas.
+    pub(crate) catalog: Catalog,
     pub(crate) watches: Watches,
     pub(crate) metrics: crate::metrics::ApiMetrics,
 }
@@ -120,24 +124,34 @@ impl Tasks {
             return Err(ApiError::invalid("context_json", "must be a JSON object"));
         }
         let version = if r.version.is_empty() { None } else { Some(r.version.as_str()) };
-        let template = self.store.template(&r.namespace, &r.name, version).await?;
-        self.schema(&template).map(|schema| schema.validate(&context)).transpose()?;
-
         let request_hash = request_hash(&r, &context);
-        let new = NewTask {
-            template: &template,
-            context: context_text,
-            tags: &r.tags,
-            initiator: &r.initiator,
-            source_system: &r.source_system,
-            reason: &r.reason,
-            priority: r.priority,
-            idempotency_key: if r.idempotency_key.is_empty() { None } else { Some(r.idempotency_key.as_str()) },
-            request_hash: &request_hash,
-            actor: &caller.subject,
-            trace,
+        let mut superseded = 0;
+        let outcome = loop {
+            let known = self.catalog.get(&r.namespace, &r.name, version).await?;
+            known.schema.as_ref().map(|schema| schema.validate(&context)).transpose()?;
+            let new = NewTask {
+                template: &known.record,
+                context: context_text,
+                tags: &r.tags,
+                initiator: &r.initiator,
+                source_system: &r.source_system,
+                reason: &r.reason,
+                priority: r.priority,
+                idempotency_key: if r.idempotency_key.is_empty() { None } else { Some(r.idempotency_key.as_str()) },
+                request_hash: &request_hash,
+                actor: &caller.subject,
+                trace,
+                as_latest: version.is_none(),
+            };
+            match self.store.create_task(&new).await {
+                // a newer version was registered (perhaps through another replica): use it
+                Err(tasker_store::Error::Superseded(_)) if superseded < MAX_SUPERSEDED => {
+                    superseded += 1;
+                    self.catalog.forget_latest(&r.namespace, &r.name);
+                }
+                outcome => break outcome.map_err(refused_in("context_json"))?,
+            }
         };
-        let outcome = self.store.create_task(&new).await.map_err(refused_in("context_json"))?;
         let view = match outcome.view {
             Some(view) => {
                 self.metrics.created(&view.task.namespace, &view.task.name);
@@ -156,11 +170,6 @@ impl Tasks {
             }
         };
         Ok(pb::CreateTaskResponse { task: Some(convert::task(&view)), deduplicated: outcome.deduplicated })
-    }
-
-    fn schema(&self, template: &TemplateRecord) -> Option<Arc<ContextSchema>> {
-        let mut schemas = self.schemas.lock().expect("schema cache lock");
-        schemas.entry(template.id).or_insert_with(|| template.template.context_schema().map(Arc::new)).clone()
     }
 
     /// Lists tasks; `only` limits them to these namespaces (the caller's).

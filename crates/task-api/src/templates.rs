@@ -11,6 +11,7 @@ use tasker_auth::Principal;
 
 use crate::{
     auth::{Allowed, caller},
+    catalog::Catalog,
     convert,
     error::{ApiError, ApiResult},
     input,
@@ -20,6 +21,8 @@ use crate::{
 pub struct Templates {
     pub(crate) store: Store,
     pub(crate) limits: Limits,
+    /// What CreateTask keeps of templates: told when this replica registers a version.
+    pub(crate) catalog: Catalog,
 }
 
 impl Templates {
@@ -39,6 +42,7 @@ impl Templates {
         }
         let outcome = self.store.register_template(&template).await?;
         if outcome.created {
+            self.catalog.forget_latest(&template.namespace, &template.name);
             tracing::info!(namespace = template.namespace, name = template.name, version = %template.version, "template registered");
         }
         Ok(pb::RegisterTemplateResponse {

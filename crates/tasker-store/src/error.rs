@@ -16,6 +16,10 @@ pub enum Error {
     InvalidArgument(String),
     #[error(transparent)]
     IllegalTransition(#[from] IllegalTransition),
+    /// A task was to be created from its name's latest template, and a newer version
+    /// had been registered meanwhile (nothing was written).
+    #[error("{0}")]
+    Superseded(String),
     #[error("database: {}", describe(.0))]
     Database(#[from] tokio_postgres::Error),
     #[error("database pool: {}", with_causes(.0))]

@@ -16,6 +16,7 @@ use crate::{
         EdgeRow, STEP_VIEW_COLUMNS, StepView, TASK_COLUMNS, TaskRow, TaskView, TransitionRow, step_view, task_row,
         transition_row,
     },
+    templates::LATEST_FIRST,
 };
 
 /// The ids of the steps of task `$1`, as an array to probe an index with.
@@ -43,6 +44,11 @@ pub struct NewTask<'a> {
     pub actor: &'a str,
     /// The trace context of its creation, carried with everything about it.
     pub trace: &'a tasker_domain::TraceContext,
+    /// The template was picked as its name's latest version (the request named none):
+    /// the task is written only if that is still so when it is written, else
+    /// `Error::Superseded` and nothing is written. A caller that keeps templates in memory
+    /// reads the latest again and retries.
+    pub as_latest: bool,
 }
 
 /// What operator actions need of a task before acting on it.
@@ -125,13 +131,16 @@ impl Store {
         // transition and event.
         let client = self.client().await?;
         let stmt = client
-            .statement(
-                "WITH task AS ( \
+            .statement(&format!(
+                "WITH fresh AS ( \
+                   SELECT NOT $32 OR $2 = (SELECT n.id FROM named_tasks n JOIN task_namespaces ns \
+                     ON ns.id = n.namespace_id WHERE ns.name = $3 AND n.name = $4 {LATEST_FIRST} LIMIT 1) AS ok \
+                 ), task AS ( \
                    INSERT INTO tasks (id, named_task_id, namespace, name, version, status, context, tags, initiator, \
                      source_system, reason, priority, idempotency_key, request_hash, created_at, updated_at, \
                      traceparent, tracestate, last_sort_key) \
-                   VALUES ($1, $2, $3, $4, $5, 'pending', $6::text::jsonb, $7, $8, $9, $10, $11, $12, $13, $14, $14, \
-                     $30, $31, 1) \
+                   SELECT $1, $2, $3, $4, $5, 'pending', $6::text::jsonb, $7, $8, $9, $10, $11, $12, $13, $14, $14, \
+                     $30, $31, 1 FROM fresh WHERE fresh.ok \
                    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id \
                  ), steps AS ( \
                    INSERT INTO workflow_steps (id, task_id, name, handler, handler_config, retryable, max_attempts, \
@@ -152,8 +161,8 @@ impl Store {
                    INSERT INTO outbox (event_id, task_id, routing_key, payload) \
                    SELECT $26, task.id, $28, $29 FROM task \
                  ) \
-                 SELECT id FROM task",
-            )
+                 SELECT fresh.ok, task.id FROM fresh LEFT JOIN task ON true"
+            ))
             .await?;
         let params: &[&(dyn ToSql + Sync)] = &[
             &task_id,
@@ -187,11 +196,18 @@ impl Store {
             &payload,
             &new.trace.traceparent,
             &new.trace.tracestate,
+            &new.as_latest,
         ];
         // the relay's wake-up goes right behind it
-        let (inserted, _) = futures::try_join!(client.query(&stmt, params), crate::outbox::wake_relay(&client))?;
+        let (written, _) = futures::try_join!(client.query_one(&stmt, params), crate::outbox::wake_relay(&client))?;
         drop(client);
-        if inserted.is_empty() {
+        if !written.get::<_, bool>(0) {
+            return Err(Error::Superseded(format!(
+                "template {}/{}: a version newer than {version} was registered",
+                template.namespace, template.name
+            )));
+        }
+        if written.get::<_, Option<Uuid>>(1).is_none() {
             return self.deduplicate(new).await;
         }
         let task = TaskRow {

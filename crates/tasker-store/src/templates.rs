@@ -30,6 +30,11 @@ fn record(row: &Row) -> TemplateRecord {
 
 const COLUMNS: &str = "n.id, n.template, n.created_at";
 
+/// Versions of one name, the one "latest" means first: the highest release, or the
+/// highest pre-release when there is no release (as cargo picks versions).
+pub(crate) const LATEST_FIRST: &str =
+    "ORDER BY (n.pre = '') DESC, n.major DESC, n.minor DESC, n.patch DESC, n.pre DESC";
+
 impl Store {
     /// Registers a validated template. The same namespace/name/version with the same
     /// content is a no-op; with different content it is refused.
@@ -98,8 +103,7 @@ impl Store {
         let stmt = client
             .statement(&format!(
                 "SELECT {COLUMNS} FROM named_tasks n JOIN task_namespaces ns ON ns.id = n.namespace_id \
-                 WHERE ns.name = $1 AND n.name = $2 AND ($3::text IS NULL OR n.version = $3) \
-                 ORDER BY (n.pre = '') DESC, n.major DESC, n.minor DESC, n.patch DESC, n.pre DESC LIMIT 1"
+                 WHERE ns.name = $1 AND n.name = $2 AND ($3::text IS NULL OR n.version = $3) {LATEST_FIRST} LIMIT 1"
             ))
             .await?;
         let rows = client.query(&stmt, &[&namespace, &name, &version]).await?;

@@ -36,6 +36,7 @@ async fn setup_with(env: &TestEnv, yaml: &str) -> (Store, uuid::Uuid) {
         request_hash: "h",
         actor: "test",
         trace: &Default::default(),
+        as_latest: false,
     };
     let task = store.create_task(&new).await.unwrap().task_id;
     (store, task)
@@ -331,7 +332,7 @@ async fn a_created_task_is_answered_as_it_reads_back() {
         - { name: k, handler: noop, depends_on: [m, b] }\n  - { name: b, handler: noop }\n  \
         - { name: a, handler: noop, depends_on: [m] }\n";
     let record = store.register_template(&Template::from_yaml(yaml, &Limits::default()).unwrap()).await.unwrap().record;
-    let created = store.create_task(&new_task(&record)).await.unwrap();
+    let created = store.create_task(&new_task(&record, false)).await.unwrap();
     let answered = created.view.expect("a new task's view");
     let read = store.task(created.task_id, false).await.unwrap();
     let names = |v: &tasker_store::TaskView| v.steps.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
@@ -351,11 +352,46 @@ async fn a_created_task_is_answered_as_it_reads_back() {
     env.cleanup().await;
 }
 
+/// A task created from what was its name's latest template is not written once a newer
+/// version exists: `Superseded`, and nothing of it in any table. A version asked for by
+/// number is still used.
+#[tokio::test]
+async fn a_task_from_a_superseded_latest_template_is_not_written() {
+    let env = TestEnv::new().await;
+    let store = Store::connect(&env.config.database.url, 2, tasker_store::Workload::General).await.unwrap();
+    let v1 = "namespace: store\nname: versioned\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n";
+    store.register_template(&Template::from_yaml(v1, &Limits::default()).unwrap()).await.unwrap();
+    let latest = store.template("store", "versioned", None).await.unwrap();
+    assert!(store.create_task(&new_task(&latest, true)).await.unwrap().view.is_some(), "still the latest");
+    let v2 = v1.replace("1.0.0", "1.1.0").replace("name: a,", "name: b,");
+    store.register_template(&Template::from_yaml(&v2, &Limits::default()).unwrap()).await.unwrap();
+    let counts = || async {
+        let client = env.database().await;
+        let mut counts = Vec::new();
+        for table in ["tasks", "workflow_steps", "task_transitions", "outbox"] {
+            counts
+                .push(client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().get::<_, i64>(0));
+        }
+        counts
+    };
+    let before = counts().await;
+    let refused = store.create_task(&new_task(&latest, true)).await.unwrap_err();
+    assert!(matches!(&refused, tasker_store::Error::Superseded(m) if m.contains("store/versioned")), "{refused:?}");
+    assert_eq!(counts().await, before, "nothing written");
+    // by number, 1.0.0 is still what it was
+    let view = store.create_task(&new_task(&latest, false)).await.unwrap().view.unwrap();
+    assert_eq!((view.task.version.as_str(), view.steps[0].name.as_str()), ("1.0.0", "a"));
+    let latest = store.template("store", "versioned", None).await.unwrap();
+    let view = store.create_task(&new_task(&latest, true)).await.unwrap().view.unwrap();
+    assert_eq!((view.task.version.as_str(), view.steps[0].name.as_str()), ("1.1.0", "b"));
+    env.cleanup().await;
+}
+
 static NO_TRACE: tasker_domain::TraceContext =
     tasker_domain::TraceContext { traceparent: String::new(), tracestate: String::new() };
 
 /// A request for a task of `template`, with nothing in it.
-fn new_task(template: &tasker_store::TemplateRecord) -> NewTask<'_> {
+fn new_task(template: &tasker_store::TemplateRecord, as_latest: bool) -> NewTask<'_> {
     NewTask {
         template,
         context: "{}",
@@ -368,5 +404,6 @@ fn new_task(template: &tasker_store::TemplateRecord) -> NewTask<'_> {
         request_hash: "h",
         actor: "test",
         trace: &NO_TRACE,
+        as_latest,
     }
 }

@@ -1,6 +1,8 @@
 //! Scenarios 19–20: template validation through the API, and immutable versions.
 
+use tasker_domain::{Limits, Template};
 use tasker_proto::v1 as pb;
+use tasker_store::Store;
 use tasker_test_support::{System, TestEnv};
 use tonic::Code;
 
@@ -93,6 +95,49 @@ async fn versions_are_immutable_and_identical_re_registration_is_a_no_op() {
     let listed = system.templates().list_templates(pb::ListTemplatesRequest::default()).await.unwrap().into_inner();
     let versions: Vec<&str> = listed.templates.iter().map(|t| t.version.as_str()).collect();
     assert_eq!(versions, ["1.0.1", "1.0.0"]);
+    system.stop().await;
+    env.cleanup().await;
+}
+
+/// CreateTask without a version uses the newest version registered anywhere, and checks the
+/// request against that version's input schema: here a newer version is registered by
+/// another replica (straight into the database), after this one has created from the older.
+#[tokio::test]
+async fn create_without_a_version_uses_the_newest_registered_anywhere() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![]).await;
+    let v1 = "namespace: tpl\nname: t\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n";
+    register(&system, v1).await.unwrap();
+    let create = |version: &str, context: &str| {
+        let request = pb::CreateTaskRequest {
+            namespace: "tpl".into(),
+            name: "t".into(),
+            version: version.into(),
+            context_json: context.into(),
+            ..Default::default()
+        };
+        let mut client = system.tasks();
+        async move { client.create_task(request).await.map(|r| r.into_inner().task.unwrap()) }
+    };
+    let shape = |task: &pb::Task| (task.version.clone(), task.steps.iter().map(|s| s.name.clone()).collect::<Vec<_>>());
+    assert_eq!(shape(&create("", "{}").await.unwrap()), ("1.0.0".to_owned(), vec!["a".to_owned()]));
+
+    let other_replica = Store::connect(&env.config.database.url, 1, tasker_store::Workload::General).await.unwrap();
+    let v2 = "namespace: tpl\nname: t\nversion: 1.1.0\ninput_schema: { type: object, required: [x] }\nsteps:\n  \
+        - { name: b, handler: noop }\n";
+    other_replica.register_template(&Template::from_yaml(v2, &Limits::default()).unwrap()).await.unwrap();
+    let refused = create("", "{}").await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("context_json") && refused.message().contains("\"x\""), "{}", refused.message());
+    assert_eq!(shape(&create("", r#"{"x": 1}"#).await.unwrap()), ("1.1.0".to_owned(), vec!["b".to_owned()]));
+    assert_eq!(shape(&create("1.0.0", "{}").await.unwrap()), ("1.0.0".to_owned(), vec!["a".to_owned()]));
+
+    // and through this replica
+    let v3 = "namespace: tpl\nname: t\nversion: 2.0.0\nsteps:\n  - { name: c, handler: noop }\n";
+    register(&system, v3).await.unwrap();
+    assert_eq!(shape(&create("", "{}").await.unwrap()), ("2.0.0".to_owned(), vec!["c".to_owned()]));
+    let tasks = system.tasks().list_tasks(pb::ListTasksRequest::default()).await.unwrap().into_inner().tasks;
+    assert_eq!(tasks.len(), 4, "the refused request wrote nothing");
     system.stop().await;
     env.cleanup().await;
 }

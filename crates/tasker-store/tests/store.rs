@@ -24,20 +24,7 @@ async fn setup_with(env: &TestEnv, yaml: &str) -> (Store, uuid::Uuid) {
     let store = Store::connect(&env.config.database.url, 4, tasker_store::Workload::General).await.unwrap();
     let template = Template::from_yaml(yaml, &Limits::default()).unwrap();
     let record = store.register_template(&template).await.unwrap().record;
-    let new = NewTask {
-        template: &record,
-        context: r#"{"n": 12345678901234567890.123456789}"#,
-        tags: &[],
-        initiator: "test",
-        source_system: "",
-        reason: "",
-        priority: 0,
-        idempotency_key: None,
-        request_hash: "h",
-        actor: "test",
-        trace: &Default::default(),
-        as_latest: false,
-    };
+    let new = NewTask { context: r#"{"n": 12345678901234567890.123456789}"#, ..new_task(&record, false) };
     let task = store.create_task(&new).await.unwrap().task_id;
     (store, task)
 }

@@ -30,10 +30,10 @@ use crate::{
 };
 
 const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 500;
 /// Times CreateTask reads its template's latest version again because a newer one was
 /// registered while it created the task, before it gives up (`ABORTED`).
 const MAX_SUPERSEDED: u32 = 3;
-const MAX_PAGE: u32 = 500;
 
 #[derive(Clone)]
 pub struct Tasks {

@@ -257,13 +257,7 @@ impl Store {
         // in the order GetTask reads them back: by level, then as created (ids are ordered;
         // a registered template's steps are in topological order, so this keeps its order)
         steps.sort_by_key(|s| (s.dependency_level, s.id));
-        let view_of: HashMap<&str, &StepView> = steps.iter().map(|s| (s.name.as_str(), s)).collect();
-        let edges = ordered_edges(
-            template
-                .steps
-                .iter()
-                .flat_map(|s| s.depends_on.iter().map(|d| (view_of[d.as_str()], view_of[s.name.as_str()]))),
-        );
+        let edges = edge_rows(&steps, from.into_iter().zip(to))?;
         let view = TaskView { task, steps, edges, transitions: Vec::new() };
         Ok(CreateOutcome { task_id, deduplicated: false, view: Some(view) })
     }
@@ -328,7 +322,7 @@ impl Store {
         )?;
         let task = task_row(&task.ok_or_else(|| Error::NotFound(format!("task {id} not found")))?)?;
         let mut steps: Vec<StepView> = steps.iter().map(step_view).collect::<Result<_>>()?;
-        let edges = edge_rows(&steps, &edges)?;
+        let edges = edge_rows(&steps, edges.iter().map(|row| (row.get(0), row.get(1))))?;
         let mut transitions = Vec::new();
         if let Some((own, of_steps)) = history {
             transitions = own.iter().map(transition_row).collect();
@@ -426,27 +420,20 @@ impl Store {
     }
 }
 
-/// A task's edges by its steps' names (rows of step ids), parents in the order of their
-/// dependency level and name, then children by name.
-fn edge_rows(steps: &[StepView], rows: &[tokio_postgres::Row]) -> Result<Vec<EdgeRow>> {
+/// A task's edges, given as (parent id, child id), by its steps' names: parents in the
+/// order of their dependency level and name, then children by name. CreateTask and
+/// GetTask both answer in this order.
+fn edge_rows(steps: &[StepView], edges: impl IntoIterator<Item = (Uuid, Uuid)>) -> Result<Vec<EdgeRow>> {
     let by_id: HashMap<Uuid, &StepView> = steps.iter().map(|s| (s.id, s)).collect();
-    let step = |row: &tokio_postgres::Row, column: usize| {
-        let id: Uuid = row.get(column);
+    let step = |id: Uuid| {
         by_id
             .get(&id)
             .copied()
             .ok_or_else(|| Error::Corrupt(format!("an edge names step {id}, which is not one of its task's")))
     };
-    let edges = rows.iter().map(|row| Ok((step(row, 0)?, step(row, 1)?))).collect::<Result<Vec<_>>>()?;
-    Ok(ordered_edges(edges))
-}
-
-/// Edges (parent, child) as a task's view lists them: by the parent's level, the parent's
-/// name, the child's name. CreateTask and GetTask both answer in this order.
-fn ordered_edges<'a>(edges: impl IntoIterator<Item = (&'a StepView, &'a StepView)>) -> Vec<EdgeRow> {
-    let mut edges: Vec<_> = edges.into_iter().collect();
+    let mut edges = edges.into_iter().map(|(from, to)| Ok((step(from)?, step(to)?))).collect::<Result<Vec<_>>>()?;
     edges.sort_by(|(f1, t1), (f2, t2)| {
         (f1.dependency_level, &f1.name, &t1.name).cmp(&(f2.dependency_level, &f2.name, &t2.name))
     });
-    edges.into_iter().map(|(f, t)| EdgeRow { from_step: f.name.clone(), to_step: t.name.clone() }).collect()
+    Ok(edges.into_iter().map(|(f, t)| EdgeRow { from_step: f.name.clone(), to_step: t.name.clone() }).collect())
 }

@@ -119,10 +119,11 @@ async fn relay(
     let mut failures = 0u32;
     while !stop.is_cancelled() {
         match relay_batch(store, publisher, config.batch_size, metrics).await {
-            // a full batch leaves a backlog: take the next one at once; a short one took
-            // everything committed before it was read, and whatever committed since has
-            // woken the listener (its wake-up waits below), so no empty claim follows it
-            Ok(Some(n)) if n as i64 >= config.batch_size => {
+            // a full batch (of outbox rows) leaves a backlog: take the next one at once; a
+            // short one took everything committed before it was read, and whatever committed
+            // since has woken the listener (its wake-up waits below), so no empty claim
+            // follows it
+            Ok(Some(claimed)) if claimed as i64 >= config.batch_size => {
                 failures = 0;
                 continue;
             }
@@ -160,7 +161,8 @@ enum Failure {
     Broker(#[from] tasker_messaging::Error),
 }
 
-/// Relays one batch; `None` when another replica holds the relay lock.
+/// Relays one batch; the outbox rows it claimed, or `None` when another replica holds the
+/// relay lock.
 async fn relay_batch(
     store: &Store,
     publisher: &Publisher,
@@ -168,8 +170,8 @@ async fn relay_batch(
     metrics: &Metrics,
 ) -> Result<Option<usize>, Failure> {
     let Some(batch) = store.claim_outbox(limit).await? else { return Ok(None) };
-    let n = batch.rows.len();
-    if n == 0 {
+    let (claimed, n) = (batch.claimed(), batch.rows.len());
+    if claimed == 0 {
         batch.release().await?;
         return Ok(Some(0));
     }
@@ -190,7 +192,7 @@ async fn relay_batch(
     metrics.published.inc_by(n as u64);
     // a batch short of the limit took everything there was; a full one leaves a backlog,
     // counted (the count scans the outbox, so only then)
-    let depth = if (n as i64) < limit { 0 } else { store.outbox_depth().await? };
+    let depth = if (claimed as i64) < limit { 0 } else { store.outbox_depth().await? };
     metrics.depth.set(depth as i64);
-    Ok(Some(n))
+    Ok(Some(claimed))
 }

@@ -268,7 +268,8 @@ impl Default for WorkerConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct PublisherConfig {
     pub admin_listen: SocketAddr,
-    /// Most events relayed per transaction.
+    /// Most outbox rows relayed per transaction (each row holds the events of one
+    /// transaction that wrote some).
     pub batch_size: i64,
     /// Polling fallback when no notification arrives.
     #[serde(with = "humantime_serde")]

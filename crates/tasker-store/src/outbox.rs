@@ -34,24 +34,32 @@ pub(crate) async fn wake_relay(client: &tokio_postgres::Client) -> std::result::
     Ok(())
 }
 
+/// One event claimed from the outbox.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
-    pub id: i64,
     pub event_id: Uuid,
     pub routing_key: String,
     /// The CloudEvent, JSON text.
     pub payload: String,
 }
 
-/// Rows claimed for relaying. Call [`OutboxBatch::complete`] once every row is confirmed
-/// by the broker, or [`OutboxBatch::release`] to relay nothing; dropping the batch (on an
-/// error) closes its connection, which releases the rows and the lock too, but later.
+/// Outbox rows claimed for relaying (each the events of one transaction), their events in
+/// order. Call [`OutboxBatch::complete`] once every event is confirmed by the broker, or
+/// [`OutboxBatch::release`] to relay nothing; dropping the batch (on an error) closes its
+/// connection, which releases the rows and the lock too, but later.
 pub struct OutboxBatch {
     tx: Tx,
+    /// The claimed rows' ids.
+    ids: Vec<i64>,
     pub rows: Vec<OutboxRow>,
 }
 
 impl OutboxBatch {
+    /// How many outbox rows were claimed (each holds one or more of `rows`).
+    pub fn claimed(&self) -> usize {
+        self.ids.len()
+    }
+
     /// Gives the rows back without relaying them (and releases the relay lock at once).
     pub async fn release(self) -> Result<()> {
         self.tx.rollback().await
@@ -62,7 +70,7 @@ impl OutboxBatch {
     /// which is how subscribers drop a duplicate), and the relay's next claim waits for no
     /// flush that the writers of the state changes are waiting for too.
     pub async fn complete(mut self) -> Result<()> {
-        let ids: Vec<i64> = self.rows.iter().map(|r| r.id).collect();
+        let ids = std::mem::take(&mut self.ids);
         self.tx.push_write("SET LOCAL synchronous_commit = off", Vec::new());
         self.tx.push_write("DELETE FROM outbox WHERE id = ANY($1)", vec![Box::new(ids)]);
         self.tx.commit().await
@@ -73,12 +81,13 @@ impl Store {
     /// Events written and not yet relayed.
     pub async fn outbox_depth(&self) -> Result<u64> {
         let client = self.client().await?;
-        let stmt = client.statement("SELECT count(*) FROM outbox").await?;
+        let stmt = client.statement("SELECT COALESCE(sum(cardinality(event_ids)), 0)::int8 FROM outbox").await?;
         Ok(client.query_one(&stmt, &[]).await?.get::<_, i64>(0).max(0) as u64)
     }
 
-    /// Claims up to `limit` of the oldest events. `None` when another relay holds the
-    /// lock; an empty batch when there is nothing to relay.
+    /// Claims the events of up to `limit` of the oldest outbox rows (each a transaction's
+    /// events). `None` when another relay holds the lock; an empty batch when there is
+    /// nothing to relay.
     pub async fn claim_outbox(&self, limit: i64) -> Result<Option<OutboxBatch>> {
         let mut tx = self.begin().await?;
         // one round trip: the rows are read only to be thrown away when the lock is taken
@@ -87,7 +96,7 @@ impl Store {
             .round_trip(
                 &[
                     ("SELECT pg_try_advisory_xact_lock($1)", &lock),
-                    ("SELECT id, event_id, routing_key, payload FROM outbox ORDER BY id LIMIT $1", &rows),
+                    ("SELECT id, event_ids, routing_keys, payloads FROM outbox ORDER BY id LIMIT $1", &rows),
                 ],
                 false,
             )
@@ -98,13 +107,22 @@ impl Store {
             tx.rollback().await?;
             return Ok(None);
         }
-        let rows = results
-            .next()
-            .unwrap_or_default()
-            .iter()
-            .map(|r| OutboxRow { id: r.get(0), event_id: r.get(1), routing_key: r.get(2), payload: r.get(3) })
-            .collect();
-        Ok(Some(OutboxBatch { tx, rows }))
+        let claimed = results.next().unwrap_or_default();
+        let mut ids = Vec::with_capacity(claimed.len());
+        let mut rows = Vec::new();
+        for row in &claimed {
+            ids.push(row.get(0));
+            // the arrays are of one length (a constraint of the table)
+            let (events, keys, payloads): (Vec<Uuid>, Vec<String>, Vec<String>) = (row.get(1), row.get(2), row.get(3));
+            rows.extend(
+                events.into_iter().zip(keys).zip(payloads).map(|((event_id, routing_key), payload)| OutboxRow {
+                    event_id,
+                    routing_key,
+                    payload,
+                }),
+            );
+        }
+        Ok(Some(OutboxBatch { tx, ids, rows }))
     }
 
     /// Listens for `tasker_outbox` notifications on a dedicated connection, reconnecting

@@ -158,8 +158,8 @@ impl Store {
                      created_at) \
                    SELECT $26, task.id, NULL, 'pending', 1, true, $27, $14 FROM task \
                  ), event AS ( \
-                   INSERT INTO outbox (event_id, task_id, routing_key, payload) \
-                   SELECT $26, task.id, $28, $29 FROM task \
+                   INSERT INTO outbox (event_ids, routing_keys, payloads) \
+                   SELECT ARRAY[$26::uuid], ARRAY[$28::text], ARRAY[$29::text] FROM task \
                  ) \
                  SELECT fresh.ok, task.id FROM fresh LEFT JOIN task ON true"
             ))

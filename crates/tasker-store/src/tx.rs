@@ -132,7 +132,7 @@ pub struct Tx {
     tasks: Vec<TaskWrite>,
     step_transitions: Vec<TransitionWrite>,
     task_transitions: Vec<TransitionWrite>,
-    events: Vec<(Uuid, Uuid, String, String)>,
+    events: Vec<(Uuid, String, String)>,
 }
 
 impl Tx {
@@ -210,7 +210,7 @@ impl Tx {
         self.tasks.push(task.snapshot());
         let id = tasker_domain::new_id();
         let event = CloudEvent::task(id, &task.subject(), Some(from), to, &metadata, now);
-        self.push_event(task.id, &event);
+        self.push_event(&event);
         self.task_transitions.push(TransitionWrite {
             id,
             owner: task.id,
@@ -272,7 +272,7 @@ impl Tx {
         let id = tasker_domain::new_id();
         let step_ref = StepRef { id: step.id, name: &step.name, attempt: step.attempts as u32 };
         let event = CloudEvent::step(id, subject, step_ref, from, to, &metadata, now);
-        self.push_event(step.task_id, &event);
+        self.push_event(&event);
         self.step_transitions.push(TransitionWrite {
             id,
             owner: step.id,
@@ -302,9 +302,9 @@ impl Tx {
         }
     }
 
-    pub(crate) fn push_event(&mut self, task_id: Uuid, event: &CloudEvent) {
+    pub(crate) fn push_event(&mut self, event: &CloudEvent) {
         let payload = serde_json::to_string(event).expect("events serialize");
-        self.events.push((event.id, task_id, event.routingkey.clone(), payload));
+        self.events.push((event.id, event.routingkey.clone(), payload));
     }
 
     /// Writes everything buffered and commits: one round trip.
@@ -443,21 +443,23 @@ fn tasks_write(tasks: Vec<TaskWrite>) -> Option<Write> {
     })
 }
 
-fn events_write(events: Vec<(Uuid, Uuid, String, String)>) -> Option<Write> {
+fn events_write(events: Vec<(Uuid, String, String)>) -> Option<Write> {
     if events.is_empty() {
         return None;
     }
-    let ids: Vec<Uuid> = events.iter().map(|e| e.0).collect();
-    let tasks: Vec<Uuid> = events.iter().map(|e| e.1).collect();
-    let (keys, payloads): (Vec<String>, Vec<String>) = events.into_iter().map(|e| (e.2, e.3)).unzip();
+    // one row for the events buffered since the last round trip (as a rule, all of a
+    // transaction's), in the order they were made
+    let mut ids = Vec::with_capacity(events.len());
+    let (keys, payloads): (Vec<String>, Vec<String>) = events
+        .into_iter()
+        .map(|(id, key, payload)| {
+            ids.push(id);
+            (key, payload)
+        })
+        .unzip();
     Some(Write {
-        sql: Cow::Borrowed(
-            "INSERT INTO outbox (event_id, task_id, routing_key, payload) \
-             SELECT e.event_id, e.task_id, e.routing_key, e.payload \
-             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[]) WITH ORDINALITY \
-               AS e(event_id, task_id, routing_key, payload, n) ORDER BY e.n",
-        ),
-        params: vec![boxed(ids), boxed(tasks), boxed(keys), boxed(payloads)],
+        sql: Cow::Borrowed("INSERT INTO outbox (event_ids, routing_keys, payloads) VALUES ($1, $2, $3)"),
+        params: vec![boxed(ids), boxed(keys), boxed(payloads)],
     })
 }
 

@@ -116,7 +116,7 @@ async fn every_transition_is_recorded_once_with_its_event() {
     let orphans: i64 = db
         .query_one(
             "SELECT count(*) FROM (SELECT id FROM task_transitions UNION ALL SELECT id FROM workflow_step_transitions) t \
-             WHERE (SELECT count(*) FROM outbox o WHERE o.event_id = t.id) <> 1",
+             WHERE (SELECT count(*) FROM outbox o, unnest(o.event_ids) e WHERE e = t.id) <> 1",
             &[],
         )
         .await
@@ -131,11 +131,62 @@ async fn every_transition_is_recorded_once_with_its_event() {
         .await
         .unwrap()
         .get(0);
-    let events: i64 = db.query_one("SELECT count(*) FROM outbox", &[]).await.unwrap().get(0);
+    let events: i64 = db.query_one("SELECT sum(cardinality(event_ids))::int8 FROM outbox", &[]).await.unwrap().get(0);
     assert_eq!(transitions, events);
     // the context keeps its precision
     let context: String = db.query_one("SELECT context::text FROM tasks", &[]).await.unwrap().get(0);
     assert!(context.contains("12345678901234567890.123456789"), "{context}");
+    drop(db);
+    env.cleanup().await;
+}
+
+/// The relay claims whole outbox rows (a transaction's events, as a rule), oldest first, and
+/// every event comes out once, each owner's in the order of its transitions.
+#[tokio::test]
+async fn the_relay_claims_every_event_once_in_the_order_made() {
+    let env = TestEnv::new().await;
+    let (store, task_id) = setup(&env).await;
+    run_chain(&store, task_id).await;
+    let db = env.database().await;
+
+    // the oldest row is the create's, with its one event
+    let first = store.claim_outbox(1).await.unwrap().expect("no other relay holds the lock");
+    assert_eq!(first.claimed(), 1);
+    let keys: Vec<&str> = first.rows.iter().map(|r| r.routing_key.as_str()).collect();
+    assert_eq!(keys, ["store.chain.task.created"]);
+    let created = first.rows[0].event_id;
+    first.release().await.unwrap();
+
+    let all = store.claim_outbox(1_000).await.unwrap().expect("no other relay holds the lock");
+    let rows: i64 = db.query_one("SELECT count(*) FROM outbox", &[]).await.unwrap().get(0);
+    assert_eq!(all.claimed() as i64, rows);
+    assert!(all.rows.len() > all.claimed(), "rows hold several events: {} in {}", all.rows.len(), all.claimed());
+    assert_eq!(all.rows[0].event_id, created, "released, then claimed again first");
+    // each transition's event once, and each owner's events in its sort-key order
+    let transitions = db
+        .query(
+            "SELECT id, task_id, sort_key FROM task_transitions \
+             UNION ALL SELECT id, workflow_step_id, sort_key FROM workflow_step_transitions",
+            &[],
+        )
+        .await
+        .unwrap();
+    let by_id: std::collections::HashMap<uuid::Uuid, (uuid::Uuid, i32)> =
+        transitions.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
+    assert_eq!(all.rows.len(), by_id.len());
+    let mut last: std::collections::HashMap<uuid::Uuid, i32> = Default::default();
+    for row in &all.rows {
+        let (owner, sort_key) = by_id[&row.event_id];
+        let payload: serde_json::Value = serde_json::from_str(&row.payload).unwrap();
+        assert_eq!(payload["id"], row.event_id.to_string());
+        assert_eq!(payload["routingkey"], row.routing_key);
+        let previous = last.insert(owner, sort_key).unwrap_or(0);
+        assert_eq!(sort_key, previous + 1, "{owner}: events in transition order");
+    }
+    all.complete().await.unwrap();
+    assert_eq!(store.outbox_depth().await.unwrap(), 0);
+    let left: i64 = db.query_one("SELECT count(*) FROM outbox", &[]).await.unwrap().get(0);
+    assert_eq!(left, 0);
     drop(db);
     env.cleanup().await;
 }

@@ -170,12 +170,12 @@ async fn relay_batch(
     metrics: &Metrics,
 ) -> Result<Option<usize>, Failure> {
     let Some(batch) = store.claim_outbox(limit).await? else { return Ok(None) };
-    let (claimed, n) = (batch.claimed(), batch.rows.len());
+    let (claimed, n) = (batch.claimed(), batch.events.len());
     if claimed == 0 {
         batch.release().await?;
         return Ok(Some(0));
     }
-    if let Some(oldest) = batch.rows.first() {
+    if let Some(oldest) = batch.events.first() {
         let at = oldest.event_id.get_timestamp().map(|ts| ts.to_unix());
         if let Some((secs, nanos)) = at {
             let created = std::time::UNIX_EPOCH + Duration::new(secs, nanos);
@@ -184,9 +184,13 @@ async fn relay_batch(
             metrics.lag.observe(lag.as_secs_f64());
         }
     }
-    let ids: Vec<String> = batch.rows.iter().map(|r| r.event_id.to_string()).collect();
-    let events: Vec<(&str, &str, &str)> =
-        batch.rows.iter().zip(&ids).map(|(r, id)| (id.as_str(), r.routing_key.as_str(), r.payload.as_str())).collect();
+    let ids: Vec<String> = batch.events.iter().map(|r| r.event_id.to_string()).collect();
+    let events: Vec<(&str, &str, &str)> = batch
+        .events
+        .iter()
+        .zip(&ids)
+        .map(|(r, id)| (id.as_str(), r.routing_key.as_str(), r.payload.as_str()))
+        .collect();
     publisher.publish_events(&events).await?;
     batch.complete().await?;
     metrics.published.inc_by(n as u64);

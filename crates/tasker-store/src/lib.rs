@@ -34,7 +34,7 @@ pub use counter::statements_executed;
 pub use error::{Error, Result};
 pub use operator::Actor;
 pub use orchestration::{Dispatch, Loaded, Progress, Standing, StepRow, TaskHead};
-pub use outbox::{OutboxBatch, OutboxListener, OutboxRow};
+pub use outbox::{OutboxBatch, OutboxEvent, OutboxListener};
 pub use rows::{EdgeRow, StepView, TaskRow, TaskView, TransitionRow};
 pub use tasks::{CreateOutcome, NewTask, TaskFilter, TaskPage, TaskRef};
 pub use templates::{RegisterOutcome, TemplateRecord};

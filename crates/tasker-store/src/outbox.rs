@@ -36,7 +36,7 @@ pub(crate) async fn wake_relay(client: &tokio_postgres::Client) -> std::result::
 
 /// One event claimed from the outbox.
 #[derive(Debug, Clone)]
-pub struct OutboxRow {
+pub struct OutboxEvent {
     pub event_id: Uuid,
     pub routing_key: String,
     /// The CloudEvent, JSON text.
@@ -51,11 +51,11 @@ pub struct OutboxBatch {
     tx: Tx,
     /// The claimed rows' ids.
     ids: Vec<i64>,
-    pub rows: Vec<OutboxRow>,
+    pub events: Vec<OutboxEvent>,
 }
 
 impl OutboxBatch {
-    /// How many outbox rows were claimed (each holds one or more of `rows`).
+    /// How many outbox rows were claimed (each holds one or more of `events`).
     pub fn claimed(&self) -> usize {
         self.ids.len()
     }
@@ -109,20 +109,21 @@ impl Store {
         }
         let claimed = results.next().unwrap_or_default();
         let mut ids = Vec::with_capacity(claimed.len());
-        let mut rows = Vec::new();
+        let mut events = Vec::new();
         for row in &claimed {
             ids.push(row.get(0));
             // the arrays are of one length (a constraint of the table)
-            let (events, keys, payloads): (Vec<Uuid>, Vec<String>, Vec<String>) = (row.get(1), row.get(2), row.get(3));
-            rows.extend(
-                events.into_iter().zip(keys).zip(payloads).map(|((event_id, routing_key), payload)| OutboxRow {
+            let (ids_of_row, keys, payloads): (Vec<Uuid>, Vec<String>, Vec<String>) =
+                (row.get(1), row.get(2), row.get(3));
+            events.extend(
+                ids_of_row.into_iter().zip(keys).zip(payloads).map(|((event_id, routing_key), payload)| OutboxEvent {
                     event_id,
                     routing_key,
                     payload,
                 }),
             );
         }
-        Ok(Some(OutboxBatch { tx, ids, rows }))
+        Ok(Some(OutboxBatch { tx, ids, events }))
     }
 
     /// Listens for `tasker_outbox` notifications on a dedicated connection, reconnecting

@@ -152,16 +152,16 @@ async fn the_relay_claims_every_event_once_in_the_order_made() {
     // the oldest row is the create's, with its one event
     let first = store.claim_outbox(1).await.unwrap().expect("no other relay holds the lock");
     assert_eq!(first.claimed(), 1);
-    let keys: Vec<&str> = first.rows.iter().map(|r| r.routing_key.as_str()).collect();
+    let keys: Vec<&str> = first.events.iter().map(|r| r.routing_key.as_str()).collect();
     assert_eq!(keys, ["store.chain.task.created"]);
-    let created = first.rows[0].event_id;
+    let created = first.events[0].event_id;
     first.release().await.unwrap();
 
     let all = store.claim_outbox(1_000).await.unwrap().expect("no other relay holds the lock");
     let rows: i64 = db.query_one("SELECT count(*) FROM outbox", &[]).await.unwrap().get(0);
     assert_eq!(all.claimed() as i64, rows);
-    assert!(all.rows.len() > all.claimed(), "rows hold several events: {} in {}", all.rows.len(), all.claimed());
-    assert_eq!(all.rows[0].event_id, created, "released, then claimed again first");
+    assert!(all.events.len() > all.claimed(), "rows hold several events: {} in {}", all.events.len(), all.claimed());
+    assert_eq!(all.events[0].event_id, created, "released, then claimed again first");
     // each transition's event once, and each owner's events in its sort-key order
     let transitions = db
         .query(
@@ -173,13 +173,13 @@ async fn the_relay_claims_every_event_once_in_the_order_made() {
         .unwrap();
     let by_id: std::collections::HashMap<uuid::Uuid, (uuid::Uuid, i32)> =
         transitions.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
-    assert_eq!(all.rows.len(), by_id.len());
+    assert_eq!(all.events.len(), by_id.len());
     let mut last: std::collections::HashMap<uuid::Uuid, i32> = Default::default();
-    for row in &all.rows {
-        let (owner, sort_key) = by_id[&row.event_id];
-        let payload: serde_json::Value = serde_json::from_str(&row.payload).unwrap();
-        assert_eq!(payload["id"], row.event_id.to_string());
-        assert_eq!(payload["routingkey"], row.routing_key);
+    for event in &all.events {
+        let (owner, sort_key) = by_id[&event.event_id];
+        let payload: serde_json::Value = serde_json::from_str(&event.payload).unwrap();
+        assert_eq!(payload["id"], event.event_id.to_string());
+        assert_eq!(payload["routingkey"], event.routing_key);
         let previous = last.insert(owner, sort_key).unwrap_or(0);
         assert_eq!(sort_key, previous + 1, "{owner}: events in transition order");
     }

@@ -52,7 +52,7 @@ impl Store {
                  WHERE t.status = 'complete' AND s.status NOT IN ('complete', 'resolved_manually')",
             )
             .await?,
-            outbox: one("SELECT COALESCE(sum(cardinality(event_ids)), 0)::int8 FROM outbox").await?,
+            outbox: one(crate::outbox::OUTBOX_EVENTS).await?,
         })
     }
 

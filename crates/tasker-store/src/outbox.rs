@@ -34,6 +34,9 @@ pub(crate) async fn wake_relay(client: &tokio_postgres::Client) -> std::result::
     Ok(())
 }
 
+/// How many events the outbox holds (each row holds one or more).
+pub(crate) const OUTBOX_EVENTS: &str = "SELECT COALESCE(sum(cardinality(event_ids)), 0)::int8 FROM outbox";
+
 /// One event claimed from the outbox.
 #[derive(Debug, Clone)]
 pub struct OutboxEvent {
@@ -81,7 +84,7 @@ impl Store {
     /// Events written and not yet relayed.
     pub async fn outbox_depth(&self) -> Result<u64> {
         let client = self.client().await?;
-        let stmt = client.statement("SELECT COALESCE(sum(cardinality(event_ids)), 0)::int8 FROM outbox").await?;
+        let stmt = client.statement(OUTBOX_EVENTS).await?;
         Ok(client.query_one(&stmt, &[]).await?.get::<_, i64>(0).max(0) as u64)
     }
 

@@ -132,7 +132,7 @@ pub struct Tx {
     tasks: Vec<TaskWrite>,
     step_transitions: Vec<TransitionWrite>,
     task_transitions: Vec<TransitionWrite>,
-    events: Vec<(Uuid, String, String)>,
+    events: EventsWrite,
 }
 
 impl Tx {
@@ -147,7 +147,7 @@ impl Tx {
             tasks: Vec::new(),
             step_transitions: Vec::new(),
             task_transitions: Vec::new(),
-            events: Vec::new(),
+            events: EventsWrite::default(),
         }
     }
 
@@ -303,8 +303,9 @@ impl Tx {
     }
 
     pub(crate) fn push_event(&mut self, event: &CloudEvent) {
-        let payload = serde_json::to_string(event).expect("events serialize");
-        self.events.push((event.id, event.routingkey.clone(), payload));
+        self.events.ids.push(event.id);
+        self.events.routing_keys.push(event.routingkey.clone());
+        self.events.payloads.push(serde_json::to_string(event).expect("events serialize"));
     }
 
     /// Writes everything buffered and commits: one round trip.
@@ -340,7 +341,7 @@ impl Tx {
             && self.tasks.is_empty()
             && self.step_transitions.is_empty()
             && self.task_transitions.is_empty()
-            && self.events.is_empty()
+            && self.events.ids.is_empty()
     }
 
     /// The buffered rows as statements, one per kind of row, in dependency order.
@@ -350,7 +351,7 @@ impl Tx {
         writes.extend(tasks_write(std::mem::take(&mut self.tasks)));
         writes.extend(transitions_writes(StepTransitions, std::mem::take(&mut self.step_transitions)));
         writes.extend(transitions_writes(TaskTransitions, std::mem::take(&mut self.task_transitions)));
-        self.notify |= !self.events.is_empty();
+        self.notify |= !self.events.ids.is_empty();
         writes.extend(events_write(std::mem::take(&mut self.events)));
         writes
     }
@@ -443,23 +444,24 @@ fn tasks_write(tasks: Vec<TaskWrite>) -> Option<Write> {
     })
 }
 
-fn events_write(events: Vec<(Uuid, String, String)>) -> Option<Write> {
-    if events.is_empty() {
+/// Events buffered for one outbox row: the columns' arrays, in the order the events were
+/// made.
+#[derive(Default)]
+struct EventsWrite {
+    ids: Vec<Uuid>,
+    routing_keys: Vec<String>,
+    payloads: Vec<String>,
+}
+
+/// One outbox row for the events buffered since the last round trip (as a rule, all of a
+/// transaction's).
+fn events_write(events: EventsWrite) -> Option<Write> {
+    if events.ids.is_empty() {
         return None;
     }
-    // one row for the events buffered since the last round trip (as a rule, all of a
-    // transaction's), in the order they were made
-    let mut ids = Vec::with_capacity(events.len());
-    let (keys, payloads): (Vec<String>, Vec<String>) = events
-        .into_iter()
-        .map(|(id, key, payload)| {
-            ids.push(id);
-            (key, payload)
-        })
-        .unzip();
     Some(Write {
         sql: Cow::Borrowed("INSERT INTO outbox (event_ids, routing_keys, payloads) VALUES ($1, $2, $3)"),
-        params: vec![boxed(ids), boxed(keys), boxed(payloads)],
+        params: vec![boxed(events.ids), boxed(events.routing_keys), boxed(events.payloads)],
     })
 }
 

@@ -36,3 +36,25 @@ pub fn used(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> St
     let rest: f64 = deltas.iter().skip(8).map(|(_, d)| d).sum::<f64>().max(0.0);
     format!("{}, other {rest:.1} (CPU s)", shown.join(", "))
 }
+
+/// CPU seconds the whole machine has spent busy so far (every process and the kernel:
+/// `/proc/stat`'s user, nice, system, irq and softirq time, over all cores).
+pub fn busy_seconds() -> f64 {
+    let ticks = 100.0; // USER_HZ on Linux
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return f64::NAN };
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return f64::NAN };
+    let fields: Vec<f64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq …
+    [0, 1, 2, 5, 6].iter().filter_map(|&i| fields.get(i)).sum::<f64>() / ticks
+}
+
+/// The machine's cores.
+pub fn cores() -> f64 {
+    std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(f64::NAN)
+}
+
+/// Units of work per second the machine would do with every core busy, at the CPU each
+/// unit took (`busy` CPU seconds for `units`): the ceiling of a CPU-bound scenario.
+pub fn ceiling(units: f64, busy: f64) -> f64 {
+    units / busy * cores()
+}

@@ -4,6 +4,7 @@
 //! min/median/max over repeats (plus a JSON file).
 
 mod cpu;
+mod floor;
 mod history;
 mod reference;
 mod scenarios;
@@ -89,7 +90,13 @@ async fn main() -> anyhow::Result<()> {
     }
     services.start_core().await?;
     services.start_workers(2, "[bench]", 32).await?;
-    let result = run(&args, &mut services).await;
+    let floor = floor::Setup {
+        database_url: args.database_url.clone(),
+        amqp_url: args.amqp_url.clone(),
+        step_queues: queue_type,
+        orchestrator_queues: orchestrator_queue_type,
+    };
+    let result = run(&args, &mut services, floor).await;
     services.stop().await;
     let broker = tasker_messaging::Broker::connect(
         &args.amqp_url,
@@ -153,7 +160,7 @@ fn templates() -> Vec<String> {
     all
 }
 
-async fn run(args: &Args, services: &mut Services) -> anyhow::Result<Vec<Vec<Figure>>> {
+async fn run(args: &Args, services: &mut Services, floor: floor::Setup) -> anyhow::Result<Vec<Vec<Figure>>> {
     let scheme = if args.api_cert.is_some() { "https" } else { "http" };
     let tls = tasker_runtime::tls::ClientTls { ca_file: args.ca_cert.clone(), ..Default::default() };
     let channel =
@@ -167,7 +174,8 @@ async fn run(args: &Args, services: &mut Services) -> anyhow::Result<Vec<Vec<Fig
     config.amqp.prefix = PREFIX.into();
     let broker = tasker_runtime::connect_broker(&config.amqp, "tasker-bench").await?;
     let completions = scenarios::Completions::listen(broker.subscribe_events(&["*.*.task.completed"]).await?);
-    let bench = Bench { client: TaskServiceClient::new(channel.clone()), broker, completions, quick: args.quick };
+    let bench =
+        Bench { client: TaskServiceClient::new(channel.clone()), broker, completions, quick: args.quick, floor };
     // warm up: connections, prepared statements, queue declarations
     bench.b1_b2().await?;
     let vacuum = Vacuum::connect(&args.database_url).await?;

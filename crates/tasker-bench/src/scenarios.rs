@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
 use crate::{
+    cpu,
     services::{self, ADMIN, Services},
     stats::{Figure, Latencies, bucket_quantile, counter, histogram_delta},
 };
@@ -70,6 +71,8 @@ pub struct Bench {
     pub broker: tasker_messaging::Broker,
     pub completions: Completions,
     pub quick: bool,
+    /// Where B1's floor is measured.
+    pub floor: crate::floor::Setup,
 }
 
 fn create(namespace: &str, name: &str) -> pb::CreateTaskRequest {
@@ -107,11 +110,16 @@ impl Bench {
         let after = services::metrics(ADMIN[1].1).await?;
         let hops = histogram_delta(&before, &after, "tasker_orchestrator_hop_seconds");
         let hop = |q| bucket_quantile(&hops, q).map(|s| s * 1000.0).unwrap_or(f64::NAN);
+        // in the same minute: the same round trips, commits and hops, with nothing in them
+        let floor = crate::floor::measure(&self.floor, n).await.context("B1's floor")?;
         Ok(vec![
             figure("B1", "4-step linear, submit→complete p50", "ms", latencies.quantile_ms(0.5), Some("≤ 8")),
             figure("B1", "4-step linear, submit→complete p99", "ms", latencies.quantile_ms(0.99), Some("≤ 15")),
+            figure("B1", "floor: its round trips and hops, no work, p50", "ms", floor.task.quantile_ms(0.5), None),
+            figure("B1", "floor: its round trips and hops, no work, p99", "ms", floor.task.quantile_ms(0.99), None),
             figure("B2", "per hop, report received→child dispatched p50", "ms", hop(0.5), Some("≤ 1.5")),
             figure("B2", "per hop, report received→child dispatched p99", "ms", hop(0.99), None),
+            figure("B2", "floor: 2 round trips, commit, confirmed publish p50", "ms", floor.hop.quantile_ms(0.5), None),
         ])
     }
 
@@ -149,6 +157,7 @@ impl Bench {
     /// B3: 2,000 diamond tasks from 16 clients: sustained steps/s and task latency.
     pub async fn b3(&self) -> anyhow::Result<Vec<Figure>> {
         let total = if self.quick { 300 } else { 2_000 };
+        let busy = cpu::busy_seconds();
         let start = Instant::now();
         let submitted = self.submit_many("bench", "diamond7", total, 16).await?;
         let mut latencies = Latencies::new();
@@ -158,26 +167,27 @@ impl Bench {
             latencies.record(done - *at);
             last = last.max(done);
         }
-        let steps_per_second = (total * 7) as f64 / (last - start).as_secs_f64();
+        let (busy, wall) = (cpu::busy_seconds() - busy, (last - start).as_secs_f64());
+        let steps = (total * 7) as f64;
         Ok(vec![
-            figure("B3", "2,000 diamonds, 16 clients: steps/s", "steps/s", steps_per_second, Some("≥ 3000")),
+            figure("B3", "2,000 diamonds, 16 clients: steps/s", "steps/s", steps / wall, Some("≥ 3000")),
             figure("B3", "task latency under load p50", "ms", latencies.quantile_ms(0.5), None),
             figure("B3", "task latency under load p99", "ms", latencies.quantile_ms(0.99), None),
+            figure("B3", "CPU per step, whole machine", "ms", busy * 1000.0 / steps, None),
+            figure("B3", "share of the cores busy", "ratio", busy / (wall * cpu::cores()), None),
+            figure("B3", "ceiling: steps/s, every core busy at that CPU", "steps/s", cpu::ceiling(steps, busy), None),
         ])
     }
 
     /// B4: CreateTask for a 7-step template, 16 clients (its namespace has no worker).
     pub async fn b4(&self) -> anyhow::Result<Vec<Figure>> {
         let total = if self.quick { 300 } else { 2_000 };
-        let cpu_before = crate::cpu::snapshot();
+        let (cpu_before, busy) = (cpu::snapshot(), cpu::busy_seconds());
         let start = Instant::now();
         let submitted = self.submit_many("bench_idle", "diamond7", total, 16).await?;
         let elapsed = start.elapsed();
-        eprintln!(
-            "  B4 creating ({:.1} s): {}",
-            elapsed.as_secs_f64(),
-            crate::cpu::used(&cpu_before, &crate::cpu::snapshot())
-        );
+        let busy = cpu::busy_seconds() - busy;
+        eprintln!("  B4 creating ({:.1} s): {}", elapsed.as_secs_f64(), cpu::used(&cpu_before, &cpu::snapshot()));
         let mut latencies = Latencies::new();
         for (_, _, took) in &submitted {
             latencies.record(*took);
@@ -211,6 +221,16 @@ impl Bench {
             figure("B4", "CreateTask latency p50", "ms", latencies.quantile_ms(0.5), Some("≤ 8")),
             figure("B4", "CreateTask latency p99", "ms", latencies.quantile_ms(0.99), None),
             figure("B4", "CreateTask latency, 1 client p50", "ms", alone.quantile_ms(0.5), None),
+            figure("B4", "CPU per create, whole machine", "ms", busy * 1000.0 / total as f64, None),
+            figure("B4", "share of the cores busy", "ratio", busy / (elapsed.as_secs_f64() * cpu::cores()), None),
+            // 16 clients each waiting for its answer: p50 ≈ 16 ÷ throughput (Little's law)
+            figure(
+                "B4",
+                "bound: p50 at every core busy (16 ÷ ceiling)",
+                "ms",
+                16_000.0 / cpu::ceiling(total as f64, busy),
+                None,
+            ),
         ])
     }
 

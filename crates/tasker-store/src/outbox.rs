@@ -25,13 +25,36 @@ const RELAY_LOCK: i64 = 0x7461_736b_6572; // "tasker"
 /// disk (seen under load as `Lock:object` waits on `NOTIFY`). It commits asynchronously
 /// instead: it is delivered at commit all the same, and a wake-up lost to a crash is
 /// covered by the relay's polling.
-pub(crate) async fn wake_relay(client: &tokio_postgres::Client) -> std::result::Result<(), tokio_postgres::Error> {
+async fn wake_relay(client: &tokio_postgres::Client) -> std::result::Result<(), tokio_postgres::Error> {
     let wake = "BEGIN; SET LOCAL synchronous_commit = off; NOTIFY tasker_outbox; COMMIT";
     crate::counter::count(4);
     if let Err(error) = client.batch_execute(wake).await {
         tracing::debug!(%error, "could not wake the event relay");
     }
     Ok(())
+}
+
+/// Runs `work` on `client` with the relay's wake-up (when `wake`) sent right behind it,
+/// and returns as soon as `work` is done: the wake-up's answer, which comes after
+/// `work`'s, is read and dropped by the connection, so no caller waits for the relay's
+/// `NOTIFY` to be committed before going on (a batch's executions are published, a
+/// created task is answered). `work` must send its requests when first polled, as
+/// tokio-postgres's calls do: the wake-up is polled after it, so it goes out after them
+/// and runs after their commit.
+pub(crate) async fn waking<T, E>(
+    client: &tokio_postgres::Client,
+    wake: bool,
+    work: impl std::future::Future<Output = std::result::Result<T, E>>,
+) -> std::result::Result<T, E> {
+    if !wake {
+        return work.await;
+    }
+    let (work, wake) = (std::pin::pin!(work), std::pin::pin!(wake_relay(client)));
+    // `select` polls `work` first, then the wake-up
+    match futures::future::select(work, wake).await {
+        futures::future::Either::Left((done, _wake)) => done,
+        futures::future::Either::Right((_, work)) => work.await,
+    }
 }
 
 /// How many events the outbox holds (each row holds one or more).

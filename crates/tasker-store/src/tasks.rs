@@ -199,7 +199,7 @@ impl Store {
             &new.as_latest,
         ];
         // the relay's wake-up goes right behind it
-        let (written, _) = futures::try_join!(client.query_one(&stmt, params), crate::outbox::wake_relay(&client))?;
+        let written = crate::outbox::waking(&client, true, client.query_one(&stmt, params)).await?;
         drop(client);
         if !written.get::<_, bool>(0) {
             return Err(Error::Superseded(format!(

@@ -172,13 +172,15 @@ impl Tx {
         self.begun = true;
         crate::counter::count(u64::from(begin) + u64::from(commit));
         // futures are first polled, and so sent, in the order they are listed
-        let (_, _, rows, _, _) = futures::try_join!(
-            async { if begin { client.batch_execute("BEGIN").await } else { Ok(()) } },
-            try_join_all(write_statements.iter().zip(&write_params).map(|(st, params)| client.execute(st, params))),
-            try_join_all(read_statements.iter().zip(reads).map(|(st, (_, params))| client.query(st, params))),
-            async { if commit { client.batch_execute("COMMIT").await } else { Ok(()) } },
-            async { if notify { crate::outbox::wake_relay(client).await } else { Ok(()) } },
-        )?;
+        let work = async {
+            futures::try_join!(
+                async { if begin { client.batch_execute("BEGIN").await } else { Ok(()) } },
+                try_join_all(write_statements.iter().zip(&write_params).map(|(st, params)| client.execute(st, params))),
+                try_join_all(read_statements.iter().zip(reads).map(|(st, (_, params))| client.query(st, params))),
+                async { if commit { client.batch_execute("COMMIT").await } else { Ok(()) } },
+            )
+        };
+        let (_, _, rows, _) = crate::outbox::waking(client, notify, work).await?;
         Ok(rows)
     }
 

@@ -20,6 +20,10 @@ impl Latencies {
     pub fn quantile_ms(&self, q: f64) -> f64 {
         self.0.value_at_quantile(q) as f64 / 1000.0
     }
+
+    pub fn mean_ms(&self) -> f64 {
+        self.0.mean() / 1000.0
+    }
 }
 
 /// Quantile (in seconds) of a Prometheus histogram given its cumulative buckets

@@ -1,4 +1,5 @@
-//! Scenarios B1–B7 and B9 of `shared/bench.md`, driven through the public gRPC API.
+//! Scenarios B1–B7 and B9 of `shared/bench.md`, driven through the public gRPC API (B8
+//! is B3 again, once `main` has written the history).
 
 use std::{
     collections::HashMap,

@@ -45,8 +45,8 @@ pub async fn seed(database_url: &str, tasks: i64) -> anyhow::Result<i64> {
                           at + (300 + g % 200) * interval '1 ms', at + (300 + g % 200) * interval '1 ms', 3
                    FROM h, named_tasks n JOIN task_namespaces ns ON ns.id = n.namespace_id
                    WHERE ns.name = 'bench_history' AND n.name = 'history3';
-                 INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at)
-                   SELECT gen_random_uuid(), h.id, t.f, t.t, t.k, t.k = 3, '{{}}', h.at + t.ms * interval '1 ms'
+                 INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, metadata, created_at)
+                   SELECT gen_random_uuid(), h.id, t.f, t.t, t.k, '{{}}', h.at + t.ms * interval '1 ms'
                    FROM h, LATERAL (VALUES (1, NULL, 'pending', 0), (2, 'pending', 'in_progress', 5),
                                            (3, 'in_progress', CASE WHEN h.failed THEN 'error' ELSE 'complete' END,
                                             300 + h.g % 200)) AS t(k, f, t, ms);
@@ -61,8 +61,8 @@ pub async fn seed(database_url: &str, tasks: i64) -> anyhow::Result<i64> {
                           at + (k * 90) * interval '1 ms', at + (k * 90 + 20 + g % 50) * interval '1 ms', 4
                    FROM hs;
                  INSERT INTO workflow_step_transitions (id, workflow_step_id, task_id, from_state, to_state, sort_key,
-                                                        most_recent, metadata, created_at)
-                   SELECT gen_random_uuid(), hs.sid, hs.tid, t.f, t.t, t.k, t.k = 4, t.meta::jsonb,
+                                                        metadata, created_at)
+                   SELECT gen_random_uuid(), hs.sid, hs.tid, t.f, t.t, t.k, t.meta::jsonb,
                           hs.at + (hs.k * 90 + t.ms) * interval '1 ms'
                    FROM hs, LATERAL (VALUES
                      (1, NULL, 'pending', '{{}}', -90),

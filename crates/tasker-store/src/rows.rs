@@ -118,7 +118,6 @@ pub struct TransitionRow {
     pub from_state: Option<String>,
     pub to_state: String,
     pub sort_key: i32,
-    pub most_recent: bool,
     /// JSON text.
     pub metadata: String,
     pub created_at: DateTime<Utc>,
@@ -126,14 +125,13 @@ pub struct TransitionRow {
 
 pub(crate) fn transition_row(row: &Row) -> TransitionRow {
     TransitionRow {
-        id: row.get(7),
+        id: row.get(6),
         owner: row.get(0),
         from_state: row.get(1),
         to_state: row.get(2),
         sort_key: row.get(3),
-        most_recent: row.get(4),
-        metadata: row.get(5),
-        created_at: row.get(6),
+        metadata: row.get(4),
+        created_at: row.get(5),
     }
 }
 

@@ -23,8 +23,8 @@ use crate::{
 const STEPS_OF_TASK: &str = "ARRAY(SELECT id FROM workflow_steps WHERE task_id = $1)";
 
 /// A step's transition rows, in the column order `transition_row` reads.
-const STEP_TRANSITIONS: &str = "SELECT workflow_step_id, from_state, to_state, sort_key, most_recent, metadata::text, \
-    created_at, id FROM workflow_step_transitions";
+const STEP_TRANSITIONS: &str = "SELECT workflow_step_id, from_state, to_state, sort_key, metadata::text, created_at, id \
+    FROM workflow_step_transitions";
 
 /// A validated CreateTask request.
 #[derive(Debug, Clone)]
@@ -154,9 +154,8 @@ impl Store {
                    INSERT INTO workflow_step_edges (task_id, from_step_id, to_step_id) \
                    SELECT task.id, u.f, u.t FROM task, unnest($24::uuid[], $25::uuid[]) AS u(f, t) \
                  ), transition AS ( \
-                   INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, most_recent, metadata, \
-                     created_at) \
-                   SELECT $26, task.id, NULL, 'pending', 1, true, $27, $14 FROM task \
+                   INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, metadata, created_at) \
+                   SELECT $26, task.id, NULL, 'pending', 1, $27, $14 FROM task \
                  ), event AS ( \
                    INSERT INTO outbox (event_ids, routing_keys, payloads) \
                    SELECT ARRAY[$26::uuid], ARRAY[$28::text], ARRAY[$29::text] FROM task \
@@ -303,7 +302,7 @@ impl Store {
             }
             let own = client
                 .statement(
-                    "SELECT task_id, from_state, to_state, sort_key, most_recent, metadata::text, created_at, id \
+                    "SELECT task_id, from_state, to_state, sort_key, metadata::text, created_at, id \
                      FROM task_transitions WHERE task_id = $1 ORDER BY sort_key",
                 )
                 .await?;

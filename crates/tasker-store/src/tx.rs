@@ -351,8 +351,8 @@ impl Tx {
         let mut writes = std::mem::take(&mut self.writes);
         writes.extend(steps_write(std::mem::take(&mut self.steps)));
         writes.extend(tasks_write(std::mem::take(&mut self.tasks)));
-        writes.extend(transitions_writes(StepTransitions, std::mem::take(&mut self.step_transitions)));
-        writes.extend(transitions_writes(TaskTransitions, std::mem::take(&mut self.task_transitions)));
+        writes.extend(transitions_write(StepTransitions, std::mem::take(&mut self.step_transitions)));
+        writes.extend(transitions_write(TaskTransitions, std::mem::take(&mut self.task_transitions)));
         self.notify |= !self.events.ids.is_empty();
         writes.extend(events_write(std::mem::take(&mut self.events)));
         writes
@@ -467,10 +467,9 @@ fn events_write(events: EventsWrite) -> Option<Write> {
     })
 }
 
-/// A transition table's two statements.
+/// A transition table's insert: its rows are never changed once written (the current one
+/// is the row whose sort key is its owner's `last_sort_key`).
 trait TransitionTable {
-    /// Turns `most_recent` off on the current rows of the owners in $1.
-    const FLIP: &'static str;
     const INSERT: &'static str;
 }
 
@@ -478,59 +477,45 @@ struct StepTransitions;
 struct TaskTransitions;
 
 impl TransitionTable for StepTransitions {
-    const FLIP: &'static str =
-        "UPDATE workflow_step_transitions SET most_recent = false WHERE workflow_step_id = ANY($1) AND most_recent";
     const INSERT: &'static str = "INSERT INTO workflow_step_transitions \
-           (id, workflow_step_id, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at) \
-         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int4[], $7::bool[], \
-                              $8::jsonb[], $9::timestamptz[])";
+           (id, workflow_step_id, task_id, from_state, to_state, sort_key, metadata, created_at) \
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int4[], \
+                              $7::jsonb[], $8::timestamptz[])";
 }
 
 impl TransitionTable for TaskTransitions {
-    const FLIP: &'static str =
-        "UPDATE task_transitions SET most_recent = false WHERE task_id = ANY($1) AND most_recent";
     const INSERT: &'static str = "INSERT INTO task_transitions \
-           (id, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at) \
-         SELECT u.id, u.owner, u.from_state, u.to_state, u.sort_key, u.most_recent, u.metadata, u.created_at \
-         FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int4[], $7::bool[], \
-                     $8::jsonb[], $9::timestamptz[]) \
-           AS u(id, owner, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at)";
+           (id, task_id, from_state, to_state, sort_key, metadata, created_at) \
+         SELECT u.id, u.owner, u.from_state, u.to_state, u.sort_key, u.metadata, u.created_at \
+         FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int4[], $7::jsonb[], \
+                     $8::timestamptz[]) \
+           AS u(id, owner, task_id, from_state, to_state, sort_key, metadata, created_at)";
 }
 
-/// Flips `most_recent` off the previous rows of every owner, then inserts the new rows,
-/// `most_recent` on the last one per owner.
-fn transitions_writes<T: TransitionTable>(_table: T, rows: Vec<TransitionWrite>) -> Vec<Write> {
+/// Inserts the new transition rows, one statement for the table.
+fn transitions_write<T: TransitionTable>(_table: T, rows: Vec<TransitionWrite>) -> Option<Write> {
     if rows.is_empty() {
-        return Vec::new();
+        return None;
     }
-    let mut owners: Vec<Uuid> = rows.iter().map(|r| r.owner).collect();
-    owners.sort_unstable();
-    owners.dedup();
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let owner: Vec<Uuid> = rows.iter().map(|r| r.owner).collect();
     let task: Vec<Uuid> = rows.iter().map(|r| r.task_id).collect();
     let from: Vec<Option<&'static str>> = rows.iter().map(|r| r.from).collect();
     let to: Vec<&'static str> = rows.iter().map(|r| r.to).collect();
     let sort: Vec<i32> = rows.iter().map(|r| r.sort_key).collect();
-    let most_recent: Vec<bool> =
-        rows.iter().enumerate().map(|(i, r)| !rows[i + 1..].iter().any(|later| later.owner == r.owner)).collect();
     let at: Vec<DateTime<Utc>> = rows.iter().map(|r| r.at).collect();
     let metadata: Vec<Value> = rows.into_iter().map(|r| r.metadata).collect();
-    vec![
-        Write { sql: Cow::Borrowed(T::FLIP), params: vec![boxed(owners)] },
-        Write {
-            sql: Cow::Borrowed(T::INSERT),
-            params: vec![
-                boxed(ids),
-                boxed(owner),
-                boxed(task),
-                boxed(from),
-                boxed(to),
-                boxed(sort),
-                boxed(most_recent),
-                boxed(metadata),
-                boxed(at),
-            ],
-        },
-    ]
+    Some(Write {
+        sql: Cow::Borrowed(T::INSERT),
+        params: vec![
+            boxed(ids),
+            boxed(owner),
+            boxed(task),
+            boxed(from),
+            boxed(to),
+            boxed(sort),
+            boxed(metadata),
+            boxed(at),
+        ],
+    })
 }

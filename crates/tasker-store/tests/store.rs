@@ -72,20 +72,30 @@ async fn run_chain(store: &Store, task_id: uuid::Uuid) {
 async fn every_transition_is_recorded_once_with_its_event() {
     let env = TestEnv::new().await;
     let (store, task_id) = setup(&env).await;
-    run_chain(&store, task_id).await;
     let db = env.database().await;
+    // the history is append-only: a row once written is never changed
+    db.batch_execute(
+        "CREATE FUNCTION refuse_update() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN RAISE EXCEPTION '% rows are never updated', TG_TABLE_NAME; END $$; \
+         CREATE TRIGGER append_only BEFORE UPDATE ON task_transitions \
+           FOR EACH ROW EXECUTE FUNCTION refuse_update(); \
+         CREATE TRIGGER append_only BEFORE UPDATE ON workflow_step_transitions \
+           FOR EACH ROW EXECUTE FUNCTION refuse_update();",
+    )
+    .await
+    .unwrap();
+    run_chain(&store, task_id).await;
 
-    // each owner: sort keys 1..n, exactly one most_recent, on the highest, matching status
+    // each owner: sort keys 1..n, the last one the owner's `last_sort_key`, its state the
+    // owner's status
     for (table, owner, status_table) in
         [("task_transitions", "task_id", "tasks"), ("workflow_step_transitions", "workflow_step_id", "workflow_steps")]
     {
         let rows = db
             .query(
                 &format!(
-                    "SELECT o.id, o.status, array_agg(t.sort_key ORDER BY t.sort_key), \
-                       count(*) FILTER (WHERE t.most_recent), \
-                       (SELECT to_state FROM {table} x WHERE x.{owner} = o.id AND x.most_recent), \
-                       max(t.sort_key) = (SELECT sort_key FROM {table} x WHERE x.{owner} = o.id AND x.most_recent) \
+                    "SELECT o.id, o.status, array_agg(t.sort_key ORDER BY t.sort_key), o.last_sort_key, \
+                       (SELECT to_state FROM {table} x WHERE x.{owner} = o.id AND x.sort_key = o.last_sort_key) \
                      FROM {status_table} o JOIN {table} t ON t.{owner} = o.id GROUP BY o.id, o.status"
                 ),
                 &[],
@@ -96,9 +106,12 @@ async fn every_transition_is_recorded_once_with_its_event() {
         for row in rows {
             let keys: Vec<i32> = row.get(2);
             assert_eq!(keys, (1..=keys.len() as i32).collect::<Vec<_>>(), "{table}: contiguous sort keys");
-            assert_eq!(row.get::<_, i64>(3), 1, "{table}: one most_recent");
-            assert_eq!(row.get::<_, String>(1), row.get::<_, String>(4), "{table}: status matches most_recent");
-            assert!(row.get::<_, bool>(5), "{table}: most_recent is the last");
+            assert_eq!(row.get::<_, i32>(3), keys.len() as i32, "{table}: the owner keeps its last sort key");
+            assert_eq!(
+                Some(row.get::<_, String>(1)),
+                row.get::<_, Option<String>>(4),
+                "{table}: status matches the last transition"
+            );
         }
     }
     let steps: Vec<(String, String, i32)> = db
@@ -258,7 +271,8 @@ async fn a_writer_that_waited_for_the_lock_continues_the_history() {
 
     let rows = db
         .query(
-            "SELECT to_state, sort_key, most_recent FROM task_transitions WHERE task_id = $1 ORDER BY sort_key",
+            "SELECT to_state, sort_key, sort_key = (SELECT last_sort_key FROM tasks WHERE id = $1) \
+             FROM task_transitions WHERE task_id = $1 ORDER BY sort_key",
             &[&task_id],
         )
         .await

@@ -374,6 +374,48 @@ async fn a_task_reads_back_with_its_own_steps_edges_and_history() {
     env.cleanup().await;
 }
 
+/// While a deployment rolls, a replica of the previous version (which kept `most_recent`,
+/// turning it off on the previous row) may write a task's history beside this version: its
+/// statements still run on this schema, and the history reads back whole either way.
+#[tokio::test]
+async fn the_previous_versions_history_writes_still_run_beside_this_one() {
+    let env = TestEnv::new().await;
+    let (store, task_id) = setup(&env).await;
+    let mut db = env.database().await;
+    // the previous version starting the task: its flip and its insert, as it sent them
+    let tx = db.transaction().await.unwrap();
+    tx.execute("SELECT id FROM tasks WHERE id = $1 FOR UPDATE", &[&task_id]).await.unwrap();
+    tx.execute(
+        "UPDATE task_transitions SET most_recent = false WHERE task_id = ANY($1) AND most_recent",
+        &[&vec![task_id]],
+    )
+    .await
+    .unwrap();
+    tx.execute(
+        "INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, most_recent, metadata, created_at) \
+         VALUES ($1, $2, 'pending', 'in_progress', 2, true, '{}', now())",
+        &[&tasker_domain::new_id(), &task_id],
+    )
+    .await
+    .unwrap();
+    tx.execute(
+        "UPDATE tasks SET status = 'in_progress', started_at = now(), last_sort_key = 2 WHERE id = $1",
+        &[&task_id],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    // this version goes on from there
+    store.cancel_task(task_id, &tasker_store::Actor::default()).await.unwrap();
+    let view = store.task(task_id, true).await.unwrap();
+    let history: Vec<(&str, i32)> = view.transitions.iter().map(|t| (t.to_state.as_str(), t.sort_key)).collect();
+    assert_eq!(history, [("pending", 1), ("in_progress", 2), ("cancelled", 3)]);
+    assert_eq!(view.task.status, TaskState::Cancelled);
+    drop(db);
+    env.cleanup().await;
+}
+
 /// CreateTask's answer lists the steps and edges in the order GetTask reads them back
 /// (edges were in the template's order: by child, then as its `depends_on` lists them).
 #[tokio::test]

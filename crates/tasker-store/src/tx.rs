@@ -351,8 +351,8 @@ impl Tx {
         let mut writes = std::mem::take(&mut self.writes);
         writes.extend(steps_write(std::mem::take(&mut self.steps)));
         writes.extend(tasks_write(std::mem::take(&mut self.tasks)));
-        writes.extend(transitions_write(StepTransitions, std::mem::take(&mut self.step_transitions)));
-        writes.extend(transitions_write(TaskTransitions, std::mem::take(&mut self.task_transitions)));
+        writes.extend(transitions_write(STEP_TRANSITIONS_INSERT, std::mem::take(&mut self.step_transitions)));
+        writes.extend(transitions_write(TASK_TRANSITIONS_INSERT, std::mem::take(&mut self.task_transitions)));
         self.notify |= !self.events.ids.is_empty();
         writes.extend(events_write(std::mem::take(&mut self.events)));
         writes
@@ -467,33 +467,21 @@ fn events_write(events: EventsWrite) -> Option<Write> {
     })
 }
 
-/// A transition table's insert: its rows are never changed once written (the current one
-/// is the row whose sort key is its owner's `last_sort_key`).
-trait TransitionTable {
-    const INSERT: &'static str;
-}
+/// The transition tables' inserts, with the same parameters. Their rows are never changed
+/// once written (the current one is the row whose sort key is its owner's `last_sort_key`).
+const STEP_TRANSITIONS_INSERT: &str = "INSERT INTO workflow_step_transitions \
+       (id, workflow_step_id, task_id, from_state, to_state, sort_key, metadata, created_at) \
+     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int4[], \
+                          $7::jsonb[], $8::timestamptz[])";
+const TASK_TRANSITIONS_INSERT: &str = "INSERT INTO task_transitions \
+       (id, task_id, from_state, to_state, sort_key, metadata, created_at) \
+     SELECT u.id, u.owner, u.from_state, u.to_state, u.sort_key, u.metadata, u.created_at \
+     FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int4[], $7::jsonb[], \
+                 $8::timestamptz[]) \
+       AS u(id, owner, task_id, from_state, to_state, sort_key, metadata, created_at)";
 
-struct StepTransitions;
-struct TaskTransitions;
-
-impl TransitionTable for StepTransitions {
-    const INSERT: &'static str = "INSERT INTO workflow_step_transitions \
-           (id, workflow_step_id, task_id, from_state, to_state, sort_key, metadata, created_at) \
-         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int4[], \
-                              $7::jsonb[], $8::timestamptz[])";
-}
-
-impl TransitionTable for TaskTransitions {
-    const INSERT: &'static str = "INSERT INTO task_transitions \
-           (id, task_id, from_state, to_state, sort_key, metadata, created_at) \
-         SELECT u.id, u.owner, u.from_state, u.to_state, u.sort_key, u.metadata, u.created_at \
-         FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int4[], $7::jsonb[], \
-                     $8::timestamptz[]) \
-           AS u(id, owner, task_id, from_state, to_state, sort_key, metadata, created_at)";
-}
-
-/// Inserts the new transition rows, one statement for the table.
-fn transitions_write<T: TransitionTable>(_table: T, rows: Vec<TransitionWrite>) -> Option<Write> {
+/// Inserts the new transition rows with `insert` (one of the two above), one statement.
+fn transitions_write(insert: &'static str, rows: Vec<TransitionWrite>) -> Option<Write> {
     if rows.is_empty() {
         return None;
     }
@@ -506,7 +494,7 @@ fn transitions_write<T: TransitionTable>(_table: T, rows: Vec<TransitionWrite>) 
     let at: Vec<DateTime<Utc>> = rows.iter().map(|r| r.at).collect();
     let metadata: Vec<Value> = rows.into_iter().map(|r| r.metadata).collect();
     Some(Write {
-        sql: Cow::Borrowed(T::INSERT),
+        sql: Cow::Borrowed(insert),
         params: vec![
             boxed(ids),
             boxed(owner),

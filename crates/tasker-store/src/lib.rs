@@ -40,10 +40,16 @@ pub use tasks::{CreateOutcome, NewTask, TaskFilter, TaskPage, TaskRef};
 pub use templates::{RegisterOutcome, TemplateRecord};
 pub use tx::{StepChange, Tx};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+/// This build's migrations. Migrations a newer build applied are left alone, not refused:
+/// each migration keeps the schema usable by the build before it (ARCHITECTURE.md,
+/// "Upgrades"), so a replica of the previous build still starts (a rolling deployment's
+/// old replicas restarting, or a rollback) against a database one build ahead.
+static MIGRATOR: sqlx::migrate::Migrator =
+    sqlx::migrate::Migrator { ignore_missing: true, ..sqlx::migrate!("../../migrations") };
 
-/// Applies every pending migration. Safe to run from several processes at once: sqlx
-/// holds an advisory lock while it migrates.
+/// Applies every pending migration of this build (see [`MIGRATOR`] for those of a newer
+/// one). Safe to run from several processes at once: sqlx holds an advisory lock while it
+/// migrates.
 pub async fn migrate(database_url: &str) -> Result<()> {
     // sqlx's migrator future is not `Send` for every lifetime (the "Acquire is not general
     // enough" limitation), so it runs to completion on a blocking thread of its own, and

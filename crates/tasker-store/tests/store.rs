@@ -416,6 +416,29 @@ async fn the_previous_versions_history_writes_still_run_beside_this_one() {
     env.cleanup().await;
 }
 
+/// A replica of the previous build starts against a database a newer build has migrated
+/// (a rolling deployment's old replica restarting, or a rollback): the newer build's
+/// migration is left alone, this build finds nothing of its own pending, and works.
+#[tokio::test]
+async fn a_build_starts_against_a_database_a_newer_build_migrated() {
+    let env = TestEnv::new().await;
+    let db = env.database().await;
+    db.execute(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99991231000000, 'a newer build''s migration', true, '\\x00', 0)",
+        &[],
+    )
+    .await
+    .unwrap();
+    tasker_store::migrate(&env.config.database.url).await.expect("this build migrates beside a newer one's migration");
+    let (store, task_id) = setup(&env).await;
+    assert_eq!(tasker_store::pending_migrations(&store).await.unwrap(), Vec::<i64>::new());
+    store.cancel_task(task_id, &tasker_store::Actor::default()).await.unwrap();
+    assert_eq!(store.task(task_id, false).await.unwrap().task.status, TaskState::Cancelled);
+    drop(db);
+    env.cleanup().await;
+}
+
 /// CreateTask's answer lists the steps and edges in the order GetTask reads them back
 /// (edges were in the template's order: by child, then as its `depends_on` lists them).
 #[tokio::test]

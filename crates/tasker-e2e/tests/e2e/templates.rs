@@ -105,6 +105,8 @@ async fn versions_are_immutable_and_identical_re_registration_is_a_no_op() {
 #[tokio::test]
 async fn create_without_a_version_uses_the_newest_registered_anywhere() {
     let env = TestEnv::new().await;
+    // the orchestrator declares the namespace's step queue to dispatch the tasks created
+    env.uses_namespace("tpl");
     let system = System::start(&env, vec![]).await;
     let v1 = "namespace: tpl\nname: t\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n";
     register(&system, v1).await.unwrap();

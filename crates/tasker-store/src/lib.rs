@@ -41,9 +41,10 @@ pub use templates::{RegisterOutcome, TemplateRecord};
 pub use tx::{StepChange, Tx};
 
 /// This build's migrations. Migrations a newer build applied are left alone, not refused:
-/// each migration keeps the schema usable by the build before it (ARCHITECTURE.md,
-/// "Upgrades"), so a replica of the previous build still starts (a rolling deployment's
-/// old replicas restarting, or a rollback) against a database one build ahead.
+/// each migration keeps the schema usable by the build before it (ARCHITECTURE.md's
+/// invariant "A deployment rolls, forward or back, one build at a time"), so a replica of
+/// the previous build still starts (a rolling deployment's old replicas restarting, or a
+/// rollback) against a database one build ahead.
 static MIGRATOR: sqlx::migrate::Migrator =
     sqlx::migrate::Migrator { ignore_missing: true, ..sqlx::migrate!("../../migrations") };
 

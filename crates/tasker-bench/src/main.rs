@@ -33,6 +33,11 @@ struct Args {
     /// The benchmark's database: dropped and created afresh.
     #[arg(long, env = "TASKER_BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/tasker_bench")]
     database_url: String,
+    /// Create the benchmark's database as a copy of this one (`CREATE DATABASE … TEMPLATE`)
+    /// instead of empty: e.g. a copy of what a full run left, a million finished tasks, to
+    /// time B3 on that history in rounds alternating with B3 on an empty database.
+    #[arg(long, value_name = "DATABASE")]
+    copy_of: Option<String>,
     #[arg(long, env = "TASKER_BENCH_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
     #[arg(long, default_value_t = 3)]
@@ -71,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let logs = args.out.join("logs");
     std::fs::create_dir_all(&logs)?;
-    reset_database(&args.database_url).await?;
+    reset_database(&args.database_url, args.copy_of.as_deref()).await?;
 
     eprintln!("bench: measuring the reference points");
     let pg = reference::pg_commits_per_second(&args.database_url, Duration::from_secs(3)).await?;
@@ -112,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
     report(&args, &figures, pg, amqp_one, amqp_pipelined)
 }
 
-async fn reset_database(url: &str) -> anyhow::Result<()> {
+async fn reset_database(url: &str, copy_of: Option<&str>) -> anyhow::Result<()> {
     let config: tokio_postgres::Config = url.parse()?;
     let name = config.get_dbname().context("the database URL names no database")?.to_owned();
     let mut server = config.clone();
@@ -120,7 +125,8 @@ async fn reset_database(url: &str) -> anyhow::Result<()> {
     let (client, connection) = server.connect(NoTls).await?;
     tokio::spawn(connection);
     client.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await?;
-    client.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await?;
+    let template = copy_of.map(|t| format!(" TEMPLATE \"{}\"", t.replace('"', "\"\""))).unwrap_or_default();
+    client.batch_execute(&format!("CREATE DATABASE \"{name}\"{template}")).await?;
     tasker_store::migrate(url).await?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `tasker-bench`: runs scenarios B1–B9 of `shared/bench.md` and issue 12 (B8: B3 again on
-//! a million finished tasks; B9: a 10,000-step task) and the analytics timings A1–A5
+//! a million finished tasks, each round beside B3 on an empty database; B9: a 10,000-step
+//! task) and the analytics timings A1–A5
 //! against the four services as separate release processes on real Postgres and RabbitMQ,
 //! beside the machine's physical reference points, B1's and B2's floor (`floor.rs`) and the
 //! CPU ceiling of B3 and B4, and prints min/median/max over repeats (plus a JSON file).
@@ -21,6 +22,7 @@ use tasker_proto::v1::{
     self as pb, task_service_client::TaskServiceClient, template_service_client::TemplateServiceClient,
 };
 use tokio_postgres::NoTls;
+use tonic::transport::Channel;
 
 use crate::{scenarios::Bench, services::Services, stats::Figure};
 
@@ -48,8 +50,8 @@ struct Args {
     /// Smaller counts, for a quick look.
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (e.g. `--only B1,B4`; `A` for the analytics figures; B8
-    /// needs B3 in the same run for its ratio); the table then has only their rows.
+    /// Run only these scenarios (e.g. `--only B1,B4`; `A` for the analytics figures); the
+    /// table then has only their rows.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Serve task-api over TLS with this certificate (PEM; it must name 127.0.0.1) and
@@ -70,6 +72,9 @@ struct Args {
 }
 
 const PREFIX: &str = "bench";
+
+/// The bench's workers: processes, the namespaces they serve, concurrency of each.
+const WORKERS: (usize, &str, u16) = (2, "[bench]", 32);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -95,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
         services.serve_tls(cert, key);
     }
     services.start_core().await?;
-    services.start_workers(2, "[bench]", 32).await?;
+    services.start_workers(WORKERS.0, WORKERS.1, WORKERS.2).await?;
     let floor = floor::Setup {
         database_url: args.database_url.clone(),
         amqp_url: args.amqp_url.clone(),
@@ -118,6 +123,16 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn reset_database(url: &str, copy_of: Option<&str>) -> anyhow::Result<()> {
+    let (client, name) = drop_database(url).await?;
+    let template = copy_of.map(|t| format!(" TEMPLATE \"{}\"", t.replace('"', "\"\""))).unwrap_or_default();
+    client.batch_execute(&format!("CREATE DATABASE \"{name}\"{template}")).await?;
+    tasker_store::migrate(url).await?;
+    Ok(())
+}
+
+/// Drops the database `url` names, if it exists; returns a connection to the server's
+/// `postgres` database and the name.
+async fn drop_database(url: &str) -> anyhow::Result<(tokio_postgres::Client, String)> {
     let config: tokio_postgres::Config = url.parse()?;
     let name = config.get_dbname().context("the database URL names no database")?.to_owned();
     let mut server = config.clone();
@@ -125,9 +140,38 @@ async fn reset_database(url: &str, copy_of: Option<&str>) -> anyhow::Result<()> 
     let (client, connection) = server.connect(NoTls).await?;
     tokio::spawn(connection);
     client.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await?;
-    let template = copy_of.map(|t| format!(" TEMPLATE \"{}\"", t.replace('"', "\"\""))).unwrap_or_default();
-    client.batch_execute(&format!("CREATE DATABASE \"{name}\"{template}")).await?;
-    tasker_store::migrate(url).await?;
+    Ok((client, name))
+}
+
+/// The URL of a database on the same server as `url`'s, named as it with `suffix` added.
+fn beside(url: &str, suffix: &str) -> anyhow::Result<String> {
+    let config: tokio_postgres::Config = url.parse()?;
+    let name = config.get_dbname().context("the database URL names no database")?;
+    let end = url.find('?').unwrap_or(url.len());
+    anyhow::ensure!(
+        url[..end].ends_with(&format!("/{name}")),
+        "B8 needs the database URL as postgres://…/NAME to name a database beside it"
+    );
+    Ok(format!("{}{suffix}{}", &url[..end], &url[end..]))
+}
+
+/// Registers the bench's templates (again, after task-api restarted: the first calls may
+/// find the old connection gone, and are tried again for up to ten seconds).
+async fn register_templates(channel: &Channel) -> anyhow::Result<()> {
+    let mut client = TemplateServiceClient::new(channel.clone());
+    for yaml in templates() {
+        let mut tries = 0;
+        loop {
+            match client.register_template(pb::RegisterTemplateRequest { yaml: yaml.clone() }).await {
+                Ok(_) => break,
+                Err(status) if status.code() == tonic::Code::Unavailable && tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
+    }
     Ok(())
 }
 
@@ -172,10 +216,7 @@ async fn run(args: &Args, services: &mut Services, floor: floor::Setup) -> anyho
     let tls = tasker_runtime::tls::ClientTls { ca_file: args.ca_cert.clone(), ..Default::default() };
     let channel =
         tasker_runtime::tls::endpoint(&format!("{scheme}://127.0.0.1:{}", services::API_PORT), &tls)?.connect().await?;
-    let mut templates_client = TemplateServiceClient::new(channel.clone());
-    for yaml in templates() {
-        templates_client.register_template(pb::RegisterTemplateRequest { yaml }).await?;
-    }
+    register_templates(&channel).await?;
     let mut config = tasker_runtime::Config::default();
     config.amqp.url = args.amqp_url.clone();
     config.amqp.prefix = PREFIX.into();
@@ -185,7 +226,7 @@ async fn run(args: &Args, services: &mut Services, floor: floor::Setup) -> anyho
         Bench { client: TaskServiceClient::new(channel.clone()), broker, completions, quick: args.quick, floor };
     // warm up: connections, prepared statements, queue declarations
     bench.b1_b2().await?;
-    let vacuum = Vacuum::connect(&args.database_url).await?;
+    let vacuum = Vacuum::connect(&args.database_url, true).await?;
 
     let mut repeats = Vec::new();
     for r in 1..=args.repeats {
@@ -234,26 +275,37 @@ async fn run(args: &Args, services: &mut Services, floor: floor::Setup) -> anyho
     if wanted("B8") {
         eprintln!("bench: B8, B3 again on a database holding {} finished tasks", history::B8_TASKS);
         history::seed(&args.database_url, history::B8_TASKS - seeded).await?;
+        // Side by side: each round times B3 on a new, empty database and then on the
+        // history, the services started afresh on each and warmed up alike, so that the
+        // ratio compares minutes of the same hour (the machine's speed moves over a run,
+        // and B3 above ran long before).
+        let empty_url = beside(&args.database_url, "_empty")?;
         for figures in repeats.iter_mut() {
-            vacuum.run().await?;
-            let empty = figures.iter().find(|f| f.id == "B3" && f.unit == "steps/s").map(|f| f.value);
-            let full = bench.b3().await?;
-            let rate = full.iter().find(|f| f.unit == "steps/s").map(|f| f.value).unwrap_or_default();
-            eprintln!("  B8  {rate:.0} steps/s on the long history");
-            figures.push(scenarios::figure("B8", "B3 on 1,000,000 finished tasks: steps/s", "steps/s", rate, None));
-            if let Some(empty) = empty {
-                figures.push(scenarios::figure(
-                    "B8",
-                    "B8 ÷ B3 on an empty database",
-                    "ratio",
-                    rate / empty,
-                    Some("≥ 0.9"),
-                ));
-            }
+            reset_database(&empty_url, None).await?;
+            let empty = b3_on(&bench, services, &channel, &empty_url).await?;
+            let full = b3_on(&bench, services, &channel, &args.database_url).await?;
+            eprintln!("  B8  {full:.0} steps/s on the long history, {empty:.0} on an empty database just before");
+            figures.extend([
+                scenarios::figure("B8", "B3 on 1,000,000 finished tasks: steps/s", "steps/s", full, None),
+                scenarios::figure("B8", "B3 on an empty database, the same round: steps/s", "steps/s", empty, None),
+                scenarios::figure("B8", "B8 ÷ B3 on an empty database", "ratio", full / empty, Some("≥ 0.9")),
+            ]);
         }
+        drop_database(&empty_url).await?;
     }
     bench.broker.close().await?;
     Ok(repeats)
+}
+
+/// B3 with the services started afresh on `database_url` and warmed up: its steps/s.
+async fn b3_on(bench: &Bench, services: &mut Services, channel: &Channel, database_url: &str) -> anyhow::Result<f64> {
+    services.restart_core_on(database_url).await?;
+    services.start_workers(WORKERS.0, WORKERS.1, WORKERS.2).await?;
+    register_templates(channel).await?;
+    bench.warm_up().await?;
+    Vacuum::connect(database_url, false).await?.run().await?;
+    let figures = bench.b3().await?;
+    figures.iter().find(|f| f.unit == "steps/s").map(|f| f.value).context("B3 gave no steps/s")
 }
 
 /// Stands in for autovacuum when the server has it off (a non-default setting some
@@ -264,14 +316,16 @@ struct Vacuum {
 }
 
 impl Vacuum {
-    async fn connect(url: &str) -> anyhow::Result<Vacuum> {
+    async fn connect(url: &str, say: bool) -> anyhow::Result<Vacuum> {
         let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
         tokio::spawn(connection);
         let setting: String = client.query_one("SHOW autovacuum", &[]).await?.get(0);
         if setting == "on" {
             return Ok(Vacuum { client: None });
         }
-        eprintln!("bench: the server has autovacuum off; running VACUUM (ANALYZE) between scenarios in its stead");
+        if say {
+            eprintln!("bench: the server has autovacuum off; running VACUUM (ANALYZE) between scenarios in its stead");
+        }
         Ok(Vacuum { client: Some(client) })
     }
 

@@ -155,6 +155,15 @@ impl Bench {
         Ok(all)
     }
 
+    /// Warms freshly started services up (connections, prepared statements and plans,
+    /// queue declarations): 200 diamonds from 16 clients, each awaited.
+    pub async fn warm_up(&self) -> anyhow::Result<()> {
+        for (id, _, _) in self.submit_many("bench", "diamond7", 200, 16).await? {
+            self.completions.wait(&id).await?;
+        }
+        Ok(())
+    }
+
     /// B3: 2,000 diamond tasks from 16 clients: sustained steps/s and task latency.
     pub async fn b3(&self) -> anyhow::Result<Vec<Figure>> {
         let total = if self.quick { 300 } else { 2_000 };

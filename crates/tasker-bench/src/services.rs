@@ -93,7 +93,23 @@ impl Services {
         }
     }
 
+    /// Stops every process and starts the core again on another database (B8 moves
+    /// between the history and an empty database); the workers are the caller's to start.
+    pub async fn restart_core_on(&mut self, database_url: &str) -> anyhow::Result<()> {
+        self.stop_all().await;
+        for (key, value) in &mut self.env {
+            if key == "TASKER_DATABASE__URL" {
+                database_url.clone_into(value);
+            }
+        }
+        self.start_core().await
+    }
+
     pub async fn stop(mut self) {
+        self.stop_all().await;
+    }
+
+    async fn stop_all(&mut self) {
         self.stop_workers_from(0).await;
         for child in self.core.drain(..).rev() {
             terminate(child).await;

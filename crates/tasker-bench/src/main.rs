@@ -226,7 +226,10 @@ async fn run(args: &Args, services: &mut Services, floor: floor::Setup) -> anyho
         Bench { client: TaskServiceClient::new(channel.clone()), broker, completions, quick: args.quick, floor };
     // warm up: connections, prepared statements, queue declarations
     bench.b1_b2().await?;
-    let vacuum = Vacuum::connect(&args.database_url, true).await?;
+    let vacuum = Vacuum::connect(&args.database_url).await?;
+    if vacuum.client.is_some() {
+        eprintln!("bench: the server has autovacuum off; running VACUUM (ANALYZE) between scenarios in its stead");
+    }
 
     let mut repeats = Vec::new();
     for r in 1..=args.repeats {
@@ -303,7 +306,7 @@ async fn b3_on(bench: &Bench, services: &mut Services, channel: &Channel, databa
     services.start_workers(WORKERS.0, WORKERS.1, WORKERS.2).await?;
     register_templates(channel).await?;
     bench.warm_up().await?;
-    Vacuum::connect(database_url, false).await?.run().await?;
+    Vacuum::connect(database_url).await?.run().await?;
     let figures = bench.b3().await?;
     figures.iter().find(|f| f.unit == "steps/s").map(|f| f.value).context("B3 gave no steps/s")
 }
@@ -316,17 +319,11 @@ struct Vacuum {
 }
 
 impl Vacuum {
-    async fn connect(url: &str, say: bool) -> anyhow::Result<Vacuum> {
+    async fn connect(url: &str) -> anyhow::Result<Vacuum> {
         let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
         tokio::spawn(connection);
         let setting: String = client.query_one("SHOW autovacuum", &[]).await?.get(0);
-        if setting == "on" {
-            return Ok(Vacuum { client: None });
-        }
-        if say {
-            eprintln!("bench: the server has autovacuum off; running VACUUM (ANALYZE) between scenarios in its stead");
-        }
-        Ok(Vacuum { client: Some(client) })
+        Ok(Vacuum { client: (setting != "on").then_some(client) })
     }
 
     async fn run(&self) -> anyhow::Result<()> {

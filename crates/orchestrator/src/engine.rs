@@ -11,7 +11,10 @@
 //! Every item is re-checked under the task lock: reports are fenced by attempt and state,
 //! so duplicates, stale and late reports are dropped (and counted), never applied twice.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -55,6 +58,18 @@ pub struct Outcome {
     pub next_retry_at: Option<DateTime<Utc>>,
     /// What the committed batch counted, for the metrics.
     pub tally: Tally,
+    /// How long its parts took.
+    pub phases: Phases,
+}
+
+/// Where a batch's time went: the first round trip (a pooled connection, `BEGIN`, the
+/// locks and the reads), the work in memory, and the second round trip (the writes, the
+/// executions' reads and the commit).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Phases {
+    pub read: Duration,
+    pub apply: Duration,
+    pub write: Duration,
 }
 
 #[derive(Clone)]
@@ -72,6 +87,7 @@ impl Engine {
     /// Applies the items in one transaction (tasks locked in id order) and commits.
     /// Borrowed, so that a batch held through an outage is tried again without a copy.
     pub async fn apply(&self, items: &[(Uuid, Work)]) -> tasker_store::Result<Outcome> {
+        let clock = Instant::now();
         let mut tx = self.store.begin().await?;
         let task_ids: Vec<Uuid> = items.iter().map(|(task, _)| *task).collect();
         let step_ids: Vec<Uuid> = items.iter().filter_map(|(_, w)| w.step_id()).collect();
@@ -85,6 +101,7 @@ impl Engine {
         let evaluate: Vec<Uuid> =
             items.iter().filter(|(_, w)| matches!(w, Work::Evaluate)).map(|(task, _)| *task).collect();
         let loaded = tx.load_batch(&task_ids, &step_ids, &completed, &evaluate).await?;
+        let read = clock.elapsed();
         let batch_span = tracing::Span::current();
         for task in loaded.tasks.values() {
             tasker_runtime::trace::link(&batch_span, &task.trace);
@@ -102,6 +119,8 @@ impl Engine {
             republished: Vec::new(),
             next_retry_at: None,
             tally: Tally::default(),
+            clock,
+            phases: Phases { read, ..Phases::default() },
         };
         for (task_id, work) in items {
             batch.apply(*task_id, work)?;
@@ -132,6 +151,9 @@ struct Batch<'a> {
     republished: Vec<Uuid>,
     next_retry_at: Option<DateTime<Utc>>,
     tally: Tally,
+    /// Started with the batch; `phases` is filled in as it goes.
+    clock: Instant,
+    phases: Phases,
 }
 
 impl Batch<'_> {
@@ -433,6 +455,8 @@ impl Batch<'_> {
         let open: Vec<Uuid> =
             self.touched.iter().copied().filter(|id| self.tasks[id].status == TaskState::InProgress).collect();
         let standing = self.standing(&open);
+        // what is left is the second round trip (and in debug builds a check of its own)
+        self.phases.apply = self.clock.elapsed() - self.phases.read;
         #[cfg(debug_assertions)]
         self.check_standing(&standing).await?;
         let stuck: Vec<Uuid> = open.iter().copied().filter(|id| standing[id].is_stuck()).collect();
@@ -464,8 +488,9 @@ impl Batch<'_> {
             .collect();
         to_dispatch.extend(self.republished.iter().filter_map(|id| self.steps.get(id)).cloned());
         let dispatches = self.tx.commit_dispatching(&self.tasks, &to_dispatch, &self.republished).await?;
+        self.phases.write = self.clock.elapsed() - self.phases.read - self.phases.apply;
         self.tally.dispatched(dispatches.len());
-        Ok(Outcome { dispatches, next_retry_at: self.next_retry_at, tally: self.tally })
+        Ok(Outcome { dispatches, next_retry_at: self.next_retry_at, tally: self.tally, phases: self.phases })
     }
 }
 

@@ -219,6 +219,7 @@ impl Pipeline {
         }
         let dispatched = !outcome.dispatches.is_empty();
         let dispatches = &outcome.dispatches;
+        let committed = received.elapsed();
         let sent = self
             .holding("publishing step executions", || async { Ok(self.dispatcher.send(dispatches.clone()).await?) })
             .await;
@@ -227,7 +228,8 @@ impl Pipeline {
             return Err(error);
         }
         if dispatched {
-            self.metrics.hop(received.elapsed().as_secs_f64());
+            let total = received.elapsed();
+            self.metrics.hop(total, &outcome.phases, total - committed);
         }
         Ok(())
     }

@@ -117,6 +117,18 @@ async fn metrics_count_a_known_workload_by_namespace_task_and_outcome() {
         "cancelled, not finished"
     );
     expect(&orchestrator, "tasker_orchestrator_reports_dropped_total", &[("reason", "unknown task")], 1.0);
+    // every hop (a batch that dispatched) is timed whole and by part, the parts adding up
+    // to no more than the whole
+    let hops = sample(&orchestrator, "tasker_orchestrator_hop_seconds_count", &[]).expect("hops counted");
+    assert!(hops >= 1.0, "executions were dispatched: {hops} hops");
+    let mut parts = 0.0;
+    for phase in ["read", "apply", "write", "publish"] {
+        let labels = [("phase", phase)];
+        expect(&orchestrator, "tasker_orchestrator_hop_phase_seconds_count", &labels, hops);
+        parts += sample(&orchestrator, "tasker_orchestrator_hop_phase_seconds_sum", &labels).expect("a part's sum");
+    }
+    let whole = sample(&orchestrator, "tasker_orchestrator_hop_seconds_sum", &[]).expect("the hops' sum");
+    assert!(parts > 0.0 && parts <= whole * 1.0001, "parts {parts} s against the whole {whole} s");
     expect(&orchestrator, "tasker_broker_connected", &[], 1.0);
 
     let publisher = http_get(system.publisher_admin, "/metrics").await;

@@ -39,12 +39,24 @@ pub struct Setup {
     pub orchestrator_queues: QueueType,
 }
 
+/// One report→dispatch hop of the skeleton, by part.
+struct Hop {
+    read: Duration,
+    write: Duration,
+    publish: Duration,
+}
+
 /// What [`measure`] found.
 pub struct Floor {
     /// One skeleton task, start to the subscriber's receipt of its last event.
     pub task: Latencies,
     /// Report received → the next execution confirmed (batches 2–4 of each task).
     pub hop: Latencies,
+    /// The hop's parts: `BEGIN` and the lock (round trip 1), the update and `COMMIT`
+    /// (round trip 2), the execution published and confirmed.
+    pub read: Latencies,
+    pub write: Latencies,
+    pub publish: Latencies,
 }
 
 /// Runs `tasks` skeleton tasks one after another and times them.
@@ -55,11 +67,22 @@ pub async fn measure(setup: &Setup, tasks: usize) -> anyhow::Result<Floor> {
         let mut probe = Probe::open(&setup.database_url, &broker).await?;
         // warm up: connections, plans, queues
         probe.task().await?;
-        let mut floor = Floor { task: Latencies::new(), hop: Latencies::new() };
+        let mut floor = Floor {
+            task: Latencies::new(),
+            hop: Latencies::new(),
+            read: Latencies::new(),
+            write: Latencies::new(),
+            publish: Latencies::new(),
+        };
         for _ in 0..tasks {
             let (took, hops) = probe.task().await?;
             floor.task.record(took);
-            hops.into_iter().for_each(|h| floor.hop.record(h));
+            for hop in hops {
+                floor.hop.record(hop.read + hop.write + hop.publish);
+                floor.read.record(hop.read);
+                floor.write.record(hop.write);
+                floor.publish.record(hop.publish);
+            }
         }
         probe.close().await?;
         anyhow::Ok(floor)
@@ -140,7 +163,7 @@ impl Probe {
     }
 
     /// One skeleton task: how long it took, and its report→dispatch hops.
-    async fn task(&mut self) -> anyhow::Result<(Duration, Vec<Duration>)> {
+    async fn task(&mut self) -> anyhow::Result<(Duration, Vec<Hop>)> {
         let start = Instant::now();
         // the create: one statement, committed
         self.db.execute(&self.update, &[]).await?;
@@ -151,9 +174,9 @@ impl Probe {
         )?;
         incoming.ack.ack().await?;
         let mut hops = Vec::new();
-        let mut received = Instant::now();
         for step in 0..4 {
-            self.batch(false).await?;
+            let (read, write) = self.batch(false).await?;
+            let committed = Instant::now();
             let execution = Command::Step(StepExecution { namespace: NAMESPACE.into(), ..Default::default() });
             let (confirmed, incoming) = futures::try_join!(
                 self.publisher
@@ -163,7 +186,7 @@ impl Probe {
                 self.steps.next().map_err(anyhow::Error::from),
             )?;
             if step > 0 {
-                hops.push(confirmed - received);
+                hops.push(Hop { read, write, publish: confirmed - committed });
             }
             let report = Command::Report(StepReport::default());
             let (_, reported) = futures::try_join!(
@@ -173,7 +196,6 @@ impl Probe {
             // the acks are off the path (each is sent after its effects, not before them)
             incoming.ack.ack().await?;
             reported.ack.ack().await?;
-            received = Instant::now();
         }
         self.batch(true).await?;
         // the relay: woken, claims (one round trip), publishes, the subscriber has it
@@ -194,13 +216,15 @@ impl Probe {
     }
 
     /// An orchestrator batch: begin and lock; write and commit (and, for the last, wake
-    /// the relay right behind the commit).
-    async fn batch(&self, wake: bool) -> anyhow::Result<()> {
+    /// the relay right behind the commit). How long each round trip took.
+    async fn batch(&self, wake: bool) -> anyhow::Result<(Duration, Duration)> {
+        let start = Instant::now();
         futures::try_join!(self.db.execute(&self.begin, &[]), self.db.query_one(&self.lock, &[]))?;
+        let read = start.elapsed();
         futures::try_join!(self.db.execute(&self.update, &[]), self.db.execute(&self.commit, &[]), async {
             if wake { self.db.batch_execute(WAKE).await } else { Ok(()) }
         })?;
-        Ok(())
+        Ok((read, start.elapsed() - read))
     }
 
     async fn close(self) -> anyhow::Result<()> {

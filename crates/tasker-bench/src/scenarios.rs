@@ -109,8 +109,12 @@ impl Bench {
             latencies.record(self.completions.wait(&id).await? - start);
         }
         let after = services::metrics(ADMIN[1].1).await?;
+        let p50_ms = |series: &str| {
+            bucket_quantile(&histogram_delta(&before, &after, series), 0.5).map_or(f64::NAN, |s| s * 1000.0)
+        };
         let hops = histogram_delta(&before, &after, "tasker_orchestrator_hop_seconds");
         let hop = |q| bucket_quantile(&hops, q).map(|s| s * 1000.0).unwrap_or(f64::NAN);
+        let phase = |name: &str| p50_ms(&format!("tasker_orchestrator_hop_phase_seconds{{phase=\"{name}\"}}"));
         // in the same minute: the same round trips, commits and hops, with nothing in them
         let floor = crate::floor::measure(&self.floor, n).await.context("B1's floor")?;
         Ok(vec![
@@ -121,6 +125,14 @@ impl Bench {
             figure("B2", "per hop, report received→child dispatched p50", "ms", hop(0.5), Some("≤ 1.5")),
             figure("B2", "per hop, report received→child dispatched p99", "ms", hop(0.99), None),
             figure("B2", "floor: 2 round trips, commit, confirmed publish p50", "ms", floor.hop.quantile_ms(0.5), None),
+            // where the hop's time goes, part by part beside the floor's
+            figure("B2", "part p50: round trip 1 (begin, locks, reads)", "ms", phase("read"), None),
+            figure("B2", "floor part p50: round trip 1 (begin, lock)", "ms", floor.read.quantile_ms(0.5), None),
+            figure("B2", "part p50: in memory", "ms", phase("apply"), None),
+            figure("B2", "part p50: round trip 2 (writes, reads, commit)", "ms", phase("write"), None),
+            figure("B2", "floor part p50: round trip 2 (update, commit)", "ms", floor.write.quantile_ms(0.5), None),
+            figure("B2", "part p50: executions published, confirmed", "ms", phase("publish"), None),
+            figure("B2", "floor part p50: publish, confirmed", "ms", floor.publish.quantile_ms(0.5), None),
         ])
     }
 

@@ -49,11 +49,21 @@ pub fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     None
 }
 
-/// Cumulative buckets of `name` in Prometheus text, minus an earlier scrape's.
-pub fn histogram_delta(before: &str, after: &str, name: &str) -> Vec<(f64, f64)> {
+/// Cumulative buckets of a histogram in Prometheus text, minus an earlier scrape's.
+/// `series` is its name, with its labels when it has any (`name{label="value"}`).
+pub fn histogram_delta(before: &str, after: &str, series: &str) -> Vec<(f64, f64)> {
+    let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+    let labels: Vec<&str> = labels.trim_end_matches('}').split(',').filter(|l| !l.is_empty()).collect();
+    let prefix = format!("{name}_bucket{{");
+    // the series' labels, in any order among the others (`le`)
+    let ours = |line: &str| {
+        let Some(rest) = line.strip_prefix(&prefix) else { return false };
+        let present: Vec<&str> = rest.split('}').next().unwrap_or_default().split(',').collect();
+        labels.iter().all(|l| present.contains(l))
+    };
     let parse = |text: &str| -> Vec<(f64, f64)> {
         text.lines()
-            .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
+            .filter(|l| ours(l))
             .filter_map(|l| {
                 let le = l.split("le=\"").nth(1)?.split('"').next()?;
                 let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
@@ -105,5 +115,16 @@ mod tests {
         let after = "h_bucket{le=\"0.1\"} 4\nh_bucket{le=\"+Inf\"} 6\nc_total 9\n";
         assert_eq!(histogram_delta(before, after, "h"), [(0.1, 3.0), (f64::INFINITY, 4.0)]);
         assert_eq!(counter(after, "c_total"), 9.0);
+    }
+
+    #[test]
+    fn a_labelled_series_is_read_alone() {
+        // as prometheus_client writes them, `le` first
+        let text = "h_bucket{le=\"0.1\",phase=\"read\"} 1\nh_bucket{le=\"+Inf\",phase=\"read\"} 2\n\
+                    h_bucket{le=\"0.1\",phase=\"write\"} 5\nh_bucket{le=\"+Inf\",phase=\"write\"} 7\n\
+                    hh_bucket{le=\"0.1\",phase=\"write\"} 9\n";
+        assert_eq!(histogram_delta("", text, "h{phase=\"write\"}"), [(0.1, 5.0), (f64::INFINITY, 7.0)]);
+        assert_eq!(histogram_delta("", text, "h{phase=\"read\"}"), [(0.1, 1.0), (f64::INFINITY, 2.0)]);
+        assert!(histogram_delta("", text, "h{phase=\"apply\"}").is_empty());
     }
 }

@@ -20,12 +20,12 @@ fn seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 25))
 }
 
-/// Seconds, 0.2 ms to about 9 minutes in ×1.25 steps.
+/// Seconds, 0.2 ms to about 7 seconds in ×1.25 steps.
 fn hop_seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.0002, 1.25, 48))
 }
 
-/// Seconds, 20 µs to about 4 seconds in ×1.3 steps: fine enough for a hop's parts (the
+/// Seconds, 20 µs to about 4.5 seconds in ×1.3 steps: fine enough for a hop's parts (the
 /// work in memory takes tens of microseconds).
 fn hop_phase_seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.00002, 1.3, 48))

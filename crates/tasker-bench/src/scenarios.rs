@@ -109,12 +109,12 @@ impl Bench {
             latencies.record(self.completions.wait(&id).await? - start);
         }
         let after = services::metrics(ADMIN[1].1).await?;
-        let p50_ms = |series: &str| {
-            bucket_quantile(&histogram_delta(&before, &after, series), 0.5).map_or(f64::NAN, |s| s * 1000.0)
+        // a quantile of a histogram the orchestrator kept over the run, in ms
+        let ms = |series: &str, q| {
+            bucket_quantile(&histogram_delta(&before, &after, series), q).map_or(f64::NAN, |s| s * 1000.0)
         };
-        let hops = histogram_delta(&before, &after, "tasker_orchestrator_hop_seconds");
-        let hop = |q| bucket_quantile(&hops, q).map(|s| s * 1000.0).unwrap_or(f64::NAN);
-        let phase = |name: &str| p50_ms(&format!("tasker_orchestrator_hop_phase_seconds{{phase=\"{name}\"}}"));
+        let hop = |q| ms("tasker_orchestrator_hop_seconds", q);
+        let phase = |name: &str| ms(&format!("tasker_orchestrator_hop_phase_seconds{{phase=\"{name}\"}}"), 0.5);
         // in the same minute: the same round trips, commits and hops, with nothing in them
         let floor = crate::floor::measure(&self.floor, n).await.context("B1's floor")?;
         Ok(vec![

@@ -347,7 +347,7 @@ impl Pipeline {
             return Ok(());
         }
         match self.process(&items).await {
-            // all sent at once: each ack waits only for its own write
+            // made together, the batch's acks go to the broker as one frame (`Ack::ack`)
             Ok(()) => {
                 futures::future::try_join_all(acks.iter().map(Ack::ack)).await?;
             }

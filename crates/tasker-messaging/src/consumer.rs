@@ -1,8 +1,14 @@
-use std::{collections::HashMap, marker::PhantomData};
+use std::{
+    collections::{BTreeMap, HashMap},
+    marker::PhantomData,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, future::try_join_all};
 use lapin::{
-    Acker, BasicProperties, Channel, Connection,
+    BasicProperties, Channel, Connection,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
         ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
@@ -19,9 +25,101 @@ pub const RETURNS_HEADER: &str = "x-tasker-returns";
 /// Settles one delivery. Ack only once the delivery's effects are committed and what it
 /// caused is confirmed.
 pub struct Ack {
-    acker: Acker,
+    window: Window,
+    tag: u64,
     /// Set on a classic queue: what a retry needs to count the delivery itself.
     counted: Option<Counted>,
+}
+
+/// A consumer channel's deliveries not settled yet, by delivery tag, each marked once its
+/// handler has acked it; acks made at the same moment go to the broker as one.
+///
+/// An `ack` marks its delivery, lets the other tasks ready to ack mark theirs, then sends
+/// what is marked: the marked deliveries with no unsettled one before them as one
+/// `basic.ack` with `multiple` (which acks every unsettled delivery up to its tag), the
+/// others one by one. A batch of fifty reports settles in one frame instead of fifty, and a
+/// quorum queue appends one settle to its log instead of fifty (measured with a consumer
+/// of 20,000 messages: RabbitMQ 26–45 µs of CPU a message acked one by one, 11–18 acked by
+/// sixteen). Nacks go one by one. Each frame is queued on the channel while the window is
+/// locked, so the broker sees settlements in the order they were decided: a `multiple` ack
+/// never reaches a delivery that a nack decided before it is meant to return.
+#[derive(Clone)]
+struct Window {
+    channel: Channel,
+    /// `true` once acked by its handler (and not sent yet).
+    unsettled: Arc<Mutex<BTreeMap<u64, bool>>>,
+}
+
+type Settling<'a> = Pin<Box<dyn Future<Output = lapin::Result<()>> + Send + 'a>>;
+
+impl Window {
+    fn new(channel: Channel) -> Window {
+        Window { channel, unsettled: Arc::default() }
+    }
+
+    fn unsettled(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, bool>> {
+        self.unsettled.lock().expect("settlement window lock")
+    }
+
+    /// A delivery taken from the consumer (in tag order, before any later one).
+    fn track(&self, tag: u64) {
+        self.unsettled().insert(tag, false);
+    }
+
+    async fn ack(&self, tag: u64) -> Result<()> {
+        if let Some(acked) = self.unsettled().get_mut(&tag) {
+            *acked = true;
+        }
+        // the tasks whose acks are ready at this moment (a batch's, or workers' whose
+        // reports were confirmed together) mark theirs before one of them sends
+        tokio::task::yield_now().await;
+        let sends = {
+            let mut unsettled = self.unsettled();
+            if unsettled.get(&tag) != Some(&true) {
+                return Ok(()); // sent with another's
+            }
+            let (mut last, mut together) = (0, 0);
+            while let Some(entry) = unsettled.first_entry().filter(|e| *e.get()) {
+                last = entry.remove_entry().0;
+                together += 1;
+            }
+            let behind: Vec<u64> = unsettled.iter().filter(|(_, acked)| **acked).map(|(tag, _)| *tag).collect();
+            let mut sends = Vec::with_capacity(behind.len() + 1);
+            if together > 0 {
+                let options = BasicAckOptions { multiple: together > 1 };
+                sends.push(queued(Box::pin(self.channel.basic_ack(last, options))));
+            }
+            for tag in behind {
+                unsettled.remove(&tag);
+                sends.push(queued(Box::pin(self.channel.basic_ack(tag, BasicAckOptions::default()))));
+            }
+            sends
+        };
+        try_join_all(sends).await?;
+        Ok(())
+    }
+
+    /// Returns (`requeue`) or dead-letters one delivery, on its own.
+    async fn nack(&self, tag: u64, requeue: bool) -> Result<()> {
+        let send = {
+            let mut unsettled = self.unsettled();
+            unsettled.remove(&tag);
+            let options = BasicNackOptions { requeue, ..Default::default() };
+            queued(Box::pin(self.channel.basic_nack(tag, options)))
+        };
+        send.await?;
+        Ok(())
+    }
+}
+
+/// Polls a settlement once, which queues its frame on the channel (lapin's first poll
+/// does), and returns it to be awaited for its write.
+fn queued(mut settling: Settling<'_>) -> Settling<'_> {
+    let mut context = Context::from_waker(futures::task::noop_waker_ref());
+    match settling.as_mut().poll(&mut context) {
+        Poll::Ready(done) => Box::pin(std::future::ready(done)),
+        Poll::Pending => settling,
+    }
 }
 
 /// A delivery from a classic queue, kept so that a retry can send it back counted.
@@ -35,9 +133,10 @@ struct Counted {
 }
 
 impl Ack {
+    /// Acks the delivery, together with any others of its channel acked at the same moment
+    /// (see `Window`).
     pub async fn ack(&self) -> Result<()> {
-        self.acker.ack(BasicAckOptions::default()).await?;
-        Ok(())
+        self.window.ack(self.tag).await
     }
 
     /// Returns the delivery to the queue for another try; past the delivery limit it goes
@@ -45,18 +144,14 @@ impl Ack {
     /// consumer on a classic one).
     pub async fn retry(&self) -> Result<()> {
         match &self.counted {
-            Some(counted) => counted.send_back(&self.acker).await,
-            None => {
-                self.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
-                Ok(())
-            }
+            Some(counted) => counted.send_back(self).await,
+            None => self.window.nack(self.tag, true).await,
         }
     }
 
     /// Refuses the delivery for good: it goes to the dead-letter queue.
     pub async fn reject(&self) -> Result<()> {
-        self.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?;
-        Ok(())
+        self.window.nack(self.tag, false).await
     }
 }
 
@@ -81,6 +176,7 @@ pub struct Consumer<T> {
     queue: String,
     inner: lapin::Consumer,
     channel: Channel,
+    window: Window,
     limit: Option<u32>,
     _kind: PhantomData<fn() -> T>,
 }
@@ -101,7 +197,8 @@ impl<T: prost::Message + Default> Consumer<T> {
         let inner = channel
             .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await?;
-        Ok(Consumer { queue: queue.to_owned(), inner, channel, limit, _kind: PhantomData })
+        let window = Window::new(channel.clone());
+        Ok(Consumer { queue: queue.to_owned(), inner, channel, window, limit, _kind: PhantomData })
     }
 
     /// Stops consuming: deliveries not acked yet go back to the queue.
@@ -134,7 +231,9 @@ impl<T: prost::Message + Default> Consumer<T> {
     /// A delivery, decoded; on a classic queue with what a retry needs to count it (its
     /// body and properties moved there, not copied).
     fn accept(&self, delivery: lapin::message::Delivery) -> Incoming<T> {
-        let (incoming, data, properties) = decode(delivery);
+        self.window.track(delivery.delivery_tag);
+        let ack = Ack { window: self.window.clone(), tag: delivery.delivery_tag, counted: None };
+        let (incoming, data, properties) = decode(delivery, ack);
         let counted = self.limit.map(|limit| Counted {
             channel: self.channel.clone(),
             queue: self.queue.clone(),
@@ -164,7 +263,7 @@ impl Counted {
     /// Sends the delivery back to the end of its classic queue with its count raised, and
     /// acks it once the copy is confirmed; past the limit it is dead-lettered instead.
     /// (Should the ack be lost, the delivery comes back too: a copy more, never one less.)
-    async fn send_back(&self, acker: &Acker) -> Result<()> {
+    async fn send_back(&self, ack: &Ack) -> Result<()> {
         let (queue, returns, limit) = (self.queue.as_str(), self.returns + 1, self.limit);
         if returns > limit {
             tracing::warn!(
@@ -173,8 +272,7 @@ impl Counted {
                 limit,
                 "message came back more times than the delivery limit; dead-lettered"
             );
-            acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?;
-            return Ok(());
+            return ack.reject().await;
         }
         let mut headers = self.properties.headers().clone().unwrap_or_default();
         headers.insert(RETURNS_HEADER.into(), AMQPValue::LongUInt(returns));
@@ -182,13 +280,15 @@ impl Counted {
         let options = BasicPublishOptions { mandatory: true, ..Default::default() };
         let confirm = self.channel.basic_publish("".into(), queue.into(), options, &self.data, copy).await?;
         crate::bounded("a publisher confirm", crate::publisher::confirmed(confirm, queue.to_owned())).await?;
-        acker.ack(BasicAckOptions::default()).await?;
-        Ok(())
+        ack.ack().await
     }
 }
 
 /// The delivery decoded (its ack not counted yet), and its body and properties.
-fn decode<T: prost::Message + Default>(delivery: lapin::message::Delivery) -> (Incoming<T>, Vec<u8>, BasicProperties) {
+fn decode<T: prost::Message + Default>(
+    delivery: lapin::message::Delivery,
+    ack: Ack,
+) -> (Incoming<T>, Vec<u8>, BasicProperties) {
     let headers = delivery
         .properties
         .headers()
@@ -205,7 +305,6 @@ fn decode<T: prost::Message + Default>(delivery: lapin::message::Delivery) -> (I
         })
         .unwrap_or_default();
     let message = T::decode(delivery.data.as_slice()).ok();
-    let ack = Ack { acker: delivery.acker, counted: None };
     (Incoming { message, redelivered: delivery.redelivered, headers, ack }, delivery.data, delivery.properties)
 }
 

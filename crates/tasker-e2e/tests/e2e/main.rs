@@ -15,6 +15,7 @@ mod metrics;
 mod operator;
 mod retention;
 mod retries;
+mod settlement;
 mod shapes;
 mod skeleton;
 mod submission;

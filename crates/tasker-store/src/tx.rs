@@ -1,8 +1,8 @@
 //! A transaction that buffers its writes and pipelines its round trips.
 //!
-//! Status columns, transition rows and outbox events are buffered and written in a
-//! handful of batched statements, sent in the same pipeline as the next read (so the read
-//! sees them) or as the COMMIT. `BEGIN` itself goes out with the first round trip, so a
+//! Status columns, transition rows and outbox events are buffered and written in one
+//! statement (an `unnest` write per kind of row, each a data-modifying `WITH`), sent in the
+//! same pipeline as the next read (so the read sees them) or as the COMMIT. `BEGIN` itself goes out with the first round trip, so a
 //! transaction costs one round trip per dependent read, plus one to commit, whatever it
 //! writes. A `Tx` dropped without `commit` discards its connection, which rolls it back.
 
@@ -346,15 +346,18 @@ impl Tx {
             && self.events.ids.is_empty()
     }
 
-    /// The buffered rows as statements, one per kind of row, in dependency order.
+    /// The statements pushed, then the buffered rows as one statement.
     fn take_writes(&mut self) -> Vec<Write> {
         let mut writes = std::mem::take(&mut self.writes);
-        writes.extend(steps_write(std::mem::take(&mut self.steps)));
-        writes.extend(tasks_write(std::mem::take(&mut self.tasks)));
-        writes.extend(transitions_write(STEP_TRANSITIONS_INSERT, std::mem::take(&mut self.step_transitions)));
-        writes.extend(transitions_write(TASK_TRANSITIONS_INSERT, std::mem::take(&mut self.task_transitions)));
         self.notify |= !self.events.ids.is_empty();
-        writes.extend(events_write(std::mem::take(&mut self.events)));
+        let rows = [
+            steps_write(std::mem::take(&mut self.steps)),
+            tasks_write(std::mem::take(&mut self.tasks)),
+            transitions_write(STEP_TRANSITIONS_INSERT, std::mem::take(&mut self.step_transitions)),
+            transitions_write(TASK_TRANSITIONS_INSERT, std::mem::take(&mut self.task_transitions)),
+            events_write(std::mem::take(&mut self.events)),
+        ];
+        writes.extend(together(rows.into_iter().flatten().collect()));
         writes
     }
 }
@@ -369,6 +372,44 @@ impl Drop for Tx {
             drop(Object::take(client));
         }
     }
+}
+
+/// The buffered rows' statements as one: each a data-modifying `WITH` of a single
+/// statement. They write different tables and none reads what another writes (a row's
+/// foreign keys are checked at the statement's end, as before), so this is the same work
+/// with one portal, one snapshot and one reply in the pipeline instead of up to five.
+fn together(mut writes: Vec<Write>) -> Option<Write> {
+    if writes.len() <= 1 {
+        return writes.pop();
+    }
+    let mut sql = String::from("WITH ");
+    let mut params = Vec::new();
+    for (i, write) in writes.into_iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("w{i} AS ({})", renumbered(&write.sql, params.len())));
+        params.extend(write.params);
+    }
+    sql.push_str(" SELECT 1");
+    Some(Write { sql: Cow::Owned(sql), params })
+}
+
+/// `sql` with each parameter `$n` written `$(n + offset)`.
+fn renumbered(sql: &str, offset: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if let Ok(n) = rest[..digits].parse::<usize>() {
+            out.push_str(&(n + offset).to_string());
+            rest = &rest[digits..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn boxed<T: ToSql + Sync + Send + 'static>(value: T) -> Param {
@@ -506,4 +547,39 @@ fn transitions_write(insert: &'static str, rows: Vec<TransitionWrite>) -> Option
             boxed(at),
         ],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(sql: &'static str, params: usize) -> Write {
+        Write { sql: Cow::Borrowed(sql), params: (0..params).map(|n| boxed(n as i32)).collect() }
+    }
+
+    #[test]
+    fn parameters_are_numbered_on_past_the_statements_before() {
+        assert_eq!(
+            renumbered("a = $1 AND b = ANY($2::int4[]) AND c = $10", 3),
+            "a = $4 AND b = ANY($5::int4[]) AND c = $13"
+        );
+        assert_eq!(renumbered("no parameters, a lone $ sign", 5), "no parameters, a lone $ sign");
+    }
+
+    #[test]
+    fn the_buffered_rows_go_as_one_statement() {
+        assert!(together(Vec::new()).is_none());
+        let one = together(vec![write("UPDATE a SET x = $1", 1)]).expect("one");
+        assert_eq!(one.sql, "UPDATE a SET x = $1");
+        let all = together(vec![
+            write("UPDATE a SET x = $1 WHERE id = $2", 2),
+            write("INSERT INTO b VALUES ($1, $2, $3)", 3),
+        ])
+        .expect("one");
+        assert_eq!(
+            all.sql,
+            "WITH w0 AS (UPDATE a SET x = $1 WHERE id = $2), w1 AS (INSERT INTO b VALUES ($3, $4, $5)) SELECT 1"
+        );
+        assert_eq!(all.params.len(), 5);
+    }
 }

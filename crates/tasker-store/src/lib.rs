@@ -148,6 +148,8 @@ const KEYED_PLANS: &str =
 pub struct Store {
     pool: Pool,
     url: String,
+    /// A lazy wake-up of the relay is due (`outbox::Store::wake_relay_soon`).
+    wake_due: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Store {
@@ -167,7 +169,7 @@ impl Store {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(Error::config)?;
-        let store = Store { pool, url: database_url.to_owned() };
+        let store = Store { pool, url: database_url.to_owned(), wake_due: Default::default() };
         store.ping().await?;
         Ok(store)
     }

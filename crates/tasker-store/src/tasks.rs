@@ -197,9 +197,11 @@ impl Store {
             &new.trace.tracestate,
             &new.as_latest,
         ];
-        // the relay's wake-up goes right behind it
-        let written = crate::outbox::waking(&client, true, client.query_one(&stmt, params)).await?;
+        let written = client.query_one(&stmt, params).await?;
         drop(client);
+        if written.get::<_, Option<Uuid>>(1).is_some() {
+            self.wake_relay_soon();
+        }
         if !written.get::<_, bool>(0) {
             return Err(Error::Superseded(format!(
                 "template {}/{}: a version newer than {version} was registered",

@@ -220,3 +220,24 @@ async fn a_large_batch_of_events_reaches_a_subscriber_in_the_order_it_was_publis
     broker.close().await.expect("close");
     env.cleanup().await;
 }
+
+/// A created task's `task.created` goes out on the relay's wake-up from task-api, not on
+/// its poll and not on the orchestrator's first batch: with the poll an hour away and no
+/// orchestrator running, a subscriber still gets it.
+#[tokio::test]
+async fn a_created_task_is_announced_with_no_orchestrator_and_no_poll() {
+    let env = TestEnv::new().await;
+    let mut config = env.config.clone();
+    config.publisher.poll_interval = std::time::Duration::from_secs(3600);
+    let mut system = System::start_with(&env, config, vec![]).await;
+    system.stop_service("orchestrator").await;
+    system.register(&env, PAYMENTS).await;
+    let (_subscriber, mut events) = env.subscribe(&["#"]).await;
+    let task = system.submit("payments", "charge", json!({})).await;
+    let seen = collect_until(&mut events, |r| !r.is_empty()).await;
+    assert_eq!(seen.len(), 1, "only what task-api wrote: {seen:?}");
+    assert_eq!(seen[0].kind(), "dev.tasker.task.created");
+    assert_eq!(seen[0].task_id(), task.id);
+    system.stop().await;
+    env.cleanup().await;
+}

@@ -57,10 +57,16 @@ async fn take<T: Numbered>(consumer: &mut Consumer<T>) -> (usize, Ack) {
     (message.expect("decodes").number(), ack)
 }
 
-/// What is left in the queue once the consumer is closed (its unsettled deliveries return).
-async fn left_after_closing<T: Numbered>(broker: &Broker, queue: &str, consumer: Consumer<T>) -> u32 {
+/// Checks that nothing more arrives and that nothing is left in the queue once the
+/// consumer is closed (its unsettled deliveries would return): every message was settled
+/// for good, none twice. Then cleans up.
+async fn ends_settled<T: Numbered>(env: TestEnv, broker: Broker, queue: &str, mut consumer: Consumer<T>) {
+    let more = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
+    assert!(more.is_err(), "no further delivery");
     consumer.close().await;
-    broker.queue_state(queue).await.unwrap().expect("the queue").ready
+    assert_eq!(broker.queue_state(queue).await.unwrap().expect("the queue").ready, 0, "every message settled for good");
+    broker.close().await.unwrap();
+    env.cleanup().await;
 }
 
 async fn all_ok(settling: Vec<impl Future<Output = tasker_messaging::Result<()>>>) {
@@ -88,12 +94,7 @@ async fn acks_together_never_reach_a_held_or_returned_delivery<T: Numbered>() {
     let (n, ack) = take(&mut consumer).await;
     assert_eq!(n, 5, "only the delivery sent back comes back");
     ack.ack().await.unwrap();
-    // nothing else arrives: every other delivery was acked, none twice
-    let more = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
-    assert!(more.is_err(), "no further delivery");
-    assert_eq!(left_after_closing(&broker, &queue, consumer).await, 0, "every message settled for good");
-    broker.close().await.unwrap();
-    env.cleanup().await;
+    ends_settled(env, broker, &queue, consumer).await;
 }
 
 #[tokio::test]
@@ -140,12 +141,8 @@ async fn concurrent_settling_loses_and_repeats_nothing<T: Numbered>() {
     }
     assert!(acked.iter().all(|&times| times == 1), "each message acked once");
     assert_eq!(deliveries, COUNT + COUNT / 10, "each tenth came back once, nothing else did");
-    let more = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
-    assert!(more.is_err(), "no further delivery");
-    assert_eq!(left_after_closing(&broker, &queue, consumer).await, 0, "every message settled for good");
     publisher.close().await;
-    broker.close().await.unwrap();
-    env.cleanup().await;
+    ends_settled(env, broker, &queue, consumer).await;
 }
 
 #[tokio::test]

@@ -44,9 +44,9 @@ impl Store {
     /// relay at once, and its events come after in the outbox). Under many clients a
     /// wake-up per create cost more than a tenth of each create's CPU (B4: 1.05 / 1.29 →
     /// 0.96 / 1.09 ms a create without them, alternating); this bounds them at 20 a second
-    /// per process, and the `task.created` of a task the orchestrator is not there to take
-    /// still goes out within 50 ms. Call it once the commit is done: the wake-up is sent
-    /// after this call, so after the commit.
+    /// per process, and the relay is still woken within 50 ms for the `task.created` of a
+    /// task no orchestrator is there to take. Call it once the commit is done: the wake-up
+    /// is sent after this call, so after the commit.
     pub(crate) fn wake_relay_soon(&self) {
         use std::sync::atomic::Ordering::SeqCst;
         if self.wake_due.swap(true, SeqCst) {

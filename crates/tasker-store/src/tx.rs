@@ -2,9 +2,10 @@
 //!
 //! Status columns, transition rows and outbox events are buffered and written in one
 //! statement (an `unnest` write per kind of row, each a data-modifying `WITH`), sent in the
-//! same pipeline as the next read (so the read sees them) or as the COMMIT. `BEGIN` itself goes out with the first round trip, so a
-//! transaction costs one round trip per dependent read, plus one to commit, whatever it
-//! writes. A `Tx` dropped without `commit` discards its connection, which rolls it back.
+//! same pipeline as the next read (so the read sees them) or as the COMMIT. `BEGIN` itself
+//! goes out with the first round trip, so a transaction costs one round trip per dependent
+//! read, plus one to commit, whatever it writes. A `Tx` dropped without `commit` discards
+//! its connection, which rolls it back.
 
 use crate::counter::Counted;
 use std::borrow::Cow;

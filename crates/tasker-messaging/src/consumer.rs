@@ -122,9 +122,9 @@ fn queued(mut settling: Settling<'_>) -> Settling<'_> {
     }
 }
 
-/// A delivery from a classic queue, kept so that a retry can send it back counted.
+/// A delivery from a classic queue, kept so that a retry can send it back counted (on its
+/// own channel, the window's).
 struct Counted {
-    channel: Channel,
     queue: String,
     data: Vec<u8>,
     properties: BasicProperties,
@@ -175,7 +175,7 @@ pub struct Incoming<T> {
 pub struct Consumer<T> {
     queue: String,
     inner: lapin::Consumer,
-    channel: Channel,
+    /// Its channel's settlements (and the channel).
     window: Window,
     limit: Option<u32>,
     _kind: PhantomData<fn() -> T>,
@@ -197,13 +197,12 @@ impl<T: prost::Message + Default> Consumer<T> {
         let inner = channel
             .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await?;
-        let window = Window::new(channel.clone());
-        Ok(Consumer { queue: queue.to_owned(), inner, channel, window, limit, _kind: PhantomData })
+        Ok(Consumer { queue: queue.to_owned(), inner, window: Window::new(channel), limit, _kind: PhantomData })
     }
 
     /// Stops consuming: deliveries not acked yet go back to the queue.
     pub async fn close(self) {
-        crate::close_channel(&self.channel).await;
+        crate::close_channel(&self.window.channel).await;
     }
 
     /// The next delivery; an error when the consumer is gone.
@@ -235,7 +234,6 @@ impl<T: prost::Message + Default> Consumer<T> {
         let ack = Ack { window: self.window.clone(), tag: delivery.delivery_tag, counted: None };
         let (incoming, data, properties) = decode(delivery, ack);
         let counted = self.limit.map(|limit| Counted {
-            channel: self.channel.clone(),
             queue: self.queue.clone(),
             returns: returns_of(&properties),
             data,
@@ -278,7 +276,7 @@ impl Counted {
         headers.insert(RETURNS_HEADER.into(), AMQPValue::LongUInt(returns));
         let copy = self.properties.clone().with_headers(headers);
         let options = BasicPublishOptions { mandatory: true, ..Default::default() };
-        let confirm = self.channel.basic_publish("".into(), queue.into(), options, &self.data, copy).await?;
+        let confirm = ack.window.channel.basic_publish("".into(), queue.into(), options, &self.data, copy).await?;
         crate::bounded("a publisher confirm", crate::publisher::confirmed(confirm, queue.to_owned())).await?;
         ack.ack().await
     }

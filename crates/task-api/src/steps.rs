@@ -70,9 +70,9 @@ impl StepService for Steps {
         let (span, task) = self.act_on_step(&caller, "steps:retry", id, "RetryStep", &received).await?;
         let actor = Actor { who: caller.subject, reason: r.reason };
         let retried = async {
-            let task_id = self.tasks.store.retry_step(id, &actor).await.map_err(ApiError::from)?;
-            self.tasks.request(task_id).await;
-            self.tasks.store.step(id, false).await.map_err(ApiError::from)
+            let step = self.tasks.store.retry_step(id, &actor).await.map_err(ApiError::from)?;
+            self.tasks.request(step.task_id).await;
+            Ok::<_, ApiError>(step)
         };
         let step = retried.instrument(span).await?;
         self.tasks.metrics.action(&task.namespace, &task.name, "retry");
@@ -91,10 +91,9 @@ impl StepService for Steps {
         let (span, task) = self.act_on_step(&caller, "steps:resolve", id, "ResolveStep", &received).await?;
         let actor = Actor { who: caller.subject, reason: r.reason };
         let resolved = async {
-            let task_id =
-                self.tasks.store.resolve_step(id, results, &actor).await.map_err(refused_in("results_json"))?;
-            self.tasks.request(task_id).await;
-            self.tasks.store.step(id, false).await.map_err(ApiError::from)
+            let step = self.tasks.store.resolve_step(id, results, &actor).await.map_err(refused_in("results_json"))?;
+            self.tasks.request(step.task_id).await;
+            Ok::<_, ApiError>(step)
         };
         let step = resolved.instrument(span).await?;
         self.tasks.metrics.action(&task.namespace, &task.name, "resolve");

@@ -6,7 +6,8 @@ use serde_json::{Value, json};
 use tasker_domain::{StepState, TaskState};
 use uuid::Uuid;
 
-use crate::{Error, Result, StepChange, Store};
+use crate::rows::{STEP_VIEW_COLUMNS, step_view};
+use crate::{Error, Result, StepChange, StepView, Store};
 
 /// Who asked for an operator action, and why.
 #[derive(Debug, Clone, Default)]
@@ -45,14 +46,15 @@ impl Store {
     /// Puts an `error` step back to `pending` for a new round of `max_attempts` attempts
     /// (attempt numbers keep counting: see [`crate::StepRow::attempts_before_retry`]), and
     /// resumes the task.
-    /// Returns the task id; the orchestrator then dispatches the step.
-    pub async fn retry_step(&self, step_id: Uuid, actor: &Actor) -> Result<Uuid> {
+    /// Returns the step as the retry left it (`pending`, read inside the retry's own
+    /// transaction, so never a later attempt); the orchestrator then dispatches it.
+    pub async fn retry_step(&self, step_id: Uuid, actor: &Actor) -> Result<StepView> {
         self.repair_step(step_id, StepState::Pending, None, actor.metadata("retry")).await
     }
 
     /// Marks an `error` step `resolved_manually` with the given results (JSON text), counts
-    /// it as done for its children, and resumes the task. Returns the task id.
-    pub async fn resolve_step(&self, step_id: Uuid, results: &str, actor: &Actor) -> Result<Uuid> {
+    /// it as done for its children, and resumes the task. Returns the step as resolved.
+    pub async fn resolve_step(&self, step_id: Uuid, results: &str, actor: &Actor) -> Result<StepView> {
         self.repair_step(step_id, StepState::ResolvedManually, Some(results.to_owned()), actor.metadata("resolve"))
             .await
     }
@@ -63,7 +65,7 @@ impl Store {
         to: StepState,
         results: Option<String>,
         metadata: Value,
-    ) -> Result<Uuid> {
+    ) -> Result<StepView> {
         let task_id = self.step(step_id, false).await?.task_id;
         let mut tx = self.begin().await?;
         let mut task = tx.lock_task(task_id).await?;
@@ -93,7 +95,11 @@ impl Store {
         if task.status == TaskState::Error {
             tx.transition_task(&mut task, TaskState::InProgress, metadata)?;
         }
-        tx.commit().await?;
-        Ok(task_id)
+        // read back in the same round trip, after the writes and before the commit: the
+        // step exactly as this action left it, whatever the orchestrator does next
+        let read = format!("SELECT {STEP_VIEW_COLUMNS} FROM workflow_steps s WHERE s.id = $1");
+        let rows = tx.commit_reading(&[(&read, &[&step_id])]).await?;
+        let row = rows.first().and_then(|r| r.first()).expect("the locked step reads back");
+        step_view(row)
     }
 }

@@ -79,6 +79,8 @@ async fn retrying_a_failed_step_gives_it_a_fresh_round_of_attempts_numbered_on()
 
     let request = pb::RetryStepRequest { step_id: broken.id.clone(), reason: "gateway is back".into() };
     let reset = system.steps().retry_step(as_operator(request)).await.unwrap().into_inner();
+    // the retry's own write, never what the orchestrator has done with the step since
+    assert_eq!(reset.status(), pb::StepStatus::Pending);
     assert_eq!((reset.attempts, reset.attempts_before_retry), (2, 2), "numbers go on; the round starts after 2");
     let done = system.wait_final(&task.id).await;
     // `fail` with times 3 fails attempts 1–3: the new round's first attempt (number 3)

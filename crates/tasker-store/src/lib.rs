@@ -148,8 +148,8 @@ const KEYED_PLANS: &str =
 pub struct Store {
     pool: Pool,
     url: String,
-    /// A lazy wake-up of the relay is due (`outbox::Store::wake_relay_soon`).
-    wake_due: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Lazy wake-ups of the event relay, shared by this pool's transactions.
+    waker: outbox::RelayWaker,
 }
 
 impl Store {
@@ -169,7 +169,7 @@ impl Store {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(Error::config)?;
-        let store = Store { pool, url: database_url.to_owned(), wake_due: Default::default() };
+        let store = Store { waker: outbox::RelayWaker::new(pool.clone()), pool, url: database_url.to_owned() };
         store.ping().await?;
         Ok(store)
     }
@@ -184,7 +184,7 @@ impl Store {
 
     /// Starts a transaction (its `BEGIN` goes out with its first round trip).
     pub async fn begin(&self) -> Result<Tx> {
-        Ok(Tx::new(self.pool.get().await?))
+        Ok(Tx::new(self.pool.get().await?, self.waker.clone()))
     }
 
     /// The pool now: its limit, connections open, idle among them, and callers waiting

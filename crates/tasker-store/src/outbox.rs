@@ -37,22 +37,34 @@ async fn wake_relay(client: &tokio_postgres::Client) -> std::result::Result<(), 
 /// How long a lazy wake-up of the relay waits, gathering the commits that ask for one.
 const LAZY_WAKE: Duration = Duration::from_millis(50);
 
-impl Store {
-    /// Wakes the relay within [`LAZY_WAKE`], once for every commit that asks meanwhile:
-    /// for a created task, whose `task.created` need not go out ahead of what the
-    /// orchestrator's first batch for it writes a millisecond later (that batch wakes the
-    /// relay at once, and its events come after in the outbox). Under many clients a
-    /// wake-up per create cost more than a tenth of each create's CPU (B4: 1.05 / 1.29 →
-    /// 0.96 / 1.09 ms a create without them, alternating); this bounds them at 20 a second
-    /// per process, and the relay is still woken within 50 ms for the `task.created` of a
-    /// task no orchestrator is there to take. Call it once the commit is done: the wake-up
-    /// is sent after this call, so after the commit.
-    pub(crate) fn wake_relay_soon(&self) {
+/// Wakes the relay lazily: within [`LAZY_WAKE`], once for every commit that asks
+/// meanwhile. Each [`Store`] has one, shared by its transactions.
+///
+/// For events nobody waits on the moment they are made: a created task's `task.created`,
+/// a step's move within a running task. Under many clients a wake-up per create cost more
+/// than a tenth of each create's CPU (B4: 1.05 / 1.29 → 0.96 / 1.09 ms a create without
+/// them, alternating), and one task at a time each hop's wake-up set the relay's claim and
+/// publishes going on the two cores while the next hop ran. This bounds them at 20 a
+/// second per process; a commit that ends a task wakes the relay at once
+/// ([`waking`]), and the relay then takes every event before it, in order. Call it once
+/// the commit is done: the wake-up is sent after the call, so after the commit.
+#[derive(Clone)]
+pub(crate) struct RelayWaker {
+    pool: deadpool_postgres::Pool,
+    due: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RelayWaker {
+    pub(crate) fn new(pool: deadpool_postgres::Pool) -> RelayWaker {
+        RelayWaker { pool, due: Default::default() }
+    }
+
+    pub(crate) fn soon(&self) {
         use std::sync::atomic::Ordering::SeqCst;
-        if self.wake_due.swap(true, SeqCst) {
+        if self.due.swap(true, SeqCst) {
             return; // the one due goes after this commit too
         }
-        let (pool, due) = (self.pool.clone(), self.wake_due.clone());
+        let (pool, due) = (self.pool.clone(), self.due.clone());
         tokio::spawn(async move {
             tokio::time::sleep(LAZY_WAKE).await;
             // commits done before this see it due and are covered by the wake-up below;

@@ -200,7 +200,7 @@ impl Store {
         let written = client.query_one(&stmt, params).await?;
         drop(client);
         if written.get::<_, Option<Uuid>>(1).is_some() {
-            self.wake_relay_soon();
+            self.waker.soon();
         }
         if !written.get::<_, bool>(0) {
             return Err(Error::Superseded(format!(

@@ -8,6 +8,7 @@
 //! its connection, which rolls it back.
 
 use crate::counter::Counted;
+use crate::outbox::RelayWaker;
 use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
@@ -127,6 +128,10 @@ pub struct Tx {
     begun: bool,
     /// Events were written: wake the relay once committed.
     notify: bool,
+    /// A task reached a final state: wake the relay at once, not lazily, for the event
+    /// its watchers wait on.
+    urgent: bool,
+    waker: RelayWaker,
     /// Statements to send ahead of the buffered rows (e.g. a sweeper's touch).
     writes: Vec<Write>,
     steps: Vec<StepWrite>,
@@ -138,11 +143,13 @@ pub struct Tx {
 
 impl Tx {
     /// A transaction on this connection; nothing is sent until the first round trip.
-    pub(crate) fn new(client: Object) -> Tx {
+    pub(crate) fn new(client: Object, waker: RelayWaker) -> Tx {
         Tx {
             client: Some(client),
             begun: false,
             notify: false,
+            urgent: false,
+            waker,
             writes: Vec::new(),
             steps: Vec::new(),
             tasks: Vec::new(),
@@ -181,7 +188,10 @@ impl Tx {
                 async { if commit { client.batch_execute("COMMIT").await } else { Ok(()) } },
             )
         };
-        let (_, _, rows, _) = crate::outbox::waking(client, notify, work).await?;
+        let (_, _, rows, _) = crate::outbox::waking(client, notify && self.urgent, work).await?;
+        if notify && !self.urgent {
+            self.waker.soon();
+        }
         Ok(rows)
     }
 
@@ -203,6 +213,7 @@ impl Tx {
         let from = task.status;
         task.status = to;
         task.last_sort_key += 1;
+        self.urgent |= to.is_final();
         match to {
             TaskState::InProgress if task.started_at.is_none() => task.started_at = Some(now),
             TaskState::InProgress => task.completed_at = None,

@@ -241,3 +241,38 @@ async fn a_created_task_is_announced_with_no_orchestrator_and_no_poll() {
     system.stop().await;
     env.cleanup().await;
 }
+
+/// A running task's events go out on the orchestrator's lazy wake-up of the relay (its
+/// batches wake it at once only when a task ends): with the poll an hour away, a task
+/// whose step is still running has announced everything up to that step's start.
+#[tokio::test]
+async fn a_running_tasks_events_go_out_before_it_ends_with_no_poll() {
+    let env = TestEnv::new().await;
+    let mut config = env.config.clone();
+    config.publisher.poll_interval = std::time::Duration::from_secs(3600);
+    let system = System::start_with(&env, config, vec![WorkerSpec::new("w1", &["slow"])]).await;
+    system
+        .register(
+            &env,
+            "namespace: slow\nname: wait\nversion: 1.0.0\nsteps:\n  - { name: nap, handler: sleep, config: { ms: 30000 } }\n",
+        )
+        .await;
+    let (_subscriber, mut events) = env.subscribe(&["slow.#"]).await;
+    let task = system.submit("slow", "wait", json!({})).await;
+    let seen = collect_until(&mut events, |r| r.iter().any(|e| e.kind() == "dev.tasker.step.started")).await;
+    let kinds: Vec<&str> = seen.iter().map(|e| e.kind()).collect();
+    assert_eq!(
+        kinds,
+        ["dev.tasker.task.created", "dev.tasker.task.started", "dev.tasker.step.enqueued", "dev.tasker.step.started"],
+        "everything so far, in order, while the step runs"
+    );
+    assert!(seen.iter().all(|e| e.task_id() == task.id));
+    // the end goes out at once; the step's cancellation comes before it
+    let cancel = pb::CancelTaskRequest { task_id: task.id.clone(), reason: "done watching".into() };
+    system.tasks().cancel_task(cancel).await.unwrap();
+    let end = collect_until(&mut events, |r| r.iter().any(|e| e.kind() == "dev.tasker.task.cancelled")).await;
+    let kinds: Vec<&str> = end.iter().map(|e| e.kind()).collect();
+    assert_eq!(kinds, ["dev.tasker.step.cancelled", "dev.tasker.task.cancelled"]);
+    system.stop().await;
+    env.cleanup().await;
+}

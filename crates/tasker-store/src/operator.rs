@@ -99,7 +99,7 @@ impl Store {
         // step exactly as this action left it, whatever the orchestrator does next
         let read = format!("SELECT {STEP_VIEW_COLUMNS} FROM workflow_steps s WHERE s.id = $1");
         let rows = tx.commit_reading(&[(&read, &[&step_id])]).await?;
-        let row = rows.first().and_then(|r| r.first()).expect("the locked step reads back");
-        step_view(row)
+        let row = rows.first().and_then(|r| r.first());
+        step_view(row.ok_or_else(|| Error::NotFound(format!("step {step_id} not found")))?)
     }
 }

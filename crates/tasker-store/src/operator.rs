@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use tasker_domain::{StepState, TaskState};
 use uuid::Uuid;
 
-use crate::rows::{STEP_VIEW_COLUMNS, step_view};
+use crate::rows::{step_view, step_view_by_id};
 use crate::{Error, Result, StepChange, StepView, Store};
 
 /// Who asked for an operator action, and why.
@@ -97,7 +97,7 @@ impl Store {
         }
         // read back in the same round trip, after the writes and before the commit: the
         // step exactly as this action left it, whatever the orchestrator does next
-        let read = format!("SELECT {STEP_VIEW_COLUMNS} FROM workflow_steps s WHERE s.id = $1");
+        let read = step_view_by_id();
         let rows = tx.commit_reading(&[(&read, &[&step_id])]).await?;
         let row = rows.first().and_then(|r| r.first());
         step_view(row.ok_or_else(|| Error::NotFound(format!("step {step_id} not found")))?)

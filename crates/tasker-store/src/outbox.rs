@@ -81,9 +81,9 @@ impl RelayWaker {
 /// and returns as soon as `work` is done: the wake-up's answer, which comes after
 /// `work`'s, is read and dropped by the connection, so no caller waits for the relay's
 /// `NOTIFY` to be committed before going on (a batch that ended a task publishes its
-/// executions, a cancelled task is answered). `work` must send its requests when first polled, as
-/// tokio-postgres's calls do: the wake-up is polled after it, so it goes out after them
-/// and runs after their commit.
+/// executions, a cancelled task is answered). `work` must send its requests when first
+/// polled, as tokio-postgres's calls do: the wake-up is polled after it, so it goes out
+/// after them and runs after their commit.
 pub(crate) async fn waking<T, E>(
     client: &tokio_postgres::Client,
     wake: bool,

@@ -81,6 +81,11 @@ pub(crate) const STEP_VIEW_COLUMNS: &str = "s.id, s.task_id, s.name, s.handler, 
     s.retryable, s.timeout_ms, s.dependency_level, s.handler_config::text, s.results::text, s.last_error::text, \
     s.next_attempt_at, s.started_at, s.completed_at, s.attempts_before_retry";
 
+/// One step by id (`$1`), as [`step_view`] reads it.
+pub(crate) fn step_view_by_id() -> String {
+    format!("SELECT {STEP_VIEW_COLUMNS} FROM workflow_steps s WHERE s.id = $1")
+}
+
 pub(crate) fn step_view(row: &Row) -> Result<StepView> {
     Ok(StepView {
         id: row.get(0),

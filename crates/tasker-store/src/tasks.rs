@@ -13,8 +13,8 @@ use uuid::Uuid;
 use crate::{
     Error, Result, Store, TemplateRecord,
     rows::{
-        EdgeRow, STEP_VIEW_COLUMNS, StepView, TASK_COLUMNS, TaskRow, TaskView, TransitionRow, step_view, task_row,
-        transition_row,
+        EdgeRow, STEP_VIEW_COLUMNS, StepView, TASK_COLUMNS, TaskRow, TaskView, TransitionRow, step_view,
+        step_view_by_id, task_row, transition_row,
     },
     templates::LATEST_FIRST,
 };
@@ -199,7 +199,8 @@ impl Store {
         ];
         let written = client.query_one(&stmt, params).await?;
         drop(client);
-        if written.get::<_, Option<Uuid>>(1).is_some() {
+        let inserted = written.get::<_, Option<Uuid>>(1).is_some();
+        if inserted {
             self.waker.soon();
         }
         if !written.get::<_, bool>(0) {
@@ -208,7 +209,7 @@ impl Store {
                 template.namespace, template.name
             )));
         }
-        if written.get::<_, Option<Uuid>>(1).is_none() {
+        if !inserted {
             return self.deduplicate(new).await;
         }
         let task = TaskRow {
@@ -342,8 +343,7 @@ impl Store {
     /// One step, with its transitions when asked for.
     pub async fn step(&self, id: Uuid, include_transitions: bool) -> Result<StepView> {
         let client = self.client().await?;
-        let stmt =
-            client.statement(&format!("SELECT {STEP_VIEW_COLUMNS} FROM workflow_steps s WHERE s.id = $1")).await?;
+        let stmt = client.statement(&step_view_by_id()).await?;
         let row =
             client.query_opt(&stmt, &[&id]).await?.ok_or_else(|| Error::NotFound(format!("step {id} not found")))?;
         let mut step = step_view(&row)?;

@@ -41,6 +41,9 @@ use crate::{
     templates::Templates,
 };
 
+/// How long shutdown waits for the confirms of task requests already sent.
+const SETTLE_REQUESTS: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Binds both listeners, then serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     TaskApi::bind(config).await?.run(shutdown).await
@@ -89,6 +92,9 @@ impl TaskApi {
 
         let store = tasker_runtime::connect_store(&config.database, tasker_store::Workload::General).await?;
         let stop = shutdown.child_token();
+        // the link outlives the API at shutdown: the requests of the last calls answered
+        // are confirmed before it closes
+        let link_stop = CancellationToken::new();
         let link = Link::default();
         let slot = tasker_runtime::BrokerSlot::new();
         let mut registry = Registry::default();
@@ -96,7 +102,7 @@ impl TaskApi {
         tasker_runtime::register_store_metrics(&store, &mut registry);
         let api_metrics = metrics::ApiMetrics::register(&mut registry);
         let link_loop = {
-            let (link, slot, stop, amqp) = (link.clone(), slot.clone(), stop.clone(), config.amqp.clone());
+            let (link, slot, stop, amqp) = (link.clone(), slot.clone(), link_stop.clone(), config.amqp.clone());
             tokio::spawn(async move {
                 tasker_runtime::supervise("task-api", &stop, || link.maintain(&amqp, &slot, stop.clone())).await
             })
@@ -109,7 +115,7 @@ impl TaskApi {
         }
         let tasks = Tasks {
             store: store.clone(),
-            link,
+            link: link.clone(),
             limits: config.limits,
             catalog,
             watches: Watches::new(config.api.max_watches_per_caller),
@@ -172,6 +178,8 @@ impl TaskApi {
             .await
             .context("gRPC server");
         stop.cancel();
+        link.settle(SETTLE_REQUESTS).await;
+        link_stop.cancel();
         let _ = admin_task.await;
         let _ = link_loop.await;
         served

@@ -4,29 +4,57 @@
 //! once it is back (the orchestrator treats a repeated request as a no-op), so a task
 //! created during an outage starts as soon as the broker returns rather than waiting for
 //! the sweeper.
+//!
+//! A request is sent once its task is committed, and the caller is answered without
+//! waiting for the broker's confirm ([`Link::request_soon`]): the task is in Postgres
+//! whatever becomes of the request, a request the broker refuses or loses with the
+//! connection is kept and sent again, and the sweeper re-requests a task left pending
+//! whatever happens to this process. At shutdown the requests under way are finished
+//! before the connection closes ([`Link::settle`]).
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use tasker_messaging::{Broker, Command, Publisher};
 use tasker_proto::messages::TaskRequest;
 use tasker_runtime::{AmqpConfig, BrokerSlot};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
 /// Most requests kept for lack of a connection; past it the sweeper's
 /// `pending_task_timeout` still starts the tasks.
 const MAX_UNSENT: usize = 100_000;
 
+/// Most requests awaiting their confirms at once; past it a caller waits for room, so a
+/// broker that stops confirming (a resource alarm) slows the API down as it would if
+/// every caller awaited its own confirm.
+const MAX_SENDING: usize = 1_024;
+
 /// The connection in use and its publishing channel.
 type Current = Option<(Arc<Broker>, Publisher)>;
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct Link {
     current: Arc<Mutex<Current>>,
     unsent: Arc<Mutex<HashSet<Uuid>>>,
+    /// The requests sent but not yet confirmed, and the room for more.
+    sending: TaskTracker,
+    room: Arc<Semaphore>,
+}
+
+impl Default for Link {
+    fn default() -> Link {
+        Link {
+            current: Default::default(),
+            unsent: Default::default(),
+            sending: TaskTracker::new(),
+            room: Arc::new(Semaphore::new(MAX_SENDING)),
+        }
+    }
 }
 
 impl Link {
@@ -50,16 +78,46 @@ impl Link {
         self.current.lock().expect("link lock").as_ref().map(|(_, publisher)| publisher.clone())
     }
 
-    /// Asks the orchestrator to look at these tasks; what cannot be sent now is kept for
-    /// the next connection. Never fails: the tasks are committed either way.
+    /// Asks the orchestrator to look at a committed task, and returns once the request is
+    /// on its way, not confirmed: the confirm is awaited here in the background, and a
+    /// request that fails is kept for the next connection like any other. Waits only
+    /// while [`MAX_SENDING`] requests await their confirms.
+    pub(crate) async fn request_soon(&self, task_id: Uuid) {
+        let trace = span_trace();
+        let Ok(permit) = self.room.clone().acquire_owned().await else {
+            return; // never closed
+        };
+        let link = self.clone();
+        self.sending.spawn(async move {
+            link.send(&[task_id], trace).await;
+            drop(permit);
+        });
+    }
+
+    /// Waits up to `patience` for the requests awaiting their confirms (at shutdown, before
+    /// the connection closes); those still unconfirmed then are left to the sweeper.
+    pub(crate) async fn settle(&self, patience: Duration) {
+        self.sending.close();
+        if tokio::time::timeout(patience, self.sending.wait()).await.is_err() {
+            tracing::warn!(
+                left = self.sending.len(),
+                "task requests still unconfirmed at shutdown; the sweeper will re-request their tasks"
+            );
+        }
+    }
+
+    /// Asks the orchestrator to look at these tasks and awaits the broker's confirm; what
+    /// cannot be sent now is kept for the next connection. Never fails: the tasks are
+    /// committed either way.
     pub(crate) async fn request(&self, task_ids: &[Uuid]) {
+        self.send(task_ids, span_trace()).await;
+    }
+
+    async fn send(&self, task_ids: &[Uuid], trace: HashMap<String, String>) {
         let Some(publisher) = self.publisher() else {
             tracing::warn!(tasks = task_ids.len(), "broker unavailable; task requests kept until it is back");
             return self.keep(task_ids);
         };
-        // the request carries the trace context of the span it is sent from (CreateTask,
-        // an operator action)
-        let trace = tasker_runtime::trace::context_of(&tracing::Span::current(), &Default::default()).to_headers();
         let commands: Vec<Command> = task_ids
             .iter()
             .map(|id| Command::Task(TaskRequest { task_id: id.to_string(), trace_context: trace.clone() }))
@@ -111,4 +169,10 @@ impl Link {
         anyhow::ensure!(!lost, "the broker connection was lost");
         Ok(())
     }
+}
+
+/// The trace context of the span a request is sent from (CreateTask, an operator action),
+/// which the request carries.
+fn span_trace() -> HashMap<String, String> {
+    tasker_runtime::trace::context_of(&tracing::Span::current(), &Default::default()).to_headers()
 }

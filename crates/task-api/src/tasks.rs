@@ -91,11 +91,12 @@ impl Drop for WatchSlot {
 }
 
 impl Tasks {
-    /// Asks the orchestrator to look at a task. A failure is logged, not returned: the
-    /// task is committed, the request is sent again once the broker is back, and the
-    /// sweeper re-requests tasks left pending whatever happens to this process.
+    /// Asks the orchestrator to look at a committed task, without waiting for the broker's
+    /// confirm. A failure is logged, not returned: the task is committed, the request is
+    /// sent again once the broker is back, and the sweeper re-requests tasks left pending
+    /// whatever happens to this process.
     pub(crate) async fn request(&self, task_id: Uuid) {
-        self.link.request(&[task_id]).await;
+        self.link.request_soon(task_id).await;
     }
 
     /// Creates a task for `caller` (who holds `tasks:create`; the namespace is checked once

@@ -330,6 +330,52 @@ async fn a_deduplicated_create_of_a_pending_task_requests_it_again() {
     env.cleanup().await;
 }
 
+/// task-api answers CreateTask once the task is committed, without waiting for the
+/// broker to confirm its request; stopped right after answering, it still waits for the
+/// confirms of the requests it sent before its broker connection closes, so every task
+/// it answered starts (the sweeper's re-request is out of reach here). Its broker is
+/// slow to answer, so those confirms are still on their way when it is stopped.
+#[tokio::test]
+async fn a_task_api_stopped_right_after_answering_still_starts_every_task() {
+    let env = TestEnv::new().await;
+    let amqp = FaultProxy::for_url(&env.config.amqp.url).await;
+    let mut config = env.config.clone();
+    config.orchestrator.pending_task_timeout = Duration::from_secs(600);
+    let system = System::start_with(&env, config.clone(), vec![WorkerSpec::new("w1", &["faults"])]).await;
+    system.register(&env, CHAIN).await;
+
+    let mut slow = config.clone();
+    slow.amqp.url = amqp.url(&config.amqp.url);
+    let api = task_api::TaskApi::bind(slow).await.unwrap();
+    let (addr, admin) = (api.grpc_addr(), api.admin_addr());
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(api.run(stop.clone()));
+    wait_status(admin, "/health/ready", 200).await;
+    amqp.latency(Duration::from_millis(300));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap();
+    let client = pb::task_service_client::TaskServiceClient::new(channel.connect_lazy());
+    let creates = (0..20).map(|i| {
+        let mut client = client.clone();
+        let request = pb::CreateTaskRequest {
+            namespace: "faults".into(),
+            name: "chain".into(),
+            context_json: json!({ "n": i }).to_string(),
+            ..Default::default()
+        };
+        async move { client.create_task(request).await.expect("created").into_inner().task.unwrap().id }
+    });
+    let ids = futures::future::join_all(creates).await;
+    stop.cancel();
+    running.await.unwrap().unwrap();
+
+    for id in &ids {
+        let done = system.wait_final(id).await;
+        assert_eq!(done.status(), pb::TaskStatus::Complete, "task {id} started by its request, not the sweeper");
+    }
+    system.stop().await;
+    env.cleanup().await;
+}
+
 /// Liveness means "restart me": it fails only once a dependency has been down longer than
 /// `health.live_timeout`, and recovers with it; readiness fails at once.
 #[tokio::test]

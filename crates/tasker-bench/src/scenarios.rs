@@ -105,10 +105,10 @@ impl Bench {
     /// orchestrator's own histogram over the same run.
     ///
     /// The first tasks after the bench's `VACUUM (ANALYZE)` (between scenarios, where the
-    /// server has autovacuum off) are not measured: it updates the tables' statistics,
-    /// which drops the plans every session of the services keeps, and the first task after
-    /// it was among the slowest few of its round (after `VACUUM` or `ANALYZE` alone too,
-    /// never after a `SELECT 1` in its place).
+    /// server has autovacuum off) are not measured: the first task after it was among the
+    /// slowest few of its round (after `VACUUM` or `ANALYZE` alone too, never after a
+    /// `SELECT 1` in its place), likely because updating the tables' statistics drops the
+    /// plans the services' sessions keep.
     pub async fn b1_b2(&self) -> anyhow::Result<Vec<Figure>> {
         let n = if self.quick { 40 } else { 200 };
         for _ in 0..SETTLING_TASKS {

@@ -277,28 +277,52 @@ async fn a_broken_relay_replica_steps_aside_and_recovers() {
     env.cleanup().await;
 }
 
+/// The system, with the sweeper's pending-task repair out of reach (a task that starts
+/// was requested), and the chain registered.
+async fn system_without_pending_repair(env: &TestEnv) -> System {
+    let mut config = env.config.clone();
+    config.orchestrator.pending_task_timeout = Duration::from_secs(600);
+    let system = System::start_with(env, config, vec![WorkerSpec::new("w1", &["faults"])]).await;
+    system.register(env, CHAIN).await;
+    system
+}
+
+/// A second task-api, reaching the broker through `amqp`: its client, its admin address,
+/// what stops it, and its run (which panics if the task-api failed).
+async fn second_task_api(
+    env: &TestEnv,
+    amqp: &FaultProxy,
+) -> (
+    pb::task_service_client::TaskServiceClient<tonic::transport::Channel>,
+    std::net::SocketAddr,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut config = env.config.clone();
+    config.amqp.url = amqp.url(&env.config.amqp.url);
+    let api = task_api::TaskApi::bind(config).await.unwrap();
+    let (addr, admin) = (api.grpc_addr(), api.admin_addr());
+    let stop = CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { api.run(stop).await.expect("the second task-api ran") }
+    });
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap();
+    (pb::task_service_client::TaskServiceClient::new(channel.connect_lazy()), admin, stop, running)
+}
+
 /// A retried CreateTask answered "deduplicated" for a task still pending sends its
 /// request again: the first one was lost with the process that created the task.
 #[tokio::test]
 async fn a_deduplicated_create_of_a_pending_task_requests_it_again() {
     let env = TestEnv::new().await;
     let amqp = FaultProxy::for_url(&env.config.amqp.url).await;
-    let mut config = env.config.clone();
-    config.orchestrator.pending_task_timeout = Duration::from_secs(600);
-    let system = System::start_with(&env, config.clone(), vec![WorkerSpec::new("w1", &["faults"])]).await;
-    system.register(&env, CHAIN).await;
+    let system = system_without_pending_repair(&env).await;
 
     // a second task-api whose broker is away: it commits the task, cannot send the
     // request, and is then stopped, losing the request it kept
     amqp.down();
-    let mut lonely = config.clone();
-    lonely.amqp.url = amqp.url(&config.amqp.url);
-    let api = task_api::TaskApi::bind(lonely).await.unwrap();
-    let addr = api.grpc_addr();
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(api.run(stop.clone()));
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap();
-    let mut client = pb::task_service_client::TaskServiceClient::new(channel.connect_lazy());
+    let (mut client, _, stop, running) = second_task_api(&env, &amqp).await;
     let request = pb::CreateTaskRequest {
         namespace: "faults".into(),
         name: "chain".into(),
@@ -317,7 +341,7 @@ async fn a_deduplicated_create_of_a_pending_task_requests_it_again() {
     }
     let first = first.expect("the second task-api answers").task.unwrap();
     stop.cancel();
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
     assert_eq!(first.status(), pb::TaskStatus::Pending);
 
     // the client retries against a healthy task-api
@@ -339,21 +363,11 @@ async fn a_deduplicated_create_of_a_pending_task_requests_it_again() {
 async fn a_task_api_stopped_right_after_answering_still_starts_every_task() {
     let env = TestEnv::new().await;
     let amqp = FaultProxy::for_url(&env.config.amqp.url).await;
-    let mut config = env.config.clone();
-    config.orchestrator.pending_task_timeout = Duration::from_secs(600);
-    let system = System::start_with(&env, config.clone(), vec![WorkerSpec::new("w1", &["faults"])]).await;
-    system.register(&env, CHAIN).await;
+    let system = system_without_pending_repair(&env).await;
 
-    let mut slow = config.clone();
-    slow.amqp.url = amqp.url(&config.amqp.url);
-    let api = task_api::TaskApi::bind(slow).await.unwrap();
-    let (addr, admin) = (api.grpc_addr(), api.admin_addr());
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(api.run(stop.clone()));
+    let (client, admin, stop, running) = second_task_api(&env, &amqp).await;
     wait_status(admin, "/health/ready", 200).await;
     amqp.latency(Duration::from_millis(300));
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap();
-    let client = pb::task_service_client::TaskServiceClient::new(channel.connect_lazy());
     let creates = (0..20).map(|i| {
         let mut client = client.clone();
         let request = pb::CreateTaskRequest {
@@ -366,7 +380,7 @@ async fn a_task_api_stopped_right_after_answering_still_starts_every_task() {
     });
     let ids = futures::future::join_all(creates).await;
     stop.cancel();
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 
     for id in &ids {
         let done = system.wait_final(id).await;

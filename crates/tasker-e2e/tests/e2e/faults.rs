@@ -355,10 +355,9 @@ async fn a_deduplicated_create_of_a_pending_task_requests_it_again() {
 }
 
 /// task-api answers CreateTask once the task is committed, without waiting for the
-/// broker to confirm its request; stopped right after answering, it still waits for the
-/// confirms of the requests it sent before its broker connection closes, so every task
-/// it answered starts (the sweeper's re-request is out of reach here). Its broker is
-/// slow to answer, so those confirms are still on their way when it is stopped.
+/// broker to confirm its request. Stopped right after answering twenty creates, while its
+/// slow broker's confirms are still on their way, it loses none of those requests: every
+/// task it answered starts (the sweeper's re-request is out of reach here).
 #[tokio::test]
 async fn a_task_api_stopped_right_after_answering_still_starts_every_task() {
     let env = TestEnv::new().await;

@@ -84,9 +84,7 @@ impl Link {
     /// while [`MAX_SENDING`] requests await their confirms.
     pub(crate) async fn request_soon(&self, task_id: Uuid) {
         let trace = span_trace();
-        let Ok(permit) = self.room.clone().acquire_owned().await else {
-            return; // never closed
-        };
+        let permit = self.room.clone().acquire_owned().await.expect("the room for requests is never closed");
         let link = self.clone();
         self.sending.spawn(async move {
             link.send(&[task_id], trace).await;

@@ -32,9 +32,14 @@ struct Args {
     /// Where the release binaries are.
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
-    /// The benchmark's database: dropped and created afresh.
+    /// The benchmark's database: dropped and created afresh, and dropped again at the end
+    /// unless `--keep-database`.
     #[arg(long, env = "TASKER_BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/tasker_bench")]
     database_url: String,
+    /// Leave the benchmark's database behind at the end, to look into or to start a later
+    /// run from (`--copy-of`). A full run's holds a million finished tasks, about 5 GB.
+    #[arg(long)]
+    keep_database: bool,
     /// Create the benchmark's database as a copy of this one (`CREATE DATABASE … TEMPLATE`)
     /// instead of empty: e.g. a copy of what a full run left, a million finished tasks, to
     /// time B3 on that history in rounds alternating with B3 on an empty database.
@@ -118,6 +123,11 @@ async fn main() -> anyhow::Result<()> {
     let namespaces = ["bench", "bench_idle", "bench_sleep"].map(String::from);
     broker.delete_topology(&namespaces).await?;
     broker.close().await?;
+    if args.keep_database {
+        eprintln!("bench: the database is kept: {}", args.database_url);
+    } else {
+        drop_database(&args.database_url).await?;
+    }
     let figures = result?;
     report(&args, &figures, pg, amqp_one, amqp_pipelined)
 }

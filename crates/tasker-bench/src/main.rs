@@ -41,8 +41,9 @@ struct Args {
     #[arg(long)]
     keep_database: bool,
     /// Create the benchmark's database as a copy of this one (`CREATE DATABASE … TEMPLATE`)
-    /// instead of empty: e.g. a copy of what a full run left, a million finished tasks, to
-    /// time B3 on that history in rounds alternating with B3 on an empty database.
+    /// instead of empty: e.g. a copy of what a full run kept (`--keep-database`), a million
+    /// finished tasks, to time B3 on that history in rounds alternating with B3 on an empty
+    /// database.
     #[arg(long, value_name = "DATABASE")]
     copy_of: Option<String>,
     #[arg(long, env = "TASKER_BENCH_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]

@@ -107,10 +107,6 @@ impl Link {
     /// Asks the orchestrator to look at these tasks and awaits the broker's confirm; what
     /// cannot be sent now is kept for the next connection. Never fails: the tasks are
     /// committed either way.
-    pub(crate) async fn request(&self, task_ids: &[Uuid]) {
-        self.send(task_ids, span_trace()).await;
-    }
-
     async fn send(&self, task_ids: &[Uuid], trace: HashMap<String, String>) {
         let Some(publisher) = self.publisher() else {
             tracing::warn!(tasks = task_ids.len(), "broker unavailable; task requests kept until it is back");
@@ -153,7 +149,7 @@ impl Link {
         if !kept.is_empty() {
             tracing::info!(tasks = kept.len(), "sending the task requests kept while the broker was away");
             for chunk in kept.chunks(500) {
-                self.request(chunk).await;
+                self.send(chunk, span_trace()).await;
             }
         }
         let lost = tokio::select! {

@@ -60,7 +60,15 @@ pub async fn migrate(database_url: &str) -> Result<()> {
     tokio::task::spawn_blocking(move || {
         runtime.block_on(async {
             use sqlx::{ConnectOptions, Connection};
-            let mut conn = tls::sqlx_options(&url)?.connect().await.map_err(Error::migrate)?;
+            // each host the URL names, in order, as the pools connect
+            let mut connected = Err(Error::Config("the database URL names no host".into()));
+            for options in tls::sqlx_options(&url)? {
+                connected = options.connect().await.map_err(Error::migrate);
+                if connected.is_ok() {
+                    break;
+                }
+            }
+            let mut conn = connected?;
             MIGRATOR.run(&mut conn).await.map_err(Error::migrate)?;
             conn.close().await.map_err(Error::migrate)
         })

@@ -1,5 +1,5 @@
-//! How the store reaches Postgres: plain TCP, or TLS through rustls when the URL asks for
-//! it, in libpq's words: `sslmode=require` (or `verify-ca`, `verify-full`) and, for a
+//! How the store reaches Postgres: plain TCP or a Unix socket, or TLS through rustls when
+//! the URL asks for it, in libpq's words: `sslmode=require` (or `verify-ca`, `verify-full`) and, for a
 //! private CA, `sslrootcert=/path/ca.pem`. Unlike libpq's `require`, every TLS mode here
 //! verifies the server's certificate chain (against the system roots plus `sslrootcert`)
 //! and its host name: a connection that is encrypted but unauthenticated protects nothing.
@@ -69,14 +69,36 @@ impl Target {
     }
 }
 
-/// Connects sqlx (the migrator) the same way: TLS modes verify the chain and host name.
-pub(crate) fn sqlx_options(url: &str) -> Result<sqlx::postgres::PgConnectOptions> {
+/// Connects sqlx (the migrator) the same way: TLS modes verify the chain and host name,
+/// and a URL naming several hosts gives one set of options per host, to try in order
+/// (sqlx takes one host a URL; tokio-postgres tries each in turn).
+pub(crate) fn sqlx_options(url: &str) -> Result<Vec<sqlx::postgres::PgConnectOptions>> {
     use sqlx::postgres::{PgConnectOptions, PgSslMode};
-    let options = PgConnectOptions::from_str(url).map_err(Error::migrate)?;
-    Ok(match options.get_ssl_mode() {
-        PgSslMode::Require | PgSslMode::VerifyCa => options.ssl_mode(PgSslMode::VerifyFull),
-        _ => options,
-    })
+    each_host(url)
+        .iter()
+        .map(|url| {
+            let options = PgConnectOptions::from_str(url).map_err(Error::migrate)?;
+            Ok(match options.get_ssl_mode() {
+                PgSslMode::Require | PgSslMode::VerifyCa => options.ssl_mode(PgSslMode::VerifyFull),
+                _ => options,
+            })
+        })
+        .collect()
+}
+
+/// The URL once per host it names (`postgres://u@h1,h2:5433/db` gives `postgres://u@h1/db`
+/// and `postgres://u@h2:5433/db`), in order; a URL naming one host, or none, as it is.
+fn each_host(url: &str) -> Vec<String> {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return vec![url.to_owned()] };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let hosts_start = rest[..authority_end].rfind('@').map_or(0, |i| i + 1);
+    let hosts = &rest[hosts_start..authority_end];
+    if !hosts.contains(',') {
+        return vec![url.to_owned()];
+    }
+    let (before, after) = (&url[..scheme_end + hosts_start], &rest[authority_end..]);
+    hosts.split(',').map(|host| format!("{before}{host}{after}")).collect()
 }
 
 /// Takes `sslrootcert` out of the URL's query (tokio-postgres does not know it) and maps
@@ -146,6 +168,27 @@ mod tests {
             (url.as_str(), root.as_deref(), verify),
             ("postgres://u@h/db?sslmode=require", Some("ca.pem"), false)
         );
+    }
+
+    #[test]
+    fn a_url_naming_several_hosts_is_tried_host_by_host() {
+        assert_eq!(
+            each_host("postgres://postgres@%2Fvar%2Frun%2Fpostgresql,127.0.0.1:5432/tasker?sslmode=disable"),
+            [
+                "postgres://postgres@%2Fvar%2Frun%2Fpostgresql/tasker?sslmode=disable",
+                "postgres://postgres@127.0.0.1:5432/tasker?sslmode=disable"
+            ]
+        );
+        assert_eq!(each_host("postgres://u:p@a,b:5433"), ["postgres://u:p@a", "postgres://u:p@b:5433"]);
+        assert_eq!(each_host("postgres://h1,h2/db"), ["postgres://h1/db", "postgres://h2/db"]);
+        for one in ["postgres://u@h:5432/db", "postgres://u@h/db?options=-c%20a%3Db,c", "not a url"] {
+            assert_eq!(each_host(one), [one]);
+        }
+        let options = sqlx_options("postgres://u@%2Ftmp%2Fsock,db.example.com:6432/x").unwrap();
+        assert_eq!(options.len(), 2);
+        assert_eq!(options[0].get_socket().and_then(|p| p.to_str()), Some("/tmp/sock"));
+        assert_eq!((options[1].get_host(), options[1].get_port()), ("db.example.com", 6432));
+        assert!(options.iter().all(|o| o.get_database() == Some("x") && o.get_username() == "u"));
     }
 
     #[test]

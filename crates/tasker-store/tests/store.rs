@@ -439,6 +439,28 @@ async fn a_build_starts_against_a_database_a_newer_build_migrated() {
     env.cleanup().await;
 }
 
+/// A database URL may name several hosts, as libpq's do (the default names the local
+/// server's Unix socket, then 127.0.0.1): the migrator and the pool each try them in turn
+/// and use the first that answers; when none does, both say so.
+#[tokio::test]
+async fn a_url_naming_several_hosts_reaches_the_first_that_answers() {
+    let env = TestEnv::new().await;
+    let url = &env.config.database.url;
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let hosts_at = rest[..rest.find('/').unwrap_or(rest.len())].rfind('@').map_or(0, |i| i + 1);
+    let with_hosts = |first: &str| format!("{scheme}://{}{first},{}", &rest[..hosts_at], &rest[hosts_at..]);
+    let url = with_hosts("%2Fnonexistent-tasker-socket-dir");
+    tasker_store::migrate(&url).await.expect("the migrator gets past the missing socket");
+    let store = Store::connect(&url, 2, tasker_store::Workload::General).await.expect("so does the pool");
+    let template = Template::from_yaml(TEMPLATE, &Limits::default()).unwrap();
+    store.register_template(&template).await.expect("and it works");
+
+    let nowhere = format!("{scheme}://postgres@%2Fnonexistent-tasker-socket-dir,127.0.0.1:1/db");
+    assert!(tasker_store::migrate(&nowhere).await.is_err(), "no host answers: the migrator fails");
+    assert!(Store::connect(&nowhere, 1, tasker_store::Workload::General).await.is_err(), "and so does the pool");
+    env.cleanup().await;
+}
+
 /// CreateTask's answer lists the steps and edges in the order GetTask reads them back
 /// (edges were in the template's order: by child, then as its `depends_on` lists them).
 #[tokio::test]

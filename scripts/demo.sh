@@ -49,7 +49,7 @@ echo "demo: building (the first build takes a few minutes)" >&2
 cargo build --quiet --bins
 
 mkdir -p "$DEMO_DIR/logs"
-export TASKER_DATABASE__URL="${TASKER_DATABASE__URL:-postgres://postgres@127.0.0.1:5432/tasker_demo}"
+export TASKER_DATABASE__URL="${TASKER_DATABASE__URL:-postgres://postgres@%2Fvar%2Frun%2Fpostgresql,127.0.0.1:5432/tasker_demo}"
 export TASKER_AMQP__URL="${TASKER_AMQP__URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 export TASKER_AMQP__PREFIX="${TASKER_AMQP__PREFIX:-demo}"
 export TASKER_WORKER__NAMESPACES="[ecommerce, data_pipeline, user_registration, payments, customer_success]"

@@ -33,8 +33,13 @@ struct Args {
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
     /// The benchmark's database: dropped and created afresh, and dropped again at the end
-    /// unless `--keep-database`.
-    #[arg(long, env = "TASKER_BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/tasker_bench")]
+    /// unless `--keep-database`. The services get this URL; the default reaches the server
+    /// as their own default does (its Unix socket, else 127.0.0.1).
+    #[arg(
+        long,
+        env = "TASKER_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@%2Fvar%2Frun%2Fpostgresql,127.0.0.1:5432/tasker_bench"
+    )]
     database_url: String,
     /// Leave the benchmark's database behind at the end, to look into or to start a later
     /// run from (`--copy-of`). A full run's holds a million finished tasks, about 5 GB.

@@ -56,9 +56,14 @@ pub struct DatabaseConfig {
     pub migrate: bool,
 }
 
+/// The local server's Unix socket (Debian's directory), then TCP on 127.0.0.1: each host
+/// is tried in turn, as libpq does. Over the socket each statement's answer skips the
+/// loopback's TCP stack: about 0.2 ms less an orchestrator hop (README, Performance).
+const DEFAULT_DATABASE_URL: &str = "postgres://postgres@%2Fvar%2Frun%2Fpostgresql,127.0.0.1:5432/tasker";
+
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { url: "postgres://postgres@127.0.0.1:5432/tasker".into(), pool_size: 16, migrate: true }
+        Self { url: DEFAULT_DATABASE_URL.into(), pool_size: 16, migrate: true }
     }
 }
 

@@ -1,9 +1,10 @@
 //! How the store reaches Postgres: plain TCP or a Unix socket, or TLS through rustls when
-//! the URL asks for it, in libpq's words: `sslmode=require` (or `verify-ca`, `verify-full`) and, for a
-//! private CA, `sslrootcert=/path/ca.pem`. Unlike libpq's `require`, every TLS mode here
-//! verifies the server's certificate chain (against the system roots plus `sslrootcert`)
-//! and its host name: a connection that is encrypted but unauthenticated protects nothing.
-//! `disable`, `prefer` and no `sslmode` connect in plain TCP, as before.
+//! the URL asks for it, in libpq's words: `sslmode=require` (or `verify-ca`,
+//! `verify-full`) and, for a private CA, `sslrootcert=/path/ca.pem`. Unlike libpq's
+//! `require`, every TLS mode here verifies the server's certificate chain (against the
+//! system roots plus `sslrootcert`) and its host name: a connection that is encrypted but
+//! unauthenticated protects nothing. `disable`, `prefer` and no `sslmode` connect without
+//! TLS, as before. A URL may name several hosts, each tried in turn (libpq's way).
 
 use std::str::FromStr;
 

@@ -3,11 +3,15 @@
 //!
 //! A batch costs two round trips to Postgres, whatever its size. (1) Lock the tasks and,
 //! under the locks, read the steps the items name, the children of the steps reported
-//! complete, the ready steps of tasks to evaluate and whether each task's other steps
-//! are unfinished or live. Then, in memory: apply every item (transitions are buffered),
-//! count down the children of each completed step, enqueue what became ready and settle
-//! the tasks by how their steps stand. (2) Write it all, read what the executions carry,
-//! and commit.
+//! complete, the ready steps of tasks to evaluate, whether each task's other steps are
+//! unfinished or live, and each small task in whole (to keep it: `kept`). Then, in
+//! memory: apply every item (transitions are buffered), count down the children of each
+//! completed step, enqueue what became ready and settle the tasks by how their steps
+//! stand. (2) Write it all, read what the executions carry, and commit.
+//! A batch of reports (or due retries) on tasks all kept, none in another batch under way,
+//! costs one: what (1) would read comes from the kept tasks, and the fence that goes first
+//! in (2) checks under the locks that they are unchanged; when one changed, the batch is
+//! decided again from reads.
 //! Every item is re-checked under the task lock: reports are fenced by attempt and state,
 //! so duplicates, stale and late reports are dropped (and counted), never applied twice.
 
@@ -20,10 +24,13 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use tasker_domain::{Backoff, FailureDecision, FailureKind, Limits, StepState, TaskState, backoff::decide};
 use tasker_proto::messages::{StepReport, step_report::Outcome as Reported};
-use tasker_store::{Dispatch, Standing, StepChange, StepRow, Store, TaskHead, Tx};
+use tasker_store::{Dispatch, Loaded, Standing, StepChange, StepRow, Store, TaskHead, Tx};
 use uuid::Uuid;
 
-use crate::metrics::Tally;
+use crate::{
+    kept::{self, Keeper},
+    metrics::Tally,
+};
 
 /// Something to do to a task.
 #[derive(Debug, Clone)]
@@ -41,6 +48,12 @@ pub enum Work {
 }
 
 impl Work {
+    /// Whether a batch of such items may be decided from kept tasks: those that need
+    /// nothing but the steps they name and these steps' children.
+    fn decidable_from_kept(&self) -> bool {
+        matches!(self, Work::Report(_) | Work::Retry(_))
+    }
+
     fn step_id(&self) -> Option<Uuid> {
         match self {
             Work::Evaluate => None,
@@ -60,11 +73,28 @@ pub struct Outcome {
     pub tally: Tally,
     /// How long its parts took.
     pub phases: Phases,
+    /// How the batch was decided.
+    pub decided: Decided,
+}
+
+/// How a batch was decided.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Decided {
+    /// From what its first round trip read under the locks.
+    #[default]
+    FromReads,
+    /// From the tasks kept in memory, in one round trip.
+    FromKept,
+    /// From kept tasks first; the fence found one changed (by an operator, another
+    /// replica), so from reads again.
+    AgainFromReads,
 }
 
 /// Where a batch's time went: the first round trip (a pooled connection, `BEGIN`, the
-/// locks and the reads), the work in memory, and the second round trip (the writes, the
-/// executions' reads and the commit).
+/// locks and the reads; for a batch decided from kept tasks, the pooled connection and
+/// what the reads would have returned, from memory), the work in memory, and the second
+/// round trip (the writes, the executions' reads and the commit; first the fence, for a
+/// batch decided from kept tasks).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Phases {
     pub read: Duration,
@@ -77,30 +107,133 @@ pub struct Engine {
     store: Store,
     backoff: Backoff,
     limits: Limits,
+    kept: Keeper,
+}
+
+/// What a batch's items name: the tasks, the steps, the steps reported complete, and the
+/// tasks to evaluate.
+struct Named {
+    tasks: Vec<Uuid>,
+    steps: Vec<Uuid>,
+    completed: Vec<Uuid>,
+    evaluate: Vec<Uuid>,
+}
+
+impl Named {
+    fn of(items: &[(Uuid, Work)]) -> Named {
+        Named {
+            tasks: items.iter().map(|(task, _)| *task).collect(),
+            steps: items.iter().filter_map(|(_, w)| w.step_id()).collect(),
+            completed: items
+                .iter()
+                .filter_map(|(_, w)| match w {
+                    Work::Report(r) if matches!(r.outcome, Some(Reported::Completed(_))) => w.step_id(),
+                    _ => None,
+                })
+                .collect(),
+            evaluate: items.iter().filter(|(_, w)| matches!(w, Work::Evaluate)).map(|(task, _)| *task).collect(),
+        }
+    }
+}
+
+/// The tasks and steps a committed batch left, as they are stored now, and the tasks
+/// whose stored rows it changed in ways it does not hold in memory (a republished step's
+/// `enqueued_at` is the server's clock).
+struct After {
+    tasks: HashMap<Uuid, TaskHead>,
+    steps: HashMap<Uuid, StepRow>,
+    unknown: Vec<Uuid>,
 }
 
 impl Engine {
     pub fn new(store: Store, backoff: Backoff, limits: Limits) -> Engine {
-        Engine { store, backoff, limits }
+        Engine { store, backoff, limits, kept: Keeper::default() }
     }
 
     /// Applies the items in one transaction (tasks locked in id order) and commits.
     /// Borrowed, so that a batch held through an outage is tried again without a copy.
     pub async fn apply(&self, items: &[(Uuid, Work)]) -> tasker_store::Result<Outcome> {
         let clock = Instant::now();
+        let named = Named::of(items);
+        let busy = self.kept.busy(&named.tasks);
+        let mut stale = false;
+        let from_kept = !busy.shared && items.iter().all(|(_, w)| w.decidable_from_kept());
+        if let Some(from) = from_kept.then(|| self.kept.load(&named.tasks, &named.steps, &named.completed)).flatten() {
+            match self.decide_from_kept(items, from, clock).await {
+                Err(error) if error.is_stale_kept() => stale = true,
+                Ok(outcome) => return Ok(outcome),
+                Err(error) => {
+                    self.kept.forget(&named.tasks);
+                    return Err(error);
+                }
+            }
+            tracing::debug!(tasks = named.tasks.len(), "a kept task changed; deciding the batch again from reads");
+            self.kept.forget(&named.tasks);
+        }
+        let result = self.decide_from_reads(items, &named, clock, stale).await;
+        if result.is_err() {
+            self.kept.forget(&named.tasks);
+        }
+        drop(busy);
+        result
+    }
+
+    /// One round trip: the fence, the writes, the executions' reads and the commit.
+    async fn decide_from_kept(
+        &self,
+        items: &[(Uuid, Work)],
+        from: kept::FromKept,
+        clock: Instant,
+    ) -> tasker_store::Result<Outcome> {
         let mut tx = self.store.begin().await?;
-        let task_ids: Vec<Uuid> = items.iter().map(|(task, _)| *task).collect();
-        let step_ids: Vec<Uuid> = items.iter().filter_map(|(_, w)| w.step_id()).collect();
-        let completed: Vec<Uuid> = items
-            .iter()
-            .filter_map(|(_, w)| match w {
-                Work::Report(r) if matches!(r.outcome, Some(Reported::Completed(_))) => w.step_id(),
-                _ => None,
-            })
-            .collect();
-        let evaluate: Vec<Uuid> =
-            items.iter().filter(|(_, w)| matches!(w, Work::Evaluate)).map(|(task, _)| *task).collect();
-        let loaded = tx.load_batch(&task_ids, &step_ids, &completed, &evaluate).await?;
+        tx.fence(from.loaded.tasks.values().map(|task| (task, kept::step_keys(&from.wholes[&task.id].steps))));
+        #[cfg(debug_assertions)]
+        kept::check(&mut tx, &from).await?;
+        let (mut outcome, after) = self.decide(items, tx, from.loaded, clock).await?;
+        outcome.decided = Decided::FromKept;
+        self.kept.keep(from.wholes, &after.tasks, &after.steps, &after.unknown);
+        Ok(outcome)
+    }
+
+    /// Two round trips: the locks and the reads (each small task in whole, to keep it as
+    /// the batch leaves it), then the writes, the executions' reads and the commit.
+    async fn decide_from_reads(
+        &self,
+        items: &[(Uuid, Work)],
+        named: &Named,
+        clock: Instant,
+        stale: bool,
+    ) -> tasker_store::Result<Outcome> {
+        let mut tx = self.store.begin().await?;
+        let whole = self.kept.to_read_whole(&named.tasks);
+        let mut loaded = tx
+            .load_batch(
+                &named.tasks,
+                &named.steps,
+                &named.completed,
+                &named.evaluate,
+                (&whole, kept::MAX_STEPS_PER_TASK),
+            )
+            .await?;
+        let wholes = std::mem::take(&mut loaded.whole);
+        self.kept.too_big(whole.into_iter().filter(|id| loaded.tasks.contains_key(id) && !wholes.contains_key(id)));
+        let (mut outcome, after) = self.decide(items, tx, loaded, clock).await?;
+        if stale {
+            outcome.decided = Decided::AgainFromReads;
+        }
+        self.kept.keep(wholes, &after.tasks, &after.steps, &after.unknown);
+        Ok(outcome)
+    }
+
+    /// Applies the items to what the batch loaded, in memory, then writes it all and
+    /// commits.
+    async fn decide(
+        &self,
+        items: &[(Uuid, Work)],
+        tx: Tx,
+        loaded: Loaded,
+        clock: Instant,
+    ) -> tasker_store::Result<(Outcome, After)> {
         let read = clock.elapsed();
         let batch_span = tracing::Span::current();
         for task in loaded.tasks.values() {
@@ -442,7 +575,7 @@ impl Batch<'_> {
 
     /// Enqueues what is ready, settles the tasks by how their steps stand, then the
     /// second round trip: writes it all, reads the dispatch data and commits.
-    async fn finish(mut self) -> tasker_store::Result<Outcome> {
+    async fn finish(mut self) -> tasker_store::Result<(Outcome, After)> {
         let mut seen = HashSet::new();
         for id in std::mem::take(&mut self.ready) {
             let Some(mut step) = self.steps.get(&id).cloned() else { continue };
@@ -490,7 +623,15 @@ impl Batch<'_> {
         let dispatches = self.tx.commit_dispatching(&self.tasks, &to_dispatch, &self.republished).await?;
         self.phases.write = self.clock.elapsed() - self.phases.read - self.phases.apply;
         self.tally.dispatched(dispatches.len());
-        Ok(Outcome { dispatches, next_retry_at: self.next_retry_at, tally: self.tally, phases: self.phases })
+        let unknown = self.republished.iter().filter_map(|id| self.steps.get(id)).map(|s| s.task_id).collect();
+        let outcome = Outcome {
+            dispatches,
+            next_retry_at: self.next_retry_at,
+            tally: self.tally,
+            phases: self.phases,
+            decided: Decided::FromReads,
+        };
+        Ok((outcome, After { tasks: self.tasks, steps: self.steps, unknown }))
     }
 }
 

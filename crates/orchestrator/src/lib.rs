@@ -6,6 +6,7 @@
 
 mod dispatch;
 mod engine;
+mod kept;
 mod metrics;
 mod sweeper;
 
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-pub use engine::{Engine, Work};
+pub use engine::{Decided, Engine, Outcome, Work};
 
 use crate::{dispatch::Dispatcher, metrics::Metrics};
 
@@ -213,7 +214,7 @@ impl Pipeline {
         let mut outcome = self.holding("applying a batch", || async { Ok(self.engine.apply(items).await?) }).await?;
         // counted once the batch committed, however often it was tried
         self.metrics.apply(std::mem::take(&mut outcome.tally));
-        self.metrics.batch();
+        self.metrics.batch(outcome.decided);
         if let Some(due) = outcome.next_retry_at {
             let _ = self.retries.send(due);
         }

@@ -10,7 +10,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::engine::Phases;
+use crate::engine::{Decided, Phases};
 
 type Labels = Vec<(&'static str, String)>;
 type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
@@ -57,6 +57,8 @@ pub struct Metrics {
     retried: Counter,
     dropped: Family<Labels, Counter>,
     batches: Counter,
+    batches_from_kept: Counter,
+    kept_stale: Counter,
     queue_mismatch: Family<Labels, Gauge>,
     paused: Gauge,
     dead_lettered: Family<Labels, Counter>,
@@ -83,6 +85,8 @@ impl Metrics {
             retried: Counter::default(),
             dropped: Family::default(),
             batches: Counter::default(),
+            batches_from_kept: Counter::default(),
+            kept_stale: Counter::default(),
             queue_mismatch: Family::default(),
             paused: Gauge::default(),
             dead_lettered: Family::default(),
@@ -99,6 +103,16 @@ impl Metrics {
             m.dropped.clone(),
         );
         r.register("batches", "Transactions applied", m.batches.clone());
+        r.register(
+            "batches_from_kept",
+            "Transactions applied in one round trip, decided from the tasks kept in memory",
+            m.batches_from_kept.clone(),
+        );
+        r.register(
+            "kept_stale",
+            "Transactions decided from kept tasks whose fence found a task changed by another writer, then decided again from reads",
+            m.kept_stale.clone(),
+        );
         r.register(
             "tasks_finished",
             "Tasks that reached complete or error, by namespace, task and outcome",
@@ -217,8 +231,18 @@ impl Metrics {
     pub fn dead_letter_depth(&self, depth: u32) {
         self.dead_letter_depth.set(i64::from(depth));
     }
-    pub fn batch(&self) {
+    /// A committed batch, and how it was decided.
+    pub fn batch(&self, decided: Decided) {
         self.batches.inc();
+        match decided {
+            Decided::FromReads => {}
+            Decided::FromKept => {
+                self.batches_from_kept.inc();
+            }
+            Decided::AgainFromReads => {
+                self.kept_stale.inc();
+            }
+        }
     }
 }
 

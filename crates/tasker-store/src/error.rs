@@ -56,6 +56,13 @@ impl Error {
         }
     }
 
+    /// `true` when an orchestrator batch decided from the tasks it kept in memory found, at
+    /// its fence, that one of them had changed since (SQLSTATE `TK001`, raised by
+    /// `tasker_fence`): nothing the batch sent was written, and its connection is clean.
+    pub fn is_stale_kept(&self) -> bool {
+        matches!(self, Error::Database(e) if e.as_db_error().is_some_and(|db| db.code().code() == STALE_KEPT))
+    }
+
     /// `true` when the database refused a value it was asked to store (SQLSTATE class 22,
     /// data exception: a character it cannot hold, a number out of range): the same
     /// request will fail again, however often it is retried.
@@ -63,6 +70,9 @@ impl Error {
         matches!(self, Error::Database(e) if e.as_db_error().is_some_and(|db| db.code().code().starts_with("22")))
     }
 }
+
+/// The SQLSTATE the fence raises for a kept task that changed.
+pub(crate) const STALE_KEPT: &str = "TK001";
 
 /// The server's message when it sent one (tokio-postgres shows only "db error").
 fn describe(e: &tokio_postgres::Error) -> String {

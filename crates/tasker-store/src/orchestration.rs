@@ -28,6 +28,11 @@ pub struct TaskHead {
 }
 
 impl TaskHead {
+    /// The sort key of the task's latest transition: raised by one with every transition.
+    pub fn sort_key(&self) -> i32 {
+        self.last_sort_key
+    }
+
     pub fn subject(&self) -> EventSubject {
         EventSubject {
             task_id: self.id,
@@ -93,6 +98,13 @@ fn step_row(row: &Row) -> Result<StepRow> {
         attempts_before_retry: row.get(16),
         last_sort_key: row.get(17),
     })
+}
+
+impl StepRow {
+    /// The sort key of the step's latest transition: raised by one with every transition.
+    pub fn sort_key(&self) -> i32 {
+        self.last_sort_key
+    }
 }
 
 /// How far a task has got: counts over its unfinished steps.
@@ -280,12 +292,46 @@ fn ready_children(released: &[Row]) -> Result<Vec<StepRow>> {
         .collect()
 }
 
+/// The rows of [`whole_steps_sql`] by task, leaving out each task with more than `max`.
+fn whole_tasks(rows: &[Row], max: i64) -> Result<HashMap<Uuid, WholeTask>> {
+    let mut tasks: HashMap<Uuid, WholeTask> = HashMap::new();
+    for row in rows {
+        let step = step_row(row)?;
+        let task = tasks.entry(step.task_id).or_default();
+        let children: Vec<Uuid> = row.get(STEP_COLUMN_COUNT);
+        if !children.is_empty() {
+            task.children.insert(step.id, children);
+        }
+        task.steps.insert(step.id, step);
+    }
+    tasks.retain(|_, task| task.steps.len() as i64 <= max);
+    Ok(tasks)
+}
+
 fn progress_by_task(rows: &[Row]) -> HashMap<Uuid, Progress> {
     rows.iter().map(|r| (r.get(0), Progress { unfinished: r.get(1), active: r.get(2), ready: r.get(3) })).collect()
 }
 
 fn standing_by_task(rows: &[Row]) -> HashMap<Uuid, Standing> {
     rows.iter().map(|r| (r.get(0), Standing { unfinished: r.get(1), live: r.get(2) })).collect()
+}
+
+/// Every step of each task in $1 (at most $2 + 1 of a task: one more than the caller
+/// keeps, to tell a task too big), each with the ids of its children.
+fn whole_steps_sql() -> String {
+    format!(
+        "SELECT {STEP_COLUMNS}, ARRAY(SELECT e.to_step_id FROM workflow_step_edges e WHERE e.from_step_id = s.id) \
+         FROM unnest($1::uuid[]) AS t(id), \
+         LATERAL (SELECT * FROM workflow_steps x WHERE x.task_id = t.id LIMIT $2::int8 + 1) s"
+    )
+}
+
+/// A task's steps, all of them, and its edges: what the orchestrator keeps in memory.
+#[derive(Debug, Clone, Default)]
+pub struct WholeTask {
+    pub steps: HashMap<Uuid, StepRow>,
+    /// Each step's children (only steps that have some).
+    pub children: HashMap<Uuid, Vec<Uuid>>,
 }
 
 /// What an orchestrator batch reads in its first round trip, under the task locks.
@@ -301,6 +347,8 @@ pub struct Loaded {
     pub ready: Vec<Uuid>,
     /// How each task's steps other than `steps` stand (before the batch changes them).
     pub standing: HashMap<Uuid, Standing>,
+    /// The tasks asked for in whole that have no more steps than asked for, in whole.
+    pub whole: HashMap<Uuid, WholeTask>,
 }
 
 impl Tx {
@@ -316,14 +364,16 @@ impl Tx {
 
     /// The first round trip of an orchestrator batch: locks the tasks (in id order) and,
     /// once the server holds the locks, reads the `steps`, the children of the steps in
-    /// `completed`, the ready steps of the tasks in `evaluate`, and how every task's
-    /// other steps stand.
+    /// `completed`, the ready steps of the tasks in `evaluate`, how every task's other
+    /// steps stand, and the tasks of `whole.0` in whole if they have no more than
+    /// `whole.1` steps.
     pub async fn load_batch(
         &mut self,
         task_ids: &[Uuid],
         steps: &[Uuid],
         completed: &[Uuid],
         evaluate: &[Uuid],
+        whole: (&[Uuid], i64),
     ) -> Result<Loaded> {
         let mut ids = task_ids.to_vec();
         ids.sort_unstable();
@@ -333,17 +383,22 @@ impl Tx {
             "SELECT {STEP_COLUMNS}, e.from_step_id FROM workflow_step_edges e \
              JOIN workflow_steps s ON s.id = e.to_step_id WHERE e.from_step_id = ANY($1)"
         );
+        let whole_sql = whole_steps_sql();
         let (t, st, c, e): (Param1, Param1, Param1, Param1) = ([&ids], [&steps], [&completed], [&evaluate]);
         let others: [&(dyn ToSql + Sync); 2] = [&ids, &steps];
+        let (whole_ids, whole_max) = whole;
+        let w: [&(dyn ToSql + Sync); 2] = [&whole_ids, &whole_max];
         let reads = [
             (LOCK_TASKS, &t[..]),
             (steps_sql.as_str(), &st[..]),
             (children_sql.as_str(), &c[..]),
             (ready_sql.as_str(), &e[..]),
             (standing_sql.as_str(), &others[..]),
+            (whole_sql.as_str(), &w[..]),
         ];
         // skip the reads with nothing to read (the lock and the standing always run)
-        let wanted = [true, !steps.is_empty(), !completed.is_empty(), !evaluate.is_empty(), true];
+        let wanted =
+            [true, !steps.is_empty(), !completed.is_empty(), !evaluate.is_empty(), true, !whole_ids.is_empty()];
         let reads: Vec<Read> = reads.into_iter().zip(wanted).filter(|(_, w)| *w).map(|(r, _)| r).collect();
         let mut rows = self.round_trip(&reads, false).await?.into_iter();
         let mut loaded = Loaded { tasks: task_heads(&rows.next().unwrap_or_default())?, ..Loaded::default() };
@@ -368,6 +423,9 @@ impl Tx {
             }
         }
         loaded.standing = standing_by_task(&rows.next().unwrap_or_default());
+        if wanted[5] {
+            loaded.whole = whole_tasks(&rows.next().unwrap_or_default(), whole_max)?;
+        }
         Ok(loaded)
     }
 

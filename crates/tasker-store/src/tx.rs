@@ -188,11 +188,49 @@ impl Tx {
                 async { if commit { client.batch_execute("COMMIT").await } else { Ok(()) } },
             )
         };
-        let (_, _, rows, _) = crate::outbox::waking(client, notify && self.urgent, work).await?;
+        let (_, _, rows, _) = match crate::outbox::waking(client, notify && self.urgent, work).await {
+            Ok(done) => done,
+            Err(error) => return Err(self.failed_trip(error.into()).await),
+        };
         if notify && !self.urgent {
             self.waker.soon();
         }
         Ok(rows)
+    }
+
+    /// After a round trip failed: a fence that found a kept task changed has aborted the
+    /// transaction (or, with the `COMMIT` in the same pipeline, ended it), so it is ended
+    /// here and the connection goes back to the pool clean; after any other failure the
+    /// connection is discarded with the `Tx`.
+    async fn failed_trip(&mut self, error: crate::Error) -> crate::Error {
+        if error.is_stale_kept() {
+            let client = self.client.as_ref().expect("transaction is open");
+            crate::counter::count(1);
+            if client.batch_execute("ROLLBACK").await.is_ok() {
+                self.begun = false;
+            }
+        }
+        error
+    }
+
+    /// Sends, ahead of everything else in the next round trip, the fence of a batch decided
+    /// from tasks kept in memory: it locks them (in id order) and, with the locks held,
+    /// aborts the transaction with [`crate::Error::is_stale_kept`] unless each task's
+    /// `last_sort_key` and the sum of its steps' are still those of `kept`.
+    pub fn fence<'a>(&mut self, kept: impl IntoIterator<Item = (&'a TaskHead, i64)>) {
+        let mut kept: Vec<(Uuid, i32, i64)> =
+            kept.into_iter().map(|(task, steps)| (task.id, task.last_sort_key, steps)).collect();
+        kept.sort_unstable();
+        let ids: Vec<Uuid> = kept.iter().map(|k| k.0).collect();
+        let task_keys: Vec<i32> = kept.iter().map(|k| k.1).collect();
+        let step_keys: Vec<i64> = kept.iter().map(|k| k.2).collect();
+        self.writes.insert(
+            0,
+            Write {
+                sql: Cow::Borrowed("SELECT tasker_fence($1, $2, $3)"),
+                params: vec![boxed(ids), boxed(task_keys), boxed(step_keys)],
+            },
+        );
     }
 
     /// Writes what is buffered and runs one read, in one round trip.
@@ -209,7 +247,7 @@ impl Tx {
     /// change, its transition row and its event.
     pub fn transition_task(&mut self, task: &mut TaskHead, to: TaskState, metadata: Value) -> Result<()> {
         task.status.check(to)?;
-        let now = Utc::now();
+        let now = as_stored(Utc::now());
         let from = task.status;
         task.status = to;
         task.last_sort_key += 1;
@@ -250,7 +288,7 @@ impl Tx {
         change: StepChange,
     ) -> Result<()> {
         step.status.check(to)?;
-        let now = Utc::now();
+        let now = as_stored(Utc::now());
         let from = step.status;
         step.status = to;
         step.last_sort_key += 1;
@@ -269,8 +307,8 @@ impl Tx {
                 step.enqueued_at = Some(now);
                 step.next_attempt_at = None;
             }
-            StepState::InProgress => step.started_at = Some(change.started_at.unwrap_or(now)),
-            StepState::WaitingForRetry => step.next_attempt_at = change.next_attempt_at,
+            StepState::InProgress => step.started_at = Some(change.started_at.map_or(now, as_stored)),
+            StepState::WaitingForRetry => step.next_attempt_at = change.next_attempt_at.map(as_stored),
             StepState::Complete | StepState::Error | StepState::ResolvedManually | StepState::Cancelled => {
                 step.completed_at = Some(now)
             }
@@ -372,6 +410,14 @@ impl Tx {
         writes.extend(together(rows.into_iter().flatten().collect()));
         writes
     }
+}
+
+/// A time as the database stores it (whole microseconds, the rest cut off as the driver
+/// sends it), so that a row the engine holds in memory after a write equals the row read
+/// back.
+fn as_stored(at: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::SubsecRound;
+    at.trunc_subsecs(6)
 }
 
 impl Drop for Tx {

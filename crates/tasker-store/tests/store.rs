@@ -226,6 +226,77 @@ async fn illegal_transitions_are_refused_and_nothing_is_written() {
     env.cleanup().await;
 }
 
+/// A task read in whole (its steps and edges) is fenced by its sort keys: a transaction
+/// fenced with the keys as read commits; once anyone has moved a step, the same fence
+/// aborts it, nothing it sent is written, and the store goes on serving.
+#[tokio::test]
+async fn a_task_read_in_whole_is_fenced_by_its_sort_keys() {
+    let env = TestEnv::new().await;
+    let (store, task_id) = setup(&env).await;
+    let mut tx = store.begin().await.unwrap();
+    let mut loaded = tx.load_batch(&[task_id], &[], &[], &[], (&[task_id], 3)).await.unwrap();
+    let head = loaded.tasks.remove(&task_id).unwrap();
+    let whole = loaded.whole.remove(&task_id).expect("three steps, no more than asked for");
+    let id_of = |name: &str| whole.steps.values().find(|s| s.name == name).unwrap().id;
+    let (a, b, c) = (id_of("a"), id_of("b"), id_of("c"));
+    assert_eq!((whole.steps.len(), whole.children.len()), (3, 2));
+    assert_eq!((&whole.children[&a], &whole.children[&b]), (&vec![b], &vec![c]));
+    let keys = |whole: &tasker_store::WholeTask| whole.steps.values().map(|s| i64::from(s.sort_key())).sum::<i64>();
+    let too_big = tx.load_batch(&[task_id], &[], &[], &[], (&[task_id], 2)).await.unwrap();
+    assert!(too_big.whole.is_empty(), "a task with more steps than asked for is not read in whole");
+    tx.commit().await.unwrap();
+
+    // unchanged: the fence passes and the transaction's writes commit
+    let mut tx = store.begin().await.unwrap();
+    tx.fence([(&head, keys(&whole))]);
+    let mut started = head.clone();
+    tx.transition_task(&mut started, TaskState::InProgress, json!({})).unwrap();
+    tx.commit().await.unwrap();
+
+    // kept as it was before that commit: the fence finds the task changed
+    let mut tx = store.begin().await.unwrap();
+    tx.fence([(&head, keys(&whole))]);
+    let mut again = head.clone();
+    tx.transition_task(&mut again, TaskState::InProgress, json!({})).unwrap();
+    let error = tx.commit().await.unwrap_err();
+    assert!(error.is_stale_kept(), "{error}");
+
+    // a step moved by another writer changes only the steps' keys: found too
+    let mut tx = store.begin().await.unwrap();
+    let task = tx.lock_tasks(&[task_id]).await.unwrap().remove(&task_id).unwrap();
+    let mut moved = tx.steps(&[a]).await.unwrap().remove(0);
+    tx.transition_step(&task.subject(), &mut moved, StepState::Enqueued, json!({}), StepChange::default()).unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = store.begin().await.unwrap();
+    tx.fence([(&started, keys(&whole))]);
+    let mut cancelled = whole.steps[&c].clone();
+    tx.transition_step(&started.subject(), &mut cancelled, StepState::Cancelled, json!({}), StepChange::default())
+        .unwrap();
+    let error = tx.progress(&[task_id]).await.unwrap_err();
+    assert!(error.is_stale_kept(), "{error}");
+    drop(tx);
+
+    let db = env.database().await;
+    let tasks: Vec<String> = db
+        .query("SELECT to_state FROM task_transitions WHERE task_id = $1 ORDER BY sort_key", &[&task_id])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let steps: Vec<String> = db
+        .query("SELECT status FROM workflow_steps WHERE id = ANY($1) ORDER BY name", &[&vec![a, b, c]])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tasks, ["pending", "in_progress"], "the stale transactions wrote nothing");
+    assert_eq!(steps, ["enqueued", "pending", "pending"]);
+    drop(db);
+    env.cleanup().await;
+}
+
 /// A writer that waited for a task's lock sees what the holder committed: its transition
 /// follows the holder's (the next sort key), it does not collide with it.
 #[tokio::test]
@@ -318,9 +389,9 @@ async fn a_big_tasks_standing_looks_past_its_first_steps() {
     tx.commit().await.unwrap();
 
     let mut tx = store.begin().await.unwrap();
-    let all = tx.load_batch(&[task_id], &[], &[], &[]).await.unwrap().standing[&task_id];
+    let all = tx.load_batch(&[task_id], &[], &[], &[], (&[], 0)).await.unwrap().standing[&task_id];
     assert_eq!(all, Standing { unfinished: true, live: true }, "the step waiting for its retry is live");
-    let rest = tx.load_batch(&[task_id], &[other.id], &[], &[]).await.unwrap().standing[&task_id];
+    let rest = tx.load_batch(&[task_id], &[other.id], &[], &[], (&[], 0)).await.unwrap().standing[&task_id];
     assert_eq!(rest, Standing { unfinished: true, live: false }, "without it nothing can run");
     let progress = tx.progress(&[task_id]).await.unwrap()[&task_id];
     assert_eq!((progress.unfinished, progress.active, progress.ready), (42, 1, 0));

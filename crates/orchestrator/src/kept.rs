@@ -1,0 +1,290 @@
+//! The tasks the orchestrator keeps in memory between batches, so that a batch of reports
+//! on them is decided without first reading them under the lock: it writes in one round
+//! trip, fenced (`Tx::fence`), instead of two.
+//!
+//! A task is kept as a batch left it once committed: its head and every one of its steps
+//! with their children, read in whole (under the lock) by the batch that first saw it and
+//! changed since only by batches of this orchestrator. Nothing here is trusted: the fence
+//! checks, with the task locked, that the task's and its steps' sort keys are still the
+//! kept ones (every change anywhere raises one), and when another writer (an operator, a
+//! replica) changed the task, the batch is decided again from reads. Only small tasks are
+//! kept, up to a bounded number of steps in all; a task leaves when it finishes, when a
+//! batch on it fails (its commit's fate may be unknown), or when room is needed (the
+//! least recently used go first).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+};
+
+use tasker_store::{Loaded, Standing, StepRow, TaskHead, WholeTask};
+use uuid::Uuid;
+
+/// Most steps a task may have to be kept.
+pub(crate) const MAX_STEPS_PER_TASK: i64 = 64;
+/// Most steps kept in all (each a row of a few hundred bytes).
+const MAX_STEPS: usize = 100_000;
+/// Most tasks remembered as too big to keep (so their batches do not read them in whole
+/// again); forgotten all at once past it.
+const MAX_BIG: usize = 10_000;
+
+#[derive(Clone, Default)]
+pub(crate) struct Keeper(Arc<Mutex<Inner>>);
+
+#[derive(Default)]
+struct Inner {
+    tasks: HashMap<Uuid, Kept>,
+    /// Steps of the kept tasks, in all.
+    steps: usize,
+    /// How many batches under way hold each task.
+    busy: HashMap<Uuid, usize>,
+    /// Tasks known to have more than [`MAX_STEPS_PER_TASK`] steps.
+    big: HashSet<Uuid>,
+    /// Counts uses, to find the least recently used.
+    clock: u64,
+}
+
+struct Kept {
+    head: TaskHead,
+    whole: WholeTask,
+    used: u64,
+}
+
+/// A task's version: the sum of its own and its steps' sort keys, which every change
+/// raises.
+fn version(head: &TaskHead, steps: &HashMap<Uuid, StepRow>) -> i64 {
+    i64::from(head.sort_key()) + step_keys(steps)
+}
+
+/// The sum of the steps' sort keys, as the fence computes it.
+pub(crate) fn step_keys(steps: &HashMap<Uuid, StepRow>) -> i64 {
+    steps.values().map(|s| i64::from(s.sort_key())).sum()
+}
+
+/// The tasks of a batch under way, marked busy until it is dropped.
+pub(crate) struct Busy {
+    keeper: Keeper,
+    tasks: Vec<Uuid>,
+    /// Another batch under way held one of them when this one began.
+    pub(crate) shared: bool,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut inner = self.keeper.lock();
+        for id in &self.tasks {
+            if let Some(n) = inner.busy.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.busy.remove(id);
+                }
+            }
+        }
+    }
+}
+
+/// What a batch decided from kept tasks starts from.
+pub(crate) struct FromKept {
+    pub(crate) loaded: Loaded,
+    /// The kept tasks in whole, to keep again with the batch's changes.
+    pub(crate) wholes: HashMap<Uuid, WholeTask>,
+}
+
+impl Keeper {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.0.lock().expect("kept tasks lock")
+    }
+
+    /// Marks the tasks busy for as long as the returned guard lives.
+    pub(crate) fn busy(&self, tasks: &[Uuid]) -> Busy {
+        let mut tasks = tasks.to_vec();
+        tasks.sort_unstable();
+        tasks.dedup();
+        let mut inner = self.lock();
+        let mut shared = false;
+        for id in &tasks {
+            let n = inner.busy.entry(*id).or_default();
+            shared |= *n > 0;
+            *n += 1;
+        }
+        Busy { keeper: self.clone(), tasks, shared }
+    }
+
+    /// Of these tasks, those a batch that reads should read in whole (to keep them as it
+    /// leaves them): all but those known to be too big.
+    pub(crate) fn to_read_whole(&self, tasks: &[Uuid]) -> Vec<Uuid> {
+        let inner = self.lock();
+        let mut ids: Vec<Uuid> = tasks.iter().copied().filter(|id| !inner.big.contains(id)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// What a batch naming `steps` (reported complete: `completed`) of these tasks starts
+    /// from, if every task is kept: as the first round trip would read it.
+    pub(crate) fn load(&self, tasks: &[Uuid], steps: &[Uuid], completed: &[Uuid]) -> Option<FromKept> {
+        let mut inner = self.lock();
+        if !tasks.iter().all(|id| inner.tasks.contains_key(id)) {
+            return None;
+        }
+        inner.clock += 1;
+        let now = inner.clock;
+        let mut from = FromKept { loaded: Loaded::default(), wholes: HashMap::new() };
+        for id in tasks {
+            let kept = inner.tasks.get_mut(id).expect("kept, checked above");
+            kept.used = now;
+            from.loaded.tasks.insert(*id, kept.head.clone());
+            from.wholes.insert(*id, kept.whole.clone());
+        }
+        let loaded = &mut from.loaded;
+        let step_of = |id: &Uuid| from.wholes.values().find_map(|w| w.steps.get(id));
+        for id in steps {
+            if let Some(step) = step_of(id) {
+                loaded.steps.insert(*id, step.clone());
+            }
+        }
+        for id in completed {
+            let Some(step) = step_of(id) else { continue };
+            let children = from.wholes[&step.task_id].children.get(id).cloned().unwrap_or_default();
+            for child in &children {
+                if let Some(row) = step_of(child) {
+                    loaded.steps.entry(*child).or_insert_with(|| row.clone());
+                }
+            }
+            loaded.children.insert(*id, children);
+        }
+        // how each task's steps that no item names stand, as the first round trip reads it
+        for (id, whole) in &from.wholes {
+            let mut standing = Standing::default();
+            for step in whole.steps.values().filter(|s| !steps.contains(&s.id)) {
+                standing.count(step);
+            }
+            loaded.standing.insert(*id, standing);
+        }
+        Some(from)
+    }
+
+    /// Keeps each task as a committed batch left it: `wholes` as they were when it began
+    /// (read under its locks, or kept), with the batch's `tasks` and `steps` as they are
+    /// now. Finished tasks, tasks not in `wholes` and those in `forget` are not kept.
+    pub(crate) fn keep(
+        &self,
+        mut wholes: HashMap<Uuid, WholeTask>,
+        tasks: &HashMap<Uuid, TaskHead>,
+        steps: &HashMap<Uuid, StepRow>,
+        forget: &[Uuid],
+    ) {
+        for step in steps.values() {
+            if let Some(whole) = wholes.get_mut(&step.task_id) {
+                whole.steps.insert(step.id, step.clone());
+            }
+        }
+        let mut inner = self.lock();
+        inner.clock += 1;
+        let now = inner.clock;
+        for (id, head) in tasks {
+            if head.status.is_final() {
+                inner.big.remove(id);
+            }
+            let keep = !head.status.is_final() && !forget.contains(id);
+            let Some(whole) = wholes.remove(id).filter(|_| keep) else {
+                inner.remove(id);
+                continue;
+            };
+            // a batch that began later may have kept a newer state already
+            if inner.tasks.get(id).is_some_and(|k| version(&k.head, &k.whole.steps) >= version(head, &whole.steps)) {
+                continue;
+            }
+            inner.remove(id);
+            inner.steps += whole.steps.len();
+            inner.tasks.insert(*id, Kept { head: head.clone(), whole, used: now });
+        }
+        inner.make_room();
+    }
+
+    /// Remembers tasks read in whole and found too big to keep.
+    pub(crate) fn too_big(&self, tasks: impl IntoIterator<Item = Uuid>) {
+        let mut inner = self.lock();
+        if inner.big.len() > MAX_BIG {
+            inner.big.clear();
+        }
+        inner.big.extend(tasks);
+    }
+
+    /// Forgets these tasks (a batch on them failed, or found them changed).
+    pub(crate) fn forget(&self, tasks: &[Uuid]) {
+        let mut inner = self.lock();
+        for id in tasks {
+            inner.remove(id);
+        }
+    }
+}
+
+/// Debug builds (the tests) check, before a batch decided from kept tasks goes on, that
+/// the kept tasks are exactly what the database holds (every column the engine decides
+/// by), reading them in whole under the fence's locks: one more round trip.
+#[cfg(debug_assertions)]
+pub(crate) async fn check(tx: &mut tasker_store::Tx, from: &FromKept) -> tasker_store::Result<()> {
+    let ids: Vec<Uuid> = from.wholes.keys().copied().collect();
+    let stored = tx.load_batch(&ids, &[], &[], &[], (&ids, MAX_STEPS_PER_TASK)).await?;
+    let head = |t: &TaskHead| format!("{:?}", (t.status, t.started_at, t.completed_at, t.sort_key()));
+    let step = |s: &StepRow| {
+        let config: Option<serde_json::Value> = serde_json::from_str(&s.config).ok();
+        let error: Option<serde_json::Value> = s.last_error.as_deref().and_then(|e| serde_json::from_str(e).ok());
+        format!(
+            "{:?}",
+            (
+                (&s.name, &s.handler, config, s.status, s.attempts, s.attempts_before_retry, s.max_attempts),
+                (s.retryable, s.timeout_ms, s.pending_parents, s.next_attempt_at, error),
+                (s.enqueued_at, s.started_at, s.completed_at, s.sort_key()),
+            )
+        )
+    };
+    for (id, kept) in &from.wholes {
+        let (Some(task), Some(whole)) = (stored.tasks.get(id), stored.whole.get(id)) else {
+            panic!("kept task {id} is gone from the database");
+        };
+        assert_eq!(head(&from.loaded.tasks[id]), head(task), "kept task {id} differs from the database's");
+        let sorted = |w: &WholeTask| {
+            let mut steps: Vec<String> = w.steps.values().map(step).collect();
+            steps.sort();
+            let mut children: Vec<(Uuid, Vec<Uuid>)> = w
+                .children
+                .iter()
+                .map(|(parent, children)| {
+                    let mut children = children.clone();
+                    children.sort();
+                    (*parent, children)
+                })
+                .collect();
+            children.sort();
+            (steps, children)
+        };
+        assert_eq!(sorted(kept), sorted(whole), "kept task {id}'s steps differ from the database's");
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn remove(&mut self, id: &Uuid) {
+        if let Some(kept) = self.tasks.remove(id) {
+            self.steps -= kept.whole.steps.len();
+        }
+    }
+
+    /// Past [`MAX_STEPS`], forgets the least recently used tasks down to three quarters of
+    /// it.
+    fn make_room(&mut self) {
+        if self.steps <= MAX_STEPS {
+            return;
+        }
+        let mut by_use: Vec<(u64, Uuid)> = self.tasks.iter().map(|(id, k)| (k.used, *id)).collect();
+        by_use.sort_unstable();
+        for (_, id) in by_use {
+            if self.steps <= MAX_STEPS * 3 / 4 {
+                break;
+            }
+            self.remove(&id);
+        }
+    }
+}

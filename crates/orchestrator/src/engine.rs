@@ -168,7 +168,7 @@ impl Engine {
                 }
             }
             tracing::debug!(tasks = named.tasks.len(), "a kept task changed; deciding the batch again from reads");
-            self.kept.forget(&named.tasks);
+            self.kept.unkeep(named.tasks.iter().copied());
         }
         let result = self.decide_from_reads(items, &named, clock, stale).await;
         if result.is_err() {
@@ -216,7 +216,7 @@ impl Engine {
             )
             .await?;
         let wholes = std::mem::take(&mut loaded.whole);
-        self.kept.too_big(whole.into_iter().filter(|id| loaded.tasks.contains_key(id) && !wholes.contains_key(id)));
+        self.kept.unkeep(whole.into_iter().filter(|id| loaded.tasks.contains_key(id) && !wholes.contains_key(id)));
         let (mut outcome, after) = self.decide(items, tx, loaded, clock).await?;
         if stale {
             outcome.decided = Decided::AgainFromReads;

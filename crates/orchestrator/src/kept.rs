@@ -7,10 +7,11 @@
 //! changed since only by batches of this orchestrator. Nothing here is trusted: the fence
 //! checks, with the task locked, that the task's and its steps' sort keys are still the
 //! kept ones (every change anywhere raises one), and when another writer (an operator, a
-//! replica) changed the task, the batch is decided again from reads. Only small tasks are
-//! kept, up to a bounded number of steps in all; a task leaves when it finishes, when a
-//! batch on it fails (its commit's fate may be unknown), or when room is needed (the
-//! least recently used go first).
+//! replica) changed the task, the batch is decided again from reads, and the task is no
+//! longer kept (replicas sharing a task's reports would otherwise each find it changed
+//! almost every time). Only small tasks are kept, up to a bounded number of steps in all;
+//! a task leaves when it finishes, when a batch on it fails (its commit's fate may be
+//! unknown), or when room is needed (the least recently used go first).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -24,9 +25,9 @@ use uuid::Uuid;
 pub(crate) const MAX_STEPS_PER_TASK: i64 = 64;
 /// Most steps kept in all (each a row of a few hundred bytes).
 const MAX_STEPS: usize = 100_000;
-/// Most tasks remembered as too big to keep (so their batches do not read them in whole
+/// Most tasks remembered as not to keep (so their batches do not read them in whole
 /// again); forgotten all at once past it.
-const MAX_BIG: usize = 10_000;
+const MAX_UNKEPT: usize = 10_000;
 
 #[derive(Clone, Default)]
 pub(crate) struct Keeper(Arc<Mutex<Inner>>);
@@ -38,8 +39,9 @@ struct Inner {
     steps: usize,
     /// How many batches under way hold each task.
     busy: HashMap<Uuid, usize>,
-    /// Tasks known to have more than [`MAX_STEPS_PER_TASK`] steps.
-    big: HashSet<Uuid>,
+    /// Tasks not to keep: more than [`MAX_STEPS_PER_TASK`] steps, or changed by another
+    /// writer while kept.
+    unkept: HashSet<Uuid>,
     /// Counts uses, to find the least recently used.
     clock: u64,
 }
@@ -111,10 +113,10 @@ impl Keeper {
     }
 
     /// Of these tasks, those a batch that reads should read in whole (to keep them as it
-    /// leaves them): all but those known to be too big.
+    /// leaves them): all but those not to keep.
     pub(crate) fn to_read_whole(&self, tasks: &[Uuid]) -> Vec<Uuid> {
         let inner = self.lock();
-        let mut ids: Vec<Uuid> = tasks.iter().copied().filter(|id| !inner.big.contains(id)).collect();
+        let mut ids: Vec<Uuid> = tasks.iter().copied().filter(|id| !inner.unkept.contains(id)).collect();
         ids.sort_unstable();
         ids.dedup();
         ids
@@ -184,7 +186,7 @@ impl Keeper {
         let now = inner.clock;
         for (id, head) in tasks {
             if head.status.is_final() {
-                inner.big.remove(id);
+                inner.unkept.remove(id);
             }
             let keep = !head.status.is_final() && !forget.contains(id);
             let Some(whole) = wholes.remove(id).filter(|_| keep) else {
@@ -202,20 +204,24 @@ impl Keeper {
         inner.make_room();
     }
 
-    /// Remembers tasks read in whole and found too big to keep.
-    pub(crate) fn too_big(&self, tasks: impl IntoIterator<Item = Uuid>) {
-        let mut inner = self.lock();
-        if inner.big.len() > MAX_BIG {
-            inner.big.clear();
-        }
-        inner.big.extend(tasks);
-    }
-
-    /// Forgets these tasks (a batch on them failed, or found them changed).
+    /// Forgets these tasks (a batch on them failed).
     pub(crate) fn forget(&self, tasks: &[Uuid]) {
         let mut inner = self.lock();
         for id in tasks {
             inner.remove(id);
+        }
+    }
+
+    /// Forgets these tasks and keeps them no longer (until they finish): read in whole
+    /// and found too big, or found changed by another writer.
+    pub(crate) fn unkeep(&self, tasks: impl IntoIterator<Item = Uuid>) {
+        let mut inner = self.lock();
+        if inner.unkept.len() > MAX_UNKEPT {
+            inner.unkept.clear();
+        }
+        for id in tasks {
+            inner.remove(&id);
+            inner.unkept.insert(id);
         }
     }
 }

@@ -91,7 +91,7 @@ async fn a_kept_task_an_operator_changed_is_decided_again_from_the_database() {
 
 /// Two replicas share the work: a report applied by one leaves the other's kept task
 /// behind; the other's next batch on it finds that, reads the task again and goes on from
-/// where the first left it, and keeps it again.
+/// where the first left it. Sharing the task, it no longer keeps it.
 #[tokio::test]
 async fn a_kept_task_another_replica_moved_on_is_read_again() {
     let env = TestEnv::new().await;
@@ -105,7 +105,7 @@ async fn a_kept_task_another_replica_moved_on_is_read_again() {
     let second = engine.apply(&[completed(&by_replica.dispatches[0])]).await.unwrap();
     assert_eq!((second.decided, dispatched(&second)), (Decided::AgainFromReads, "c"));
     let last = engine.apply(&[completed(&second.dispatches[0])]).await.unwrap();
-    assert_eq!(last.decided, Decided::FromKept);
+    assert_eq!(last.decided, Decided::FromReads);
     assert!(last.dispatches.is_empty());
     assert_eq!(statuses(&env, task_id).await, ("complete".into(), vec!["complete".into(); 3]));
     env.cleanup().await;

@@ -2,7 +2,9 @@
 //! step reports, applies them in batched transactions under the task row locks (readiness
 //! by pending-parents count, fencing by attempt, finalization), publishes the step
 //! executions that became ready, and only then acks its input. A retry scheduler and a
-//! sweeper repair what crashes leave behind. Stateless: run any number of replicas.
+//! sweeper repair what crashes leave behind. What it keeps in memory between batches (the
+//! small tasks it is working on) is checked under the lock before anything is written
+//! from it, so any number of replicas may run.
 
 mod dispatch;
 mod engine;

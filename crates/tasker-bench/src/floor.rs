@@ -2,8 +2,10 @@
 //! broker hops a 4-step linear task makes, made by the bench itself with no work in them.
 //!
 //! One skeleton task is: a committed write (the create) and its request through the
-//! orchestrator's tasks queue; five batches, each a round trip that begins and locks a row
-//! and one that updates it and commits; after each of the first four, an execution through
+//! orchestrator's tasks queue; five batches, the first a round trip that begins and locks a
+//! row and one that updates it and commits, the other four (decided from the task as the
+//! orchestrator keeps it) one round trip that begins, locks, updates and commits; after
+//! each of the first four, an execution through
 //! a step queue (confirmed) and a report back through the results queue; after the last, a
 //! wake-up (`NOTIFY`, delivered to a listening connection), the relay's claim (a round
 //! trip) and one event through the events exchange to a subscriber. The queues have the
@@ -41,8 +43,7 @@ pub struct Setup {
 
 /// One report→dispatch hop of the skeleton, by part.
 struct Hop {
-    read: Duration,
-    write: Duration,
+    trip: Duration,
     publish: Duration,
 }
 
@@ -52,10 +53,9 @@ pub struct Floor {
     pub task: Latencies,
     /// Report received → the next execution confirmed (batches 2–4 of each task).
     pub hop: Latencies,
-    /// The hop's parts: `BEGIN` and the lock (round trip 1), the update and `COMMIT`
-    /// (round trip 2), the execution published and confirmed.
-    pub read: Latencies,
-    pub write: Latencies,
+    /// The hop's parts: its round trip (`BEGIN`, the lock, the update, `COMMIT`), the
+    /// execution published and confirmed.
+    pub trip: Latencies,
     pub publish: Latencies,
 }
 
@@ -67,20 +67,14 @@ pub async fn measure(setup: &Setup, tasks: usize) -> anyhow::Result<Floor> {
         let mut probe = Probe::open(&setup.database_url, &broker).await?;
         // warm up: connections, plans, queues
         probe.task().await?;
-        let mut floor = Floor {
-            task: Latencies::new(),
-            hop: Latencies::new(),
-            read: Latencies::new(),
-            write: Latencies::new(),
-            publish: Latencies::new(),
-        };
+        let mut floor =
+            Floor { task: Latencies::new(), hop: Latencies::new(), trip: Latencies::new(), publish: Latencies::new() };
         for _ in 0..tasks {
             let (took, hops) = probe.task().await?;
             floor.task.record(took);
             for hop in hops {
-                floor.hop.record(hop.read + hop.write + hop.publish);
-                floor.read.record(hop.read);
-                floor.write.record(hop.write);
+                floor.hop.record(hop.trip + hop.publish);
+                floor.trip.record(hop.trip);
                 floor.publish.record(hop.publish);
             }
         }
@@ -175,7 +169,7 @@ impl Probe {
         incoming.ack.ack().await?;
         let mut hops = Vec::new();
         for step in 0..4 {
-            let (read, write) = self.batch(false).await?;
+            let trip = self.batch(step > 0, false).await?;
             let committed = Instant::now();
             let execution = Command::Step(StepExecution { namespace: NAMESPACE.into(), ..Default::default() });
             let (confirmed, incoming) = futures::try_join!(
@@ -186,7 +180,7 @@ impl Probe {
                 self.steps.next().map_err(anyhow::Error::from),
             )?;
             if step > 0 {
-                hops.push(Hop { read, write, publish: confirmed - committed });
+                hops.push(Hop { trip, publish: confirmed - committed });
             }
             let report = Command::Report(StepReport::default());
             let (_, reported) = futures::try_join!(
@@ -197,7 +191,7 @@ impl Probe {
             incoming.ack.ack().await?;
             reported.ack.ack().await?;
         }
-        self.batch(true).await?;
+        self.batch(true, true).await?;
         // the relay: woken, claims (one round trip), publishes, the subscriber has it
         self.notified.recv().await.context("the listener stopped")?;
         futures::try_join!(
@@ -215,16 +209,30 @@ impl Probe {
         Ok((took, hops))
     }
 
-    /// An orchestrator batch: begin and lock; write and commit (and, for the last, wake
-    /// the relay right behind the commit). How long each round trip took.
-    async fn batch(&self, wake: bool) -> anyhow::Result<(Duration, Duration)> {
+    /// An orchestrator batch: begin and lock, then (a round trip later, unless `kept`:
+    /// the orchestrator decides a kept task's batch without reading it first) update and
+    /// commit, and for the last batch wake the relay right behind the commit. How long it
+    /// took.
+    async fn batch(&self, kept: bool, wake: bool) -> anyhow::Result<Duration> {
         let start = Instant::now();
-        futures::try_join!(self.db.execute(&self.begin, &[]), self.db.query_one(&self.lock, &[]))?;
-        let read = start.elapsed();
-        futures::try_join!(self.db.execute(&self.update, &[]), self.db.execute(&self.commit, &[]), async {
-            if wake { self.db.batch_execute(WAKE).await } else { Ok(()) }
-        })?;
-        Ok((read, start.elapsed() - read))
+        let lock = async {
+            futures::try_join!(self.db.execute(&self.begin, &[]), self.db.query_one(&self.lock, &[]))?;
+            Ok(())
+        };
+        let write = async {
+            futures::try_join!(self.db.execute(&self.update, &[]), self.db.execute(&self.commit, &[]), async {
+                if wake { self.db.batch_execute(WAKE).await } else { Ok(()) }
+            })?;
+            Ok::<_, tokio_postgres::Error>(())
+        };
+        if kept {
+            // polled in order, so sent in order, in one pipeline
+            futures::try_join!(lock, write)?;
+        } else {
+            lock.await?;
+            write.await?;
+        }
+        Ok(start.elapsed())
     }
 
     async fn close(self) -> anyhow::Result<()> {

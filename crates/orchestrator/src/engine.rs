@@ -168,7 +168,7 @@ impl Engine {
                 }
             }
             tracing::debug!(tasks = named.tasks.len(), "a kept task changed; deciding the batch again from reads");
-            self.kept.unkeep(named.tasks.iter().copied());
+            self.kept.stale(&named.tasks);
         }
         let result = self.decide_from_reads(items, &named, clock, stale).await;
         if result.is_err() {

@@ -9,7 +9,8 @@
 //! kept ones (every change anywhere raises one), and when another writer (an operator, a
 //! replica) changed the task, the batch is decided again from reads, and the task is no
 //! longer kept (replicas sharing a task's reports would otherwise each find it changed
-//! almost every time). Only small tasks are kept, up to a bounded number of steps in all;
+//! almost every time), unless another batch of this orchestrator on the task was under way
+//! (then it may have been the writer: the task is read in whole again). Only small tasks are kept, up to a bounded number of steps in all;
 //! a task leaves when it finishes, when a batch on it fails (its commit's fate may be
 //! unknown), or when room is needed (the least recently used go first).
 
@@ -210,6 +211,18 @@ impl Keeper {
         for id in tasks {
             inner.remove(id);
         }
+    }
+
+    /// A batch's fence found one of these tasks changed. When another batch of this
+    /// orchestrator holds one of them now, that batch may be the writer: the tasks are
+    /// forgotten, to be read in whole again. Otherwise another writer changed them (an
+    /// operator, a replica), and they are kept no longer.
+    pub(crate) fn stale(&self, tasks: &[Uuid]) {
+        let ours = {
+            let inner = self.lock();
+            tasks.iter().any(|id| inner.busy.get(id).is_some_and(|n| *n > 1))
+        };
+        if ours { self.forget(tasks) } else { self.unkeep(tasks.iter().copied()) }
     }
 
     /// Forgets these tasks and keeps them no longer (until they finish): read in whole

@@ -110,7 +110,7 @@ impl Metrics {
         );
         r.register(
             "kept_stale",
-            "Transactions decided from kept tasks whose fence found a task changed by another writer, then decided again from reads",
+            "Transactions decided from kept tasks whose fence found a task changed (by an operator, another replica or another batch under way), then decided again from reads",
             m.kept_stale.clone(),
         );
         r.register(

@@ -4,7 +4,7 @@
 use orchestrator::{Decided, Engine, Outcome, Work};
 use tasker_domain::{Backoff, Limits, Template};
 use tasker_proto::messages::{Completed, StepReport, step_report};
-use tasker_store::{Actor, Dispatch, NewTask, Store, Workload};
+use tasker_store::{Actor, Dispatch, Store, Workload};
 use tasker_test_support::TestEnv;
 use uuid::Uuid;
 
@@ -15,20 +15,7 @@ async fn setup(env: &TestEnv) -> (Store, Engine, Uuid) {
     let store = Store::connect(&env.config.database.url, 4, Workload::Keyed).await.unwrap();
     let template = Template::from_yaml(CHAIN, &Limits::default()).unwrap();
     let record = store.register_template(&template).await.unwrap().record;
-    let new = NewTask {
-        template: &record,
-        context: "{}",
-        tags: &[],
-        initiator: "",
-        source_system: "",
-        reason: "",
-        priority: 0,
-        idempotency_key: None,
-        request_hash: "",
-        actor: "test",
-        trace: &Default::default(),
-        as_latest: true,
-    };
+    let new = tasker_test_support::new_task(&record);
     let task_id = store.create_task(&new).await.unwrap().task_id;
     (store.clone(), Engine::new(store, Backoff::default(), Limits::default()), task_id)
 }

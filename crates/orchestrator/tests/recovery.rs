@@ -2,7 +2,7 @@
 
 use serde_json::json;
 use tasker_proto::v1 as pb;
-use tasker_store::{NewTask, Store};
+use tasker_store::Store;
 use tasker_test_support::{System, TestEnv, WorkerSpec};
 
 const CHAIN: &str = "namespace: recovery\nname: chain\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n  - { name: b, handler: noop, depends_on: [a] }\n";
@@ -16,20 +16,7 @@ async fn a_task_whose_request_was_lost_still_runs() {
     system.register(&env, CHAIN).await;
     let store = Store::connect(&env.config.database.url, 2, tasker_store::Workload::General).await.unwrap();
     let record = store.template("recovery", "chain", None).await.unwrap();
-    let new = NewTask {
-        template: &record,
-        context: "{}",
-        tags: &[],
-        initiator: "",
-        source_system: "",
-        reason: "",
-        priority: 0,
-        idempotency_key: None,
-        request_hash: "",
-        actor: "test",
-        trace: &Default::default(),
-        as_latest: true,
-    };
+    let new = tasker_test_support::new_task(&record);
     let task_id = store.create_task(&new).await.unwrap().task_id;
     let done = system.wait_final(&task_id.to_string()).await;
     assert_eq!(done.status(), pb::TaskStatus::Complete);

@@ -597,23 +597,6 @@ async fn a_task_from_a_superseded_latest_template_is_not_written() {
     env.cleanup().await;
 }
 
-static NO_TRACE: tasker_domain::TraceContext =
-    tasker_domain::TraceContext { traceparent: String::new(), tracestate: String::new() };
-
-/// A request for a task of `template`, with nothing in it.
 fn new_task(template: &tasker_store::TemplateRecord, as_latest: bool) -> NewTask<'_> {
-    NewTask {
-        template,
-        context: "{}",
-        tags: &[],
-        initiator: "test",
-        source_system: "",
-        reason: "",
-        priority: 0,
-        idempotency_key: None,
-        request_hash: "h",
-        actor: "test",
-        trace: &NO_TRACE,
-        as_latest,
-    }
+    NewTask { as_latest, ..tasker_test_support::new_task(template) }
 }

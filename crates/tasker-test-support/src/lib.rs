@@ -26,6 +26,28 @@ pub use proxy::FaultProxy;
 pub use system::{System, WorkerSpec};
 pub use tls::{CertFiles, StartTls, TestCa, TlsTerminator};
 
+static NO_TRACE: tasker_domain::TraceContext =
+    tasker_domain::TraceContext { traceparent: String::new(), tracestate: String::new() };
+
+/// A task of this template as a test writes it straight into the store: an empty context,
+/// no trace, created from the name's latest version.
+pub fn new_task(template: &tasker_store::TemplateRecord) -> tasker_store::NewTask<'_> {
+    tasker_store::NewTask {
+        template,
+        context: "{}",
+        tags: &[],
+        initiator: "test",
+        source_system: "",
+        reason: "",
+        priority: 0,
+        idempotency_key: None,
+        request_hash: "h",
+        actor: "test",
+        trace: &NO_TRACE,
+        as_latest: true,
+    }
+}
+
 /// One test's private database and broker prefix, and the configuration pointing at them.
 pub struct TestEnv {
     pub config: Config,

@@ -487,6 +487,62 @@ async fn the_previous_versions_history_writes_still_run_beside_this_one() {
     env.cleanup().await;
 }
 
+/// Contexts and results of hundreds of KB (Postgres compresses what passes about 2 KB,
+/// with LZ4 where the server has it) come back exactly as written.
+#[tokio::test]
+async fn large_contexts_and_results_come_back_whole_compressed_with_lz4() {
+    let env = TestEnv::new().await;
+    let store = Store::connect(&env.config.database.url, 2, tasker_store::Workload::General).await.unwrap();
+    let template = Template::from_yaml(TEMPLATE, &Limits::default()).unwrap();
+    let record = store.register_template(&template).await.unwrap().record;
+    let items = |n: usize, label: &str| -> serde_json::Value {
+        let items: Vec<serde_json::Value> =
+            (0..n).map(|i| json!({ "id": i, "sku": format!("{label}-{}", i * 7919 % 10007), "qty": i % 9 })).collect();
+        json!({ "items": items })
+    };
+    let context = items(6000, "ctx");
+    let context_text = context.to_string();
+    assert!(context_text.len() > 200_000, "{}", context_text.len());
+    let new = NewTask { context: &context_text, ..new_task(&record, false) };
+    let task_id = store.create_task(&new).await.unwrap().task_id;
+
+    let results = items(6000, "res");
+    let mut tx = store.begin().await.unwrap();
+    let mut task = tx.lock_tasks(&[task_id]).await.unwrap().remove(&task_id).unwrap();
+    tx.transition_task(&mut task, TaskState::InProgress, json!({})).unwrap();
+    let mut a = tx.ready_steps(&[task_id]).await.unwrap().remove(0);
+    for to in [StepState::Enqueued, StepState::InProgress] {
+        tx.transition_step(&task.subject(), &mut a, to, json!({}), StepChange::default()).unwrap();
+    }
+    let change = StepChange { results: Some(results.to_string()), ..Default::default() };
+    tx.transition_step(&task.subject(), &mut a, StepState::Complete, json!({}), change).unwrap();
+    tx.commit().await.unwrap();
+
+    let view = store.task(task_id, false).await.unwrap();
+    let parsed = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap();
+    assert_eq!(parsed(&view.task.context), context);
+    let stored = view.steps.iter().find(|s| s.name == "a").and_then(|s| s.results.as_deref()).unwrap();
+    assert_eq!(parsed(stored), results);
+
+    let db = env.database().await;
+    let lz4 = db.batch_execute("SET default_toast_compression = lz4").await.is_ok();
+    let methods: Vec<Option<String>> = db
+        .query(
+            "SELECT pg_column_compression(context) FROM tasks WHERE id = $1 \
+             UNION ALL SELECT pg_column_compression(results) FROM workflow_steps WHERE task_id = $1 AND name = 'a'",
+            &[&task_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let expected = if lz4 { "lz4" } else { "pglz" };
+    assert_eq!(methods, [Some(expected.to_string()), Some(expected.to_string())], "LZ4 support: {lz4}");
+    drop(db);
+    env.cleanup().await;
+}
+
 /// A replica of the previous build starts against a database a newer build has migrated
 /// (a rolling deployment's old replica restarting, or a rollback): the newer build's
 /// migration is left alone, this build finds nothing of its own pending, and works.

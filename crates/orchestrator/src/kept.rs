@@ -10,9 +10,10 @@
 //! replica) changed the task, the batch is decided again from reads, and the task is no
 //! longer kept (replicas sharing a task's reports would otherwise each find it changed
 //! almost every time), unless another batch of this orchestrator on the task was under way
-//! (then it may have been the writer: the task is read in whole again). Only small tasks are kept, up to a bounded number of steps in all;
-//! a task leaves when it finishes, when a batch on it fails (its commit's fate may be
-//! unknown), or when room is needed (the least recently used go first).
+//! (then it may have been the writer: the task is read in whole again). Only small tasks
+//! are kept, up to a bounded number of steps in all; a task leaves when it finishes, when a
+//! batch on it fails (its commit's fate may be unknown), or when room is needed (the least
+//! recently used go first).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -305,5 +306,159 @@ impl Inner {
             }
             self.remove(&id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use tasker_domain::{Limits, TaskState, Template};
+    use tasker_store::{Store, Workload};
+    use tasker_test_support::TestEnv;
+
+    use super::*;
+
+    const CHAIN: &str = "namespace: kept\nname: unit\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n  - { name: b, handler: noop, depends_on: [a] }\n  - { name: c, handler: noop, depends_on: [b] }\n";
+
+    /// A store and a task of three steps, as a batch reads it in whole.
+    async fn read_whole(env: &TestEnv) -> (Store, TaskHead, WholeTask) {
+        let store = Store::connect(&env.config.database.url, 2, Workload::Keyed).await.unwrap();
+        let template = Template::from_yaml(CHAIN, &Limits::default()).unwrap();
+        let record = store.register_template(&template).await.unwrap().record;
+        let id = store.create_task(&tasker_test_support::new_task(&record)).await.unwrap().task_id;
+        let mut tx = store.begin().await.unwrap();
+        let mut loaded = tx.load_batch(&[id], &[], &[], &[], (&[id], MAX_STEPS_PER_TASK)).await.unwrap();
+        tx.commit().await.unwrap();
+        let (head, whole) = (loaded.tasks.remove(&id).unwrap(), loaded.whole.remove(&id).unwrap());
+        assert_eq!(whole.steps.len(), 3);
+        (store, head, whole)
+    }
+
+    /// The same task under another id (its steps moved along).
+    fn copy(head: &TaskHead, whole: &WholeTask) -> (TaskHead, WholeTask) {
+        let id = tasker_domain::new_id();
+        let mut whole = whole.clone();
+        whole.steps.values_mut().for_each(|s| s.task_id = id);
+        let mut head = head.clone();
+        head.id = id;
+        (head, whole)
+    }
+
+    /// Keeps these tasks as a committed batch that changed nothing would.
+    fn keep(keeper: &Keeper, tasks: &[(TaskHead, WholeTask)]) {
+        let heads = tasks.iter().map(|(h, _)| (h.id, h.clone())).collect();
+        let wholes = tasks.iter().map(|(h, w)| (h.id, w.clone())).collect();
+        keeper.keep(wholes, &heads, &HashMap::new(), &[]);
+    }
+
+    fn is_kept(keeper: &Keeper, id: Uuid) -> bool {
+        keeper.load(&[id], &[], &[]).is_some()
+    }
+
+    /// Whether a batch that reads would read the task in whole (to keep it).
+    fn to_keep(keeper: &Keeper, id: Uuid) -> bool {
+        keeper.to_read_whole(&[id]) == [id]
+    }
+
+    #[tokio::test]
+    async fn a_task_is_kept_until_it_finishes_or_a_batch_on_it_fails() {
+        let env = TestEnv::new().await;
+        let (_, head, whole) = read_whole(&env).await;
+        let keeper = Keeper::default();
+        let id = head.id;
+        keep(&keeper, &[(head.clone(), whole.clone())]);
+        let from = keeper.load(&[id], &[], &[]).expect("kept");
+        assert_eq!(from.wholes[&id].steps.len(), 3);
+        assert_eq!(from.loaded.standing[&id], {
+            let mut standing = Standing::default();
+            whole.steps.values().for_each(|s| standing.count(s));
+            standing
+        });
+
+        keeper.forget(&[id]);
+        assert!(!is_kept(&keeper, id) && to_keep(&keeper, id), "a failed batch's task is read again, and kept");
+
+        keeper.unkeep([id]);
+        assert!(!is_kept(&keeper, id) && !to_keep(&keeper, id), "changed by another writer: kept no longer");
+        let mut finished = head.clone();
+        finished.status = TaskState::Complete;
+        keep(&keeper, &[(finished, whole.clone())]);
+        assert!(!is_kept(&keeper, id), "a finished task is not kept");
+        assert!(to_keep(&keeper, id), "nor remembered as not to keep");
+        env.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn a_stale_task_another_batch_holds_is_read_again_else_kept_no_longer() {
+        let env = TestEnv::new().await;
+        let (_, head, whole) = read_whole(&env).await;
+        let keeper = Keeper::default();
+        let (alone, shared) = (copy(&head, &whole), copy(&head, &whole));
+        keep(&keeper, &[alone.clone(), shared.clone()]);
+
+        // only this batch held it: another writer changed it
+        let batch = keeper.busy(&[alone.0.id]);
+        assert!(!batch.shared);
+        keeper.stale(&[alone.0.id]);
+        drop(batch);
+        assert!(!is_kept(&keeper, alone.0.id) && !to_keep(&keeper, alone.0.id));
+
+        // another batch of this orchestrator held it too: it may have been the writer
+        let first = keeper.busy(&[shared.0.id]);
+        let second = keeper.busy(&[shared.0.id]);
+        assert!(!first.shared && second.shared);
+        keeper.stale(&[shared.0.id]);
+        drop((first, second));
+        assert!(!is_kept(&keeper, shared.0.id) && to_keep(&keeper, shared.0.id));
+        assert!(keeper.lock().busy.is_empty(), "every batch let go of its tasks");
+        env.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_began_earlier_does_not_overwrite_a_newer_kept_state() {
+        let env = TestEnv::new().await;
+        let (store, head, whole) = read_whole(&env).await;
+        let mut started = head.clone();
+        let mut tx = store.begin().await.unwrap();
+        tx.transition_task(&mut started, TaskState::InProgress, json!({})).unwrap();
+        tx.rollback().await.unwrap();
+        assert!(started.sort_key() > head.sort_key());
+
+        let keeper = Keeper::default();
+        keep(&keeper, &[(started.clone(), whole.clone())]);
+        keep(&keeper, &[(head.clone(), whole.clone())]);
+        let from = keeper.load(&[head.id], &[], &[]).unwrap();
+        assert_eq!(from.loaded.tasks[&head.id].status, TaskState::InProgress, "the newer state stays");
+        env.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn past_its_bound_the_least_recently_used_tasks_go() {
+        let env = TestEnv::new().await;
+        let (_, head, whole) = read_whole(&env).await;
+        let keeper = Keeper::default();
+        let tasks: Vec<(TaskHead, WholeTask)> = (0..MAX_STEPS / 3 + 1_000).map(|_| copy(&head, &whole)).collect();
+        let (first, second, last) = (tasks[0].0.id, tasks[1].0.id, tasks[tasks.len() - 1].0.id);
+        let mut touched = false;
+        for chunk in tasks.chunks(1_000) {
+            // just before the bound is passed, the first is used again; the second is not
+            if !touched && keeper.lock().steps + 3 * chunk.len() > MAX_STEPS {
+                assert!(is_kept(&keeper, first));
+                touched = true;
+            }
+            keep(&keeper, chunk);
+        }
+        assert!(touched);
+        {
+            let inner = keeper.lock();
+            assert!(inner.steps <= MAX_STEPS, "{} steps kept", inner.steps);
+            assert_eq!(inner.steps, inner.tasks.values().map(|k| k.whole.steps.len()).sum::<usize>());
+            assert!(inner.tasks.len() < tasks.len());
+        }
+        assert!(is_kept(&keeper, first), "used lately: kept");
+        assert!(!is_kept(&keeper, second), "the least recently used went first");
+        assert!(is_kept(&keeper, last));
+        assert!(to_keep(&keeper, second), "room, not a change: read again and kept");
+        env.cleanup().await;
     }
 }

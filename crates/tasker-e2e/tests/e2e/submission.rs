@@ -227,3 +227,32 @@ async fn list_tasks_pages_through_everything_newest_first() {
     system.stop().await;
     env.cleanup().await;
 }
+
+/// A context of hundreds of KB (Postgres stores it compressed) reaches every handler
+/// whole, and results of that size reach the children and GetTask whole: each `echo`
+/// step returns the context and its parents' results, so the last step's execution
+/// carries three times the context.
+#[tokio::test]
+async fn contexts_and_results_of_hundreds_of_kb_arrive_whole() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![WorkerSpec::new("w1", &["customer_success"])]).await;
+    system.register(&env, CS_REFUND).await;
+    let items: Vec<serde_json::Value> =
+        (0..4000).map(|i| json!({ "id": i, "sku": format!("sku-{}", i * 7919 % 10007), "note": "fragile" })).collect();
+    let context = json!({ "order": "o-1", "amount": 123456789012345678901234567890_u128, "items": items });
+    assert!(context.to_string().len() > 150_000);
+    let created = system.submit("customer_success", "process_refund", context.clone()).await;
+    let task = system.wait_final(&created.id).await;
+    assert_eq!(task.status(), pb::TaskStatus::Complete);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&task.context_json).unwrap(), context);
+    let steps = steps_by_name(&task);
+    let results = |name: &str| serde_json::from_str::<serde_json::Value>(&steps[name].results_json).unwrap();
+    let (first, second, third) =
+        (results("validate_refund_request"), results("get_manager_approval"), results("execute_refund_workflow"));
+    assert_eq!(first["context"], context);
+    assert_eq!(second["context"], context);
+    assert_eq!(second["parents"]["validate_refund_request"], first);
+    assert_eq!(third["context"], context);
+    assert_eq!(third["parents"]["get_manager_approval"], second);
+    env.cleanup().await;
+}

@@ -3,7 +3,7 @@
 -- execution), a step's results, and an outbox row's events (every batch writes one, the
 -- relay reads it once and deletes it; a batch of a few dozen events is tens of KB).
 -- Postgres compresses a value only when its row passes about 2 KB, so small payloads are
--- untouched either way; on a 28 KB outbox row the insert took 0.15–0.25 ms less, and a
+-- untouched either way; on a 28 KB outbox row the insert took 0.1–0.3 ms less, and a
 -- 283 KB context was written in 7.2 ms instead of 12.4–13.3 (docs/performance.md), for
 -- values about 4 % larger. Values already stored keep the method they were written with,
 -- and Postgres reads either, so a build from before this migration runs beside it. A

@@ -136,13 +136,10 @@ impl Named {
     }
 }
 
-/// The tasks and steps a committed batch left, as they are stored now, and the tasks
-/// whose stored rows it changed in ways it does not hold in memory (a republished step's
-/// `enqueued_at` is the server's clock).
+/// The tasks and steps a committed batch left, as they are stored now.
 struct After {
     tasks: HashMap<Uuid, TaskHead>,
     steps: HashMap<Uuid, StepRow>,
-    unknown: Vec<Uuid>,
 }
 
 impl Engine {
@@ -191,7 +188,7 @@ impl Engine {
         kept::check(&mut tx, &from).await?;
         let (mut outcome, after) = self.decide(items, tx, from.loaded, clock).await?;
         outcome.decided = Decided::FromKept;
-        self.kept.keep(from.wholes, &after.tasks, &after.steps, &after.unknown);
+        self.kept.keep(from.wholes, &after.tasks, &after.steps);
         Ok(outcome)
     }
 
@@ -221,7 +218,7 @@ impl Engine {
         if stale {
             outcome.decided = Decided::AgainFromReads;
         }
-        self.kept.keep(wholes, &after.tasks, &after.steps, &after.unknown);
+        self.kept.keep(wholes, &after.tasks, &after.steps);
         Ok(outcome)
     }
 
@@ -549,13 +546,18 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// Publishes an enqueued attempt again when its execution was last published (at its
+    /// enqueue, or by a sweep since) `older_than` ago. Decided from reads only (`Work`'s
+    /// `decidable_from_kept`): a republish by another replica changes no sort key.
     fn republish(&mut self, step_id: Uuid, older_than: std::time::Duration) -> tasker_store::Result<()> {
-        let Some(step) = self.steps.get(&step_id) else { return Ok(()) };
+        let Some(step) = self.steps.get_mut(&step_id) else { return Ok(()) };
+        let now = Utc::now();
         let stale = step
-            .enqueued_at
-            .is_some_and(|t| Utc::now().signed_duration_since(t).to_std().is_ok_and(|age| age >= older_than));
+            .last_published_at
+            .is_some_and(|t| now.signed_duration_since(t).to_std().is_ok_and(|age| age >= older_than));
         if step.status == StepState::Enqueued && stale && !self.enqueued.contains(&step_id) {
             tracing::warn!(task_id = %step.task_id, step_id = %step.id, attempt = step.attempts, "step enqueued too long; publishing it again");
+            step.last_published_at = Some(now);
             self.republished.push(step_id);
         }
         Ok(())
@@ -623,7 +625,6 @@ impl Batch<'_> {
         let dispatches = self.tx.commit_dispatching(&self.tasks, &to_dispatch, &self.republished).await?;
         self.phases.write = self.clock.elapsed() - self.phases.read - self.phases.apply;
         self.tally.dispatched(dispatches.len());
-        let unknown = self.republished.iter().filter_map(|id| self.steps.get(id)).map(|s| s.task_id).collect();
         let outcome = Outcome {
             dispatches,
             next_retry_at: self.next_retry_at,
@@ -631,7 +632,7 @@ impl Batch<'_> {
             phases: self.phases,
             decided: Decided::FromReads,
         };
-        Ok((outcome, After { tasks: self.tasks, steps: self.steps, unknown }))
+        Ok((outcome, After { tasks: self.tasks, steps: self.steps }))
     }
 }
 

@@ -1,6 +1,8 @@
 //! Batches decided from the tasks the orchestrator keeps in memory (one round trip), and
 //! what happens when another writer changed a kept task meanwhile.
 
+use std::time::Duration;
+
 use orchestrator::{Decided, Engine, Outcome, Work};
 use tasker_domain::{Backoff, Limits, Template};
 use tasker_proto::messages::{Completed, StepReport, step_report};
@@ -94,6 +96,45 @@ async fn a_kept_task_another_replica_moved_on_is_read_again() {
     let last = engine.apply(&[completed(&second.dispatches[0])]).await.unwrap();
     assert_eq!(last.decided, Decided::FromReads);
     assert!(last.dispatches.is_empty());
+    assert_eq!(statuses(&env, task_id).await, ("complete".into(), vec!["complete".into(); 3]));
+    env.cleanup().await;
+}
+
+/// Another replica's sweeper publishing an enqueued attempt again changes nothing a kept
+/// task holds: the attempt's `enqueued_at` stays its enqueue (its queue wait counts from
+/// it), so the replica keeping the task goes on deciding from it, in one round trip. The
+/// sweeper's next look counts from the latest publication, not from the enqueue.
+#[tokio::test]
+async fn a_step_another_replica_republished_leaves_the_kept_task_as_it_was() {
+    let env = TestEnv::new().await;
+    let (store, engine, task_id) = setup(&env).await;
+    let replica = Engine::new(store, Backoff::default(), Limits::default());
+    let first = engine.apply(&[(task_id, Work::Evaluate)]).await.unwrap();
+    let second = engine.apply(&[completed(&first.dispatches[0])]).await.unwrap();
+    assert_eq!((second.decided, dispatched(&second)), (Decided::FromKept, "b"));
+    let b = second.dispatches[0].step_id;
+    let db = env.database().await;
+    let enqueued_at = "SELECT enqueued_at, updated_at FROM workflow_steps WHERE id = $1";
+    let before = db.query_one(enqueued_at, &[&b]).await.unwrap();
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let older_than = Duration::from_millis(900);
+    let republished = replica.apply(&[(task_id, Work::Republish { step: b, older_than })]).await.unwrap();
+    assert_eq!((dispatched(&republished), republished.dispatches[0].attempt), ("b", 1));
+    let after = db.query_one(enqueued_at, &[&b]).await.unwrap();
+    let at = |row: &tokio_postgres::Row, i| row.get::<_, chrono::DateTime<chrono::Utc>>(i);
+    assert_eq!(at(&after, 0), at(&before, 0), "the attempt's enqueue is kept");
+    assert!(at(&after, 1) > at(&before, 1), "the publication is recorded");
+    // published just now: another sweep finds it not yet due, though enqueued long ago
+    let again = replica.apply(&[(task_id, Work::Republish { step: b, older_than })]).await.unwrap();
+    assert!(again.dispatches.is_empty(), "{:?}", again.dispatches);
+
+    let third = engine.apply(&[completed(&second.dispatches[0])]).await.unwrap();
+    assert_eq!((third.decided, dispatched(&third)), (Decided::FromKept, "c"));
+    // the second run of b, reported too, is the same attempt's: dropped
+    let duplicate = engine.apply(&[completed(&republished.dispatches[0])]).await.unwrap();
+    assert!(duplicate.dispatches.is_empty(), "{:?}", duplicate.dispatches);
+    engine.apply(&[completed(&third.dispatches[0])]).await.unwrap();
     assert_eq!(statuses(&env, task_id).await, ("complete".into(), vec!["complete".into(); 3]));
     env.cleanup().await;
 }

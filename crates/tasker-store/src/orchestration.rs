@@ -68,14 +68,21 @@ pub struct StepRow {
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
     pub(crate) last_sort_key: i32,
+    /// While the step is `enqueued`: when its execution was last published, at its enqueue
+    /// or by the sweeper since (the row's `updated_at`, which a republish alone changes;
+    /// `enqueued_at` stays the attempt's enqueue). Only a batch that read the step under
+    /// its task's lock knows it: a republish changes no sort key, so the copy a replica
+    /// keeps may lag, and the sweeper's re-check is never decided from kept tasks.
+    pub last_published_at: Option<DateTime<Utc>>,
 }
 
 const STEP_COLUMNS: &str = "s.id, s.task_id, s.name, s.handler, s.handler_config::text, s.status, s.attempts, \
     s.max_attempts, s.retryable, s.timeout_ms, s.pending_parents, s.next_attempt_at, s.last_error::text, \
-    s.enqueued_at, s.started_at, s.completed_at, s.attempts_before_retry, s.last_sort_key";
+    s.enqueued_at, s.started_at, s.completed_at, s.attempts_before_retry, s.last_sort_key, \
+    CASE WHEN s.status = 'enqueued' THEN s.updated_at END";
 
 /// How many columns `STEP_COLUMNS` has (a query may add its own after them).
-const STEP_COLUMN_COUNT: usize = 18;
+const STEP_COLUMN_COUNT: usize = 19;
 
 fn step_row(row: &Row) -> Result<StepRow> {
     Ok(StepRow {
@@ -97,6 +104,7 @@ fn step_row(row: &Row) -> Result<StepRow> {
         completed_at: row.get(15),
         attempts_before_retry: row.get(16),
         last_sort_key: row.get(17),
+        last_published_at: row.get(18),
     })
 }
 
@@ -489,7 +497,7 @@ impl Tx {
     ) -> Result<Vec<Dispatch>> {
         if !republished.is_empty() {
             self.push_write(
-                "UPDATE workflow_steps SET enqueued_at = now(), updated_at = now() WHERE id = ANY($1)",
+                "UPDATE workflow_steps SET updated_at = now() WHERE id = ANY($1)",
                 vec![Box::new(republished.to_vec())],
             );
         }

@@ -292,6 +292,7 @@ impl Tx {
         let from = step.status;
         step.status = to;
         step.last_sort_key += 1;
+        step.last_published_at = (to == StepState::Enqueued).then_some(now);
         match to {
             StepState::Pending => {
                 // an operator retry: a new round, but attempt numbers keep counting, so a

@@ -1,11 +1,12 @@
 //! Batches decided from the tasks the orchestrator keeps in memory (one round trip), and
 //! what happens when another writer changed a kept task meanwhile.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use orchestrator::{Decided, Engine, Outcome, Work};
-use tasker_domain::{Backoff, Limits, Template};
-use tasker_proto::messages::{Completed, StepReport, step_report};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+use tasker_domain::{Backoff, Limits, StepState, TaskState, Template};
+use tasker_proto::messages::{Completed, Failed, FailureKind, Started, StepReport, step_report};
 use tasker_store::{Actor, Dispatch, Store, Workload};
 use tasker_test_support::TestEnv;
 use uuid::Uuid;
@@ -136,5 +137,291 @@ async fn a_step_another_replica_republished_leaves_the_kept_task_as_it_was() {
     assert!(duplicate.dispatches.is_empty(), "{:?}", duplicate.dispatches);
     engine.apply(&[completed(&third.dispatches[0])]).await.unwrap();
     assert_eq!(statuses(&env, task_id).await, ("complete".into(), vec!["complete".into(); 3]));
+    env.cleanup().await;
+}
+
+/// What the test's stand-in broker holds: messages waiting for a batch, by the queue
+/// (and so the kind of batch) they would arrive through.
+#[derive(Default)]
+struct Queues {
+    waiting: Vec<(Uuid, Work)>,
+    /// Every report sent, to deliver one again late (at-least-once).
+    sent: Vec<(Uuid, Work)>,
+}
+
+impl Queues {
+    /// Takes up to `max` messages of the kind of a random waiting one, leaving a copy of
+    /// some behind to be delivered again.
+    fn batch(&mut self, rng: &mut StdRng, max: usize, redeliver: f64) -> Vec<(Uuid, Work)> {
+        let kind = |w: &Work| std::mem::discriminant(w);
+        let first = kind(&self.waiting[rng.random_range(0..self.waiting.len())].1);
+        let mut batch = Vec::new();
+        while batch.len() < max {
+            let of_kind: Vec<usize> = (0..self.waiting.len()).filter(|&i| kind(&self.waiting[i].1) == first).collect();
+            let Some(&at) = of_kind.get(rng.random_range(0..of_kind.len().max(1))) else { break };
+            let item = if rng.random_bool(redeliver) { self.waiting[at].clone() } else { self.waiting.swap_remove(at) };
+            batch.push(item);
+        }
+        batch
+    }
+
+    /// A worker's reports on an execution: its outcome, sometimes after a `started` of its
+    /// own (which may arrive after the outcome). Completed results name the attempt.
+    fn run(&mut self, rng: &mut StdRng, dispatch: &Dispatch) {
+        let report = |outcome| StepReport {
+            task_id: dispatch.task_id.to_string(),
+            step_id: dispatch.step_id.to_string(),
+            attempt: dispatch.attempt,
+            worker_id: "test".into(),
+            started_at_unix_ms: chrono::Utc::now().timestamp_millis(),
+            outcome: Some(outcome),
+            ..Default::default()
+        };
+        if rng.random_bool(0.3) {
+            self.send(dispatch.task_id, report(step_report::Outcome::Started(Started {})));
+        }
+        let roll = rng.random_range(0..100);
+        let outcome = if roll < 75 {
+            let results = format!(r#"{{"attempt": {}}}"#, dispatch.attempt);
+            step_report::Outcome::Completed(Completed { results_json: results })
+        } else {
+            let kind = if roll < 95 { FailureKind::Retryable } else { FailureKind::Permanent };
+            step_report::Outcome::Failed(Failed { message: "planned".into(), kind: kind as i32, retry_after_ms: None })
+        };
+        self.send(dispatch.task_id, report(outcome));
+    }
+
+    fn send(&mut self, task_id: Uuid, report: StepReport) {
+        self.waiting.push((task_id, Work::Report(report.clone())));
+        self.sent.push((task_id, Work::Report(report)));
+    }
+}
+
+/// Each owner's (step's or task's) history as its rows' (from, to, sort key), in order.
+async fn history(db: &tokio_postgres::Client, sql: &str) -> HashMap<Uuid, Vec<(Option<String>, String, i32)>> {
+    let mut by_owner: HashMap<Uuid, Vec<(Option<String>, String, i32)>> = HashMap::new();
+    for row in db.query(sql, &[]).await.unwrap() {
+        by_owner.entry(row.get(0)).or_default().push((row.get(1), row.get(2), row.get(3)));
+    }
+    by_owner
+}
+
+/// The (task, step) of every step in `status`.
+async fn steps_in(
+    db: &tokio_postgres::Client,
+    status: &str,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    db.query("SELECT task_id, id FROM workflow_steps WHERE status = $1", &[&status]).await
+}
+
+/// Two replicas, each running up to two batches at once, work through a dozen tasks
+/// while the stand-in broker delivers messages more than once, late and out of order,
+/// workers fail attempts and report starts after outcomes, the sweeper republishes
+/// enqueued steps and fails in-progress ones as overdue, and operators retry, resolve and
+/// cancel. Whatever the interleaving, every task ends final and its history holds: each
+/// transition legal and in order, the status the last transition's, a step completed at
+/// most once and only by its current attempt, no child enqueued before its parents were
+/// done, and an event for every transition.
+#[tokio::test]
+async fn interleaved_replicas_duplicates_and_operators_keep_every_invariant() {
+    const DIAMOND: &str = concat!(
+        "namespace: kept\nname: diamond\nversion: 1.0.0\n",
+        "defaults: { max_attempts: 3, timeout: 20ms }\nsteps:\n",
+        "  - { name: a, handler: noop }\n",
+        "  - { name: b, handler: noop, depends_on: [a] }\n",
+        "  - { name: c, handler: noop, depends_on: [a] }\n",
+        "  - { name: d, handler: noop, depends_on: [b, c] }\n",
+        "  - { name: e, handler: noop, depends_on: [d] }\n",
+    );
+    const TASKS: usize = 60;
+    let seed = std::env::var("TASKER_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("TASKER_TEST_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let env = TestEnv::new().await;
+    let store = Store::connect(&env.config.database.url, 8, Workload::Keyed).await.unwrap();
+    let template = Template::from_yaml(DIAMOND, &Limits::default()).unwrap();
+    let record = store.register_template(&template).await.unwrap().record;
+    let backoff =
+        Backoff { base: Duration::from_millis(1), multiplier: 1.0, max: Duration::from_millis(1), jitter: 0.0 };
+    let replicas = [
+        Engine::new(store.clone(), backoff, Limits::default()),
+        Engine::new(store.clone(), backoff, Limits::default()),
+    ];
+    let mut queues = Queues::default();
+    for _ in 0..TASKS {
+        let task_id = store.create_task(&tasker_test_support::new_task(&record)).await.unwrap().task_id;
+        queues.waiting.push((task_id, Work::Evaluate));
+    }
+    let db = env.database().await;
+    let operator = Actor { who: "operator".into(), reason: "test".into() };
+    let ways = [Decided::FromReads, Decided::FromKept, Decided::AgainFromReads];
+    let mut decided = [0usize; 3];
+    let mut round = 0;
+    loop {
+        round += 1;
+        assert!(round < 5_000, "still not settled after 5,000 rounds (seed {seed})");
+        // faults for the first 400 rounds, then a drain
+        let chaos = round <= 400;
+        if queues.waiting.is_empty() {
+            let due = db.query("SELECT task_id, id FROM workflow_steps WHERE status = 'waiting_for_retry'", &[]);
+            let due = due.await.unwrap();
+            if due.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            queues.waiting.extend(due.iter().map(|r| (r.get(0), Work::Retry(r.get(1)))));
+        }
+        if chaos {
+            if rng.random_bool(0.05) && !queues.sent.is_empty() {
+                let late = queues.sent[rng.random_range(0..queues.sent.len())].clone();
+                queues.waiting.push(late);
+            }
+            let pick = |rows: Vec<tokio_postgres::Row>, rng: &mut StdRng| {
+                (!rows.is_empty()).then(|| {
+                    let row = &rows[rng.random_range(0..rows.len())];
+                    (row.get::<_, Uuid>(0), row.get::<_, Uuid>(1))
+                })
+            };
+            if rng.random_bool(0.2)
+                && let Some((task, step)) = pick(steps_in(&db, "enqueued").await.unwrap(), &mut rng)
+            {
+                queues.waiting.push((task, Work::Republish { step, older_than: Duration::ZERO }));
+            }
+            if rng.random_bool(0.05)
+                && let Some((task, step)) = pick(steps_in(&db, "in_progress").await.unwrap(), &mut rng)
+            {
+                queues.waiting.push((task, Work::Overdue { step, grace: Duration::ZERO }));
+            }
+            if rng.random_bool(0.1)
+                && let Some((task, step)) = pick(steps_in(&db, "error").await.unwrap(), &mut rng)
+            {
+                let repaired = if rng.random_bool(0.7) {
+                    store.retry_step(step, &operator).await.map(drop)
+                } else {
+                    store.resolve_step(step, r#"{"by": "hand"}"#, &operator).await.map(drop)
+                };
+                // another operator may have repaired it first; then nothing was written
+                if repaired.is_ok() {
+                    queues.waiting.push((task, Work::Evaluate));
+                }
+            }
+            if rng.random_bool(0.01) {
+                let open = db.query("SELECT id, id FROM tasks WHERE status IN ('pending', 'in_progress')", &[]);
+                if let Some((task, _)) = pick(open.await.unwrap(), &mut rng) {
+                    store.cancel_task(task, &operator).await.unwrap();
+                }
+            }
+        }
+        if queues.waiting.is_empty() {
+            continue;
+        }
+        let redeliver = if chaos { 0.15 } else { 0.0 };
+        let batches: Vec<(usize, Vec<(Uuid, Work)>)> = (0..rng.random_range(1..=4))
+            .map_while(|_| {
+                // mostly the first replica, whose kept tasks then mostly hold
+                let (replica, size) = (usize::from(rng.random_bool(0.2)), rng.random_range(1..=4));
+                (!queues.waiting.is_empty()).then(|| (replica, queues.batch(&mut rng, size, redeliver)))
+            })
+            .collect();
+        let outcomes = futures::future::join_all(batches.iter().map(|(at, items)| replicas[*at].apply(items))).await;
+        for (outcome, (_, items)) in outcomes.into_iter().zip(&batches) {
+            let outcome = outcome.unwrap_or_else(|e| panic!("batch {items:?} failed (seed {seed}): {e}"));
+            decided[ways.iter().position(|w| *w == outcome.decided).unwrap()] += 1;
+            for dispatch in &outcome.dispatches {
+                queues.run(&mut rng, dispatch);
+            }
+        }
+    }
+
+    // every task final, its status the last transition's, each transition legal and in order
+    let tasks =
+        history(&db, "SELECT task_id, from_state, to_state, sort_key FROM task_transitions ORDER BY task_id, sort_key")
+            .await;
+    assert_eq!(tasks.len(), TASKS);
+    for row in db.query("SELECT id, status FROM tasks", &[]).await.unwrap() {
+        let (id, status): (Uuid, String) = (row.get(0), row.get(1));
+        assert!(status.parse::<TaskState>().unwrap().is_final(), "task {id} left {status} (seed {seed})");
+        let chain = &tasks[&id];
+        assert_eq!(chain.last().unwrap().1, status, "task {id}: {chain:?} (seed {seed})");
+        for (i, (from, to, key)) in chain.iter().enumerate() {
+            assert_eq!(*key, i as i32 + 1, "task {id}: {chain:?}");
+            let before = if i == 0 { None } else { Some(&chain[i - 1].1) };
+            assert_eq!(from.as_ref(), before, "task {id}: {chain:?} (seed {seed})");
+            if let Some(from) = from {
+                from.parse::<TaskState>().unwrap().check(to.parse().unwrap()).unwrap();
+            }
+        }
+    }
+    let steps = history(
+        &db,
+        "SELECT workflow_step_id, from_state, to_state, sort_key FROM workflow_step_transitions \
+         ORDER BY workflow_step_id, sort_key",
+    )
+    .await;
+    let rows = db
+        .query(
+            "SELECT s.id, s.status, s.attempts, s.results::text, t.status FROM workflow_steps s \
+             JOIN tasks t ON t.id = s.task_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    for row in &rows {
+        let (id, status, attempts, results, task): (Uuid, String, i32, Option<String>, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        let chain = steps.get(&id).cloned().unwrap_or_default();
+        let mut state = "pending".to_owned();
+        for (i, (from, to, key)) in chain.iter().enumerate() {
+            assert_eq!(
+                (*key, from.as_deref()),
+                (i as i32 + 1, Some(state.as_str())),
+                "step {id}: {chain:?} (seed {seed})"
+            );
+            state.parse::<StepState>().unwrap().check(to.parse().unwrap()).unwrap();
+            state = to.clone();
+        }
+        assert_eq!(state, status, "step {id}: {chain:?} (seed {seed})");
+        let enqueued = chain.iter().filter(|(_, to, _)| to == "enqueued").count();
+        assert_eq!(enqueued as i32, attempts, "step {id}: {chain:?} (seed {seed})");
+        assert!(chain.iter().filter(|(_, to, _)| to == "complete").count() <= 1, "step {id}: {chain:?}");
+        if status == "complete" {
+            // completed by its current attempt, whose results it keeps
+            assert_eq!(results, Some(format!(r#"{{"attempt": {attempts}}}"#)), "step {id} (seed {seed})");
+        }
+        let open = ["pending", "enqueued", "in_progress", "waiting_for_retry"].contains(&status.as_str());
+        match task.as_str() {
+            "complete" => assert!(["complete", "resolved_manually"].contains(&status.as_str()), "step {id}"),
+            _ => assert!(!open || status == "pending" && task == "error", "step {id} {status} in a {task} task"),
+        }
+    }
+    // no child enqueued before every parent was done
+    let early: i64 = db
+        .query_one(
+            "SELECT count(*) FROM workflow_step_edges e \
+             JOIN workflow_step_transitions ct ON ct.workflow_step_id = e.to_step_id AND ct.to_state = 'enqueued' \
+             WHERE NOT EXISTS (SELECT 1 FROM workflow_step_transitions pt WHERE pt.workflow_step_id = e.from_step_id \
+               AND pt.to_state IN ('complete', 'resolved_manually') AND pt.created_at <= ct.created_at)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(early, 0, "children enqueued before their parents were done (seed {seed})");
+    // an event for every transition, and no other
+    let unmatched: i64 = db
+        .query_one(
+            "WITH events AS (SELECT unnest(event_ids) AS id FROM outbox), \
+             transitions AS (SELECT id FROM task_transitions UNION ALL SELECT id FROM workflow_step_transitions) \
+             SELECT (SELECT count(*) FROM events) - (SELECT count(*) FROM transitions) \
+               + (SELECT count(*) FROM transitions WHERE id NOT IN (SELECT id FROM events))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unmatched, 0, "events and transitions differ (seed {seed})");
+    // the interleavings reached each way of deciding a batch
+    assert!(decided.iter().all(|&n| n > 0), "batches {ways:?}: {decided:?} (seed {seed})");
+    eprintln!("{round} rounds; batches {ways:?}: {decided:?}");
     env.cleanup().await;
 }

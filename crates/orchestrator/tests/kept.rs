@@ -360,7 +360,7 @@ async fn interleaved_replicas_duplicates_and_operators_keep_every_invariant() {
     .await;
     let rows = db
         .query(
-            "SELECT s.id, s.status, s.attempts, s.results::text, t.status FROM workflow_steps s \
+            "SELECT s.id, s.status, s.attempts, s.results::text, t.status, s.attempts_before_retry FROM workflow_steps s \
              JOIN tasks t ON t.id = s.task_id",
             &[],
         )
@@ -369,6 +369,7 @@ async fn interleaved_replicas_duplicates_and_operators_keep_every_invariant() {
     for row in &rows {
         let (id, status, attempts, results, task): (Uuid, String, i32, Option<String>, String) =
             (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        let before_retry: i32 = row.get(5);
         let chain = steps.get(&id).cloned().unwrap_or_default();
         let mut state = "pending".to_owned();
         for (i, (from, to, key)) in chain.iter().enumerate() {
@@ -384,6 +385,7 @@ async fn interleaved_replicas_duplicates_and_operators_keep_every_invariant() {
         let enqueued = chain.iter().filter(|(_, to, _)| to == "enqueued").count();
         assert_eq!(enqueued as i32, attempts, "step {id}: {chain:?} (seed {seed})");
         assert!(chain.iter().filter(|(_, to, _)| to == "complete").count() <= 1, "step {id}: {chain:?}");
+        assert!(attempts - before_retry <= 3, "step {id} made {attempts} attempts, {before_retry} before a retry");
         if status == "complete" {
             // completed by its current attempt, whose results it keeps
             assert_eq!(results, Some(format!(r#"{{"attempt": {attempts}}}"#)), "step {id} (seed {seed})");
@@ -420,6 +422,22 @@ async fn interleaved_replicas_duplicates_and_operators_keep_every_invariant() {
         .unwrap()
         .get(0);
     assert_eq!(unmatched, 0, "events and transitions differ (seed {seed})");
+    // each owner's events in the order of its transitions (the relay sends them in outbox
+    // order)
+    let disordered: i64 = db
+        .query_one(
+            "WITH events AS (SELECT o.id AS row, e.at, e.id FROM outbox o, unnest(o.event_ids) WITH ORDINALITY e(id, at)), \
+             keyed AS (SELECT t.task_id AS owner, t.sort_key, e.row, e.at FROM task_transitions t JOIN events e USING (id) \
+               UNION ALL SELECT t.workflow_step_id, t.sort_key, e.row, e.at \
+               FROM workflow_step_transitions t JOIN events e USING (id)) \
+             SELECT count(*) FROM (SELECT sort_key < lag(sort_key) OVER (PARTITION BY owner ORDER BY row, at) AS back \
+               FROM keyed) k WHERE back",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(disordered, 0, "events out of their transitions' order (seed {seed})");
     // the interleavings reached each way of deciding a batch
     assert!(decided.iter().all(|&n| n > 0), "batches {ways:?}: {decided:?} (seed {seed})");
     eprintln!("{round} rounds; batches {ways:?}: {decided:?}");

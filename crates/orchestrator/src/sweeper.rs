@@ -63,9 +63,10 @@ pub(crate) async fn retry_scheduler(
     }
 }
 
-/// Repairs crash gaps every `sweep_interval`: pending tasks are evaluated again, steps
-/// enqueued too long are published again (same attempt), steps in progress past their
-/// timeout plus grace fail as timed out.
+/// Repairs crash gaps every `sweep_interval`: pending tasks, and tasks in progress with a
+/// step ready but not dispatched (an operator's repair whose request was lost), are
+/// evaluated again, steps enqueued too long are published again (same attempt), steps in
+/// progress past their timeout plus grace fail as timed out.
 pub(crate) async fn sweeper(
     pipeline: Pipeline,
     store: Store,
@@ -88,7 +89,8 @@ pub(crate) async fn sweeper(
 
 async fn sweep(pipeline: &Pipeline, store: &Store, config: &OrchestratorConfig) -> anyhow::Result<()> {
     let mut items = Vec::new();
-    for task in store.stale_pending_tasks(config.pending_task_timeout, SWEEP_LIMIT).await? {
+    let stranded = store.stranded_tasks(config.pending_task_timeout, SWEEP_LIMIT).await?;
+    for task in store.stale_pending_tasks(config.pending_task_timeout, SWEEP_LIMIT).await?.into_iter().chain(stranded) {
         items.push((task, Work::Evaluate));
     }
     let mut checked: HashMap<String, bool> = HashMap::new();

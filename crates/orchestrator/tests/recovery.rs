@@ -25,6 +25,41 @@ async fn a_task_whose_request_was_lost_still_runs() {
     env.cleanup().await;
 }
 
+/// An operator's retry or resolve that committed while the request handing the task back
+/// to the orchestrator was lost (task-api killed, or the commit's answer lost with its
+/// connection) leaves a step ready but never dispatched in a task in progress: the sweeper
+/// evaluates such a task again once the step has waited `pending_task_timeout`.
+#[tokio::test]
+async fn a_repair_whose_request_was_lost_still_runs() {
+    const REPAIRED: &str = "namespace: recovery\nname: repaired\nversion: 1.0.0\nsteps:\n  - { name: a, handler: fail, config: { times: 1, permanent: true } }\n  - { name: b, handler: noop, depends_on: [a] }\n";
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![WorkerSpec::new("w1", &["recovery"])]).await;
+    system.register(&env, REPAIRED).await;
+    let (retried, resolved) = (
+        system.submit("recovery", "repaired", json!({})).await,
+        system.submit("recovery", "repaired", json!({})).await,
+    );
+    let failed_step = |task: &pb::Task| task.steps[0].id.parse::<uuid::Uuid>().unwrap();
+    let (retried, resolved) = (system.wait_final(&retried.id).await, system.wait_final(&resolved.id).await);
+    assert_eq!((retried.status(), resolved.status()), (pb::TaskStatus::Error, pb::TaskStatus::Error));
+
+    // the repairs are written straight to the store: no request reaches the orchestrator
+    let store = Store::connect(&env.config.database.url, 2, tasker_store::Workload::General).await.unwrap();
+    let operator = tasker_store::Actor { who: "operator".into(), reason: "request lost".into() };
+    store.retry_step(failed_step(&retried), &operator).await.unwrap();
+    store.resolve_step(failed_step(&resolved), "{}", &operator).await.unwrap();
+
+    let retried = system.wait_final(&retried.id).await;
+    assert_eq!(retried.status(), pb::TaskStatus::Complete);
+    assert_eq!((retried.steps[0].attempts, retried.steps[1].status()), (2, pb::StepStatus::Complete));
+    let resolved = system.wait_final(&resolved.id).await;
+    assert_eq!(resolved.status(), pb::TaskStatus::Complete);
+    let statuses: Vec<_> = resolved.steps.iter().map(|s| s.status()).collect();
+    assert_eq!(statuses, [pb::StepStatus::ResolvedManually, pb::StepStatus::Complete]);
+    system.stop().await;
+    env.cleanup().await;
+}
+
 /// A step execution lost after its commit (here: purged from its queue) is published again,
 /// with the same attempt, once it has been enqueued for `enqueued_step_timeout`.
 #[tokio::test]

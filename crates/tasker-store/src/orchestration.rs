@@ -608,6 +608,22 @@ impl Store {
         Ok(client.query_one(&stmt, &[]).await?.get(0))
     }
 
+    /// Tasks in progress with a step ready but not dispatched for `older_than`: an
+    /// operator's retry or resolve committed, and the request handing the task back to
+    /// the orchestrator was lost (the partial index `workflow_steps_ready`).
+    pub async fn stranded_tasks(&self, older_than: std::time::Duration, limit: i64) -> Result<Vec<Uuid>> {
+        let client = self.client().await?;
+        let stmt = client
+            .statement(
+                "SELECT DISTINCT s.task_id FROM workflow_steps s JOIN tasks t ON t.id = s.task_id \
+                 WHERE s.status = 'pending' AND s.pending_parents = 0 AND t.status = 'in_progress' \
+                 AND s.updated_at < now() - make_interval(secs => $1::float8) LIMIT $2",
+            )
+            .await?;
+        let rows = client.query(&stmt, &[&older_than.as_secs_f64(), &limit]).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// `(task, step, namespace)` of attempts enqueued longer than `older_than` ago and
     /// never started.
     pub async fn stale_enqueued_steps(

@@ -8,7 +8,7 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 use tasker_domain::{Backoff, Limits, StepState, TaskState, Template};
 use tasker_proto::messages::{Completed, Failed, FailureKind, Started, StepReport, step_report};
 use tasker_store::{Actor, Dispatch, Store, Workload};
-use tasker_test_support::TestEnv;
+use tasker_test_support::{FaultProxy, TestEnv};
 use uuid::Uuid;
 
 const CHAIN: &str = "namespace: kept\nname: chain\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n  - { name: b, handler: noop, depends_on: [a] }\n  - { name: c, handler: noop, depends_on: [b] }\n";
@@ -206,6 +206,30 @@ async fn history(db: &tokio_postgres::Client, sql: &str) -> HashMap<Uuid, Vec<(O
     by_owner
 }
 
+/// What a read of the store answers, asked again while the database is unavailable (a cut
+/// leaves dead connections in the pool, which the next use finds).
+async fn answered<T, F: Future<Output = tasker_store::Result<T>>>(read: impl Fn() -> F) -> T {
+    loop {
+        match read().await {
+            Ok(answer) => return answer,
+            Err(e) if e.is_unavailable() => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Sometimes (when `faults`), cuts the database's connections within the next 3 ms: in
+/// the middle of what runs beside it, its commit and the commit's answer included.
+fn cut(proxy: &FaultProxy, rng: &mut StdRng, faults: bool) -> impl Future<Output = ()> {
+    let after = (faults && rng.random_bool(0.3)).then(|| Duration::from_micros(rng.random_range(0..3_000)));
+    async move {
+        if let Some(after) = after {
+            tokio::time::sleep(after).await;
+            proxy.cut();
+        }
+    }
+}
+
 /// The (task, step) of every step in `status`.
 async fn steps_in(
     db: &tokio_postgres::Client,
@@ -214,16 +238,31 @@ async fn steps_in(
     db.query("SELECT task_id, id FROM workflow_steps WHERE status = $1", &[&status]).await
 }
 
-/// Two replicas, each running up to two batches at once, work through a dozen tasks
+/// Two replicas, each running up to two batches at once, work through sixty tasks
 /// while the stand-in broker delivers messages more than once, late and out of order,
 /// workers fail attempts and report starts after outcomes, the sweeper republishes
 /// enqueued steps and fails in-progress ones as overdue, and operators retry, resolve and
 /// cancel. Whatever the interleaving, every task ends final and its history holds: each
 /// transition legal and in order, the status the last transition's, a step completed at
 /// most once and only by its current attempt, no child enqueued before its parents were
-/// done, and an event for every transition.
+/// done, and an event for every transition, in order. No dispatch is lost: nothing but
+/// the work itself moves the tasks to their end.
 #[tokio::test]
 async fn interleaved_replicas_duplicates_and_operators_keep_every_invariant() {
+    interleave(false).await;
+}
+
+/// The same, with the database's connections cut at random moments, in the middle of
+/// batches (a commit whose answer is lost included) and of operator actions: a batch that
+/// fails is delivered again, and once the faults stop, the sweeper's own queries find
+/// whatever a lost answer left behind (a dispatch never published, a repair never handed
+/// back).
+#[tokio::test]
+async fn interleaved_replicas_through_database_cuts_keep_every_invariant() {
+    interleave(true).await;
+}
+
+async fn interleave(faults: bool) {
     const DIAMOND: &str = concat!(
         "namespace: kept\nname: diamond\nversion: 1.0.0\n",
         "defaults: { max_attempts: 3, timeout: 20ms }\nsteps:\n",
@@ -238,7 +277,9 @@ async fn interleaved_replicas_duplicates_and_operators_keep_every_invariant() {
     eprintln!("TASKER_TEST_SEED={seed}");
     let mut rng = StdRng::seed_from_u64(seed);
     let env = TestEnv::new().await;
-    let store = Store::connect(&env.config.database.url, 8, Workload::Keyed).await.unwrap();
+    let proxy = FaultProxy::for_url(&env.config.database.url).await;
+    let url = if faults { proxy.url(&env.config.database.url) } else { env.config.database.url.clone() };
+    let store = Store::connect(&url, 8, Workload::Keyed).await.unwrap();
     let template = Template::from_yaml(DIAMOND, &Limits::default()).unwrap();
     let record = store.register_template(&template).await.unwrap().record;
     let backoff =
@@ -256,6 +297,8 @@ async fn interleaved_replicas_duplicates_and_operators_keep_every_invariant() {
     let operator = Actor { who: "operator".into(), reason: "test".into() };
     let ways = [Decided::FromReads, Decided::FromKept, Decided::AgainFromReads];
     let mut decided = [0usize; 3];
+    // batches a cut failed, and the sweeper's finds
+    let (mut failed, mut swept) = (0, 0);
     let mut round = 0;
     loop {
         round += 1;
@@ -263,13 +306,24 @@ async fn interleaved_replicas_duplicates_and_operators_keep_every_invariant() {
         // faults for the first 400 rounds, then a drain
         let chaos = round <= 400;
         if queues.waiting.is_empty() {
-            let due = db.query("SELECT task_id, id FROM workflow_steps WHERE status = 'waiting_for_retry'", &[]);
-            let due = due.await.unwrap();
-            if due.is_empty() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            queues
+                .waiting
+                .extend(answered(|| store.due_retries(500)).await.into_iter().map(|(t, s)| (t, Work::Retry(s))));
+            if faults {
+                // nothing waits in the queues: the sweeper's finds, due at once, are what a
+                // commit whose answer was lost left behind
+                let now = Duration::ZERO;
+                let tasks = answered(|| store.stale_pending_tasks(now, 500)).await;
+                let tasks = tasks.into_iter().chain(answered(|| store.stranded_tasks(now, 500)).await);
+                queues.waiting.extend(tasks.map(|t| (t, Work::Evaluate)));
+                let enqueued = answered(|| store.stale_enqueued_steps(now, 500)).await.into_iter();
+                queues.waiting.extend(enqueued.map(|(t, step, _)| (t, Work::Republish { step, older_than: now })));
+                swept += queues.waiting.iter().filter(|(_, w)| !matches!(w, Work::Retry(_))).count();
+            }
+            if queues.waiting.is_empty() {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            queues.waiting.extend(due.iter().map(|r| (r.get(0), Work::Retry(r.get(1)))));
         }
         if chaos {
             if rng.random_bool(0.05) && !queues.sent.is_empty() {
@@ -295,20 +349,30 @@ async fn interleaved_replicas_duplicates_and_operators_keep_every_invariant() {
             if rng.random_bool(0.1)
                 && let Some((task, step)) = pick(steps_in(&db, "error").await.unwrap(), &mut rng)
             {
-                let repaired = if rng.random_bool(0.7) {
-                    store.retry_step(step, &operator).await.map(drop)
-                } else {
-                    store.resolve_step(step, r#"{"by": "hand"}"#, &operator).await.map(drop)
+                let retry = rng.random_bool(0.7);
+                let repair = async {
+                    if retry {
+                        store.retry_step(step, &operator).await.map(drop)
+                    } else {
+                        store.resolve_step(step, r#"{"by": "hand"}"#, &operator).await.map(drop)
+                    }
                 };
-                // another operator may have repaired it first; then nothing was written
-                if repaired.is_ok() {
-                    queues.waiting.push((task, Work::Evaluate));
+                let (repaired, ()) = tokio::join!(repair, cut(&proxy, &mut rng, faults && chaos));
+                // a refused repair (the task was cancelled around its failed step) wrote
+                // nothing; one whose answer a cut lost may have been written, with no request
+                // sent (the sweeper's)
+                match repaired {
+                    Ok(()) => queues.waiting.push((task, Work::Evaluate)),
+                    Err(tasker_store::Error::FailedPrecondition(_)) => {}
+                    Err(e) => assert!(faults && e.is_unavailable(), "repair failed (seed {seed}): {e}"),
                 }
             }
             if rng.random_bool(0.01) {
                 let open = db.query("SELECT id, id FROM tasks WHERE status IN ('pending', 'in_progress')", &[]);
-                if let Some((task, _)) = pick(open.await.unwrap(), &mut rng) {
-                    store.cancel_task(task, &operator).await.unwrap();
+                if let Some((task, _)) = pick(open.await.unwrap(), &mut rng)
+                    && let Err(e) = store.cancel_task(task, &operator).await
+                {
+                    assert!(faults && e.is_unavailable(), "cancel failed (seed {seed}): {e}");
                 }
             }
         }
@@ -323,9 +387,20 @@ async fn interleaved_replicas_duplicates_and_operators_keep_every_invariant() {
                 (!queues.waiting.is_empty()).then(|| (replica, queues.batch(&mut rng, size, redeliver)))
             })
             .collect();
-        let outcomes = futures::future::join_all(batches.iter().map(|(at, items)| replicas[*at].apply(items))).await;
+        let applied = futures::future::join_all(batches.iter().map(|(at, items)| replicas[*at].apply(items)));
+        // a cut at a random moment of the batches (the first round trips, or the commits)
+        let (outcomes, ()) = tokio::join!(applied, cut(&proxy, &mut rng, faults && chaos));
         for (outcome, (_, items)) in outcomes.into_iter().zip(&batches) {
-            let outcome = outcome.unwrap_or_else(|e| panic!("batch {items:?} failed (seed {seed}): {e}"));
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err(e) if faults && e.is_unavailable() => {
+                    // held and tried again, as the pipeline does
+                    failed += 1;
+                    queues.waiting.extend(items.iter().cloned());
+                    continue;
+                }
+                Err(e) => panic!("batch {items:?} failed (seed {seed}): {e}"),
+            };
             decided[ways.iter().position(|w| *w == outcome.decided).unwrap()] += 1;
             for dispatch in &outcome.dispatches {
                 queues.run(&mut rng, dispatch);
@@ -440,6 +515,7 @@ async fn interleaved_replicas_duplicates_and_operators_keep_every_invariant() {
     assert_eq!(disordered, 0, "events out of their transitions' order (seed {seed})");
     // the interleavings reached each way of deciding a batch
     assert!(decided.iter().all(|&n| n > 0), "batches {ways:?}: {decided:?} (seed {seed})");
-    eprintln!("{round} rounds; batches {ways:?}: {decided:?}");
+    assert_eq!(faults, failed > 0, "batches failed by cuts: {failed} (seed {seed})");
+    eprintln!("{round} rounds; batches {ways:?}: {decided:?}; {failed} failed by cuts; {swept} swept");
     env.cleanup().await;
 }

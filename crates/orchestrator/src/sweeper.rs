@@ -63,8 +63,8 @@ pub(crate) async fn retry_scheduler(
     }
 }
 
-/// Repairs crash gaps every `sweep_interval`: pending tasks, and tasks in progress with a
-/// step ready but not dispatched (an operator's repair whose request was lost), are
+/// Repairs crash gaps every `sweep_interval`: pending tasks, and tasks in progress with
+/// nothing running or scheduled (an operator's repair whose request was lost), are
 /// evaluated again, steps enqueued too long are published again (same attempt), steps in
 /// progress past their timeout plus grace fail as timed out.
 pub(crate) async fn sweeper(

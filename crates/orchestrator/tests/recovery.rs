@@ -27,35 +27,63 @@ async fn a_task_whose_request_was_lost_still_runs() {
 
 /// An operator's retry or resolve that committed while the request handing the task back
 /// to the orchestrator was lost (task-api killed, or the commit's answer lost with its
-/// connection) leaves a step ready but never dispatched in a task in progress: the sweeper
-/// evaluates such a task again once the step has waited `pending_task_timeout`.
+/// connection) leaves a task in progress with nothing running: the sweeper evaluates it
+/// again once it has been so for `pending_task_timeout`, whatever the repair left: a step
+/// ready to run, every step done, or a step still failed that nothing can get past.
 #[tokio::test]
 async fn a_repair_whose_request_was_lost_still_runs() {
-    const REPAIRED: &str = "namespace: recovery\nname: repaired\nversion: 1.0.0\nsteps:\n  - { name: a, handler: fail, config: { times: 1, permanent: true } }\n  - { name: b, handler: noop, depends_on: [a] }\n";
+    const PAIR: &str = "namespace: recovery\nname: pair\nversion: 1.0.0\nsteps:\n  - { name: a, handler: fail, config: { times: 1, permanent: true } }\n  - { name: b, handler: fail, config: { times: 1, permanent: true } }\n  - { name: c, handler: noop, depends_on: [a, b] }\n";
+    const LAST: &str = "namespace: recovery\nname: last\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop }\n  - { name: b, handler: fail, config: { times: 1, permanent: true }, depends_on: [a] }\n";
     let env = TestEnv::new().await;
     let system = System::start(&env, vec![WorkerSpec::new("w1", &["recovery"])]).await;
-    system.register(&env, REPAIRED).await;
-    let (retried, resolved) = (
-        system.submit("recovery", "repaired", json!({})).await,
-        system.submit("recovery", "repaired", json!({})).await,
-    );
-    let failed_step = |task: &pb::Task| task.steps[0].id.parse::<uuid::Uuid>().unwrap();
-    let (retried, resolved) = (system.wait_final(&retried.id).await, system.wait_final(&resolved.id).await);
-    assert_eq!((retried.status(), resolved.status()), (pb::TaskStatus::Error, pb::TaskStatus::Error));
+    system.register(&env, PAIR).await;
+    system.register(&env, LAST).await;
+    let mut failed = Vec::new();
+    for name in ["pair", "pair", "last"] {
+        let task = system.submit("recovery", name, json!({})).await;
+        let task = system.wait_final(&task.id).await;
+        assert_eq!(task.status(), pb::TaskStatus::Error);
+        failed.push(task);
+    }
+    let step = |task: &pb::Task, name: &str| {
+        task.steps.iter().find(|s| s.name == name).map(|s| s.id.parse::<uuid::Uuid>().unwrap()).unwrap()
+    };
+    let statuses = |task: &pb::Task| task.steps.iter().map(|s| s.status()).collect::<Vec<_>>();
+    use pb::StepStatus::{Complete, Error, ResolvedManually};
 
     // the repairs are written straight to the store: no request reaches the orchestrator
     let store = Store::connect(&env.config.database.url, 2, tasker_store::Workload::General).await.unwrap();
     let operator = tasker_store::Actor { who: "operator".into(), reason: "request lost".into() };
-    store.retry_step(failed_step(&retried), &operator).await.unwrap();
-    store.resolve_step(failed_step(&resolved), "{}", &operator).await.unwrap();
+    // a step made ready: retried and resolved, the child of both runs
+    store.retry_step(step(&failed[0], "a"), &operator).await.unwrap();
+    store.resolve_step(step(&failed[0], "b"), "{}", &operator).await.unwrap();
+    // one of two failed parents resolved: nothing can run, the task fails again
+    store.resolve_step(step(&failed[1], "a"), "{}", &operator).await.unwrap();
+    // the last step resolved: every step done, the task completes
+    store.resolve_step(step(&failed[2], "b"), "{}", &operator).await.unwrap();
 
-    let retried = system.wait_final(&retried.id).await;
-    assert_eq!(retried.status(), pb::TaskStatus::Complete);
-    assert_eq!((retried.steps[0].attempts, retried.steps[1].status()), (2, pb::StepStatus::Complete));
-    let resolved = system.wait_final(&resolved.id).await;
-    assert_eq!(resolved.status(), pb::TaskStatus::Complete);
-    let statuses: Vec<_> = resolved.steps.iter().map(|s| s.status()).collect();
-    assert_eq!(statuses, [pb::StepStatus::ResolvedManually, pb::StepStatus::Complete]);
+    let ready = system.wait_final(&failed[0].id).await;
+    assert_eq!(
+        (ready.status(), statuses(&ready)),
+        (pb::TaskStatus::Complete, vec![Complete, ResolvedManually, Complete])
+    );
+    assert_eq!(ready.steps[0].attempts, 2);
+    let stuck = system.wait_final(&failed[1].id).await;
+    assert_eq!(
+        (stuck.status(), statuses(&stuck)),
+        (pb::TaskStatus::Error, vec![ResolvedManually, Error, pb::StepStatus::Pending])
+    );
+    let db = env.database().await;
+    let history: Vec<String> = db
+        .query("SELECT to_state FROM task_transitions WHERE task_id = $1::text::uuid ORDER BY sort_key", &[&stuck.id])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(history, ["pending", "in_progress", "error", "in_progress", "error"], "resumed, then failed again");
+    let done = system.wait_final(&failed[2].id).await;
+    assert_eq!((done.status(), statuses(&done)), (pb::TaskStatus::Complete, vec![Complete, ResolvedManually]));
     system.stop().await;
     env.cleanup().await;
 }

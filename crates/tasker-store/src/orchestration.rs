@@ -608,16 +608,19 @@ impl Store {
         Ok(client.query_one(&stmt, &[]).await?.get(0))
     }
 
-    /// Tasks in progress with a step ready but not dispatched for `older_than`: an
-    /// operator's retry or resolve committed, and the request handing the task back to
-    /// the orchestrator was lost (the partial index `workflow_steps_ready`).
+    /// Tasks in progress, unchanged for `older_than`, with no step enqueued, in progress or
+    /// waiting for a retry: a batch never leaves a task so (it dispatches what is ready or
+    /// settles the task), so these wait for an evaluation whose request was lost, after an
+    /// operator's retry or resolve (the partial index `tasks_in_progress`).
     pub async fn stranded_tasks(&self, older_than: std::time::Duration, limit: i64) -> Result<Vec<Uuid>> {
         let client = self.client().await?;
         let stmt = client
             .statement(
-                "SELECT DISTINCT s.task_id FROM workflow_steps s JOIN tasks t ON t.id = s.task_id \
-                 WHERE s.status = 'pending' AND s.pending_parents = 0 AND t.status = 'in_progress' \
-                 AND s.updated_at < now() - make_interval(secs => $1::float8) LIMIT $2",
+                "SELECT t.id FROM tasks t WHERE t.status = 'in_progress' \
+                 AND t.updated_at < now() - make_interval(secs => $1::float8) \
+                 AND NOT EXISTS (SELECT FROM workflow_steps s WHERE s.task_id = t.id \
+                   AND s.status IN ('enqueued', 'in_progress', 'waiting_for_retry')) \
+                 ORDER BY t.updated_at LIMIT $2",
             )
             .await?;
         let rows = client.query(&stmt, &[&older_than.as_secs_f64(), &limit]).await?;

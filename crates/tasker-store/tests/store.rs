@@ -653,9 +653,9 @@ async fn a_task_from_a_superseded_latest_template_is_not_written() {
     env.cleanup().await;
 }
 
-/// The sweeper's stranded tasks are those in progress with a step ready but not
-/// dispatched: an operator's repair whose request was lost. A pending task (its own
-/// sweep's), a task whose ready step was enqueued, and a failed task are not.
+/// The sweeper's stranded tasks are those in progress with nothing running or scheduled:
+/// an operator's repair whose request was lost. A pending task (its own sweep's), a task
+/// with a step enqueued, and a failed task are not.
 #[tokio::test]
 async fn a_repaired_step_never_dispatched_strands_its_task() {
     let env = TestEnv::new().await;
@@ -672,7 +672,7 @@ async fn a_repaired_step_never_dispatched_strands_its_task() {
     let mut a = tx.ready_steps(&[task_id]).await.unwrap().remove(0);
     tx.transition_step(&task.subject(), &mut a, StepState::Enqueued, json!({}), StepChange::default()).unwrap();
     tx.commit().await.unwrap();
-    assert!(stranded().await.is_empty(), "its ready step is enqueued");
+    assert!(stranded().await.is_empty(), "its step is enqueued");
     let mut tx = store.begin().await.unwrap();
     let mut task = tx.lock_tasks(&[task_id]).await.unwrap().remove(&task_id).unwrap();
     for to in [StepState::InProgress, StepState::Error] {

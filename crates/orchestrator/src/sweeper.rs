@@ -89,8 +89,7 @@ pub(crate) async fn sweeper(
 
 async fn sweep(pipeline: &Pipeline, store: &Store, config: &OrchestratorConfig) -> anyhow::Result<()> {
     let mut items = Vec::new();
-    let stranded = store.stranded_tasks(config.pending_task_timeout, SWEEP_LIMIT).await?;
-    for task in store.stale_pending_tasks(config.pending_task_timeout, SWEEP_LIMIT).await?.into_iter().chain(stranded) {
+    for task in store.stalled_tasks(config.pending_task_timeout, SWEEP_LIMIT).await? {
         items.push((task, Work::Evaluate));
     }
     let mut checked: HashMap<String, bool> = HashMap::new();

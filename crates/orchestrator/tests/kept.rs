@@ -314,9 +314,8 @@ async fn interleave(faults: bool) {
                 // nothing waits in the queues: the sweeper's finds, due at once, are what a
                 // commit whose answer was lost left behind
                 let now = Duration::ZERO;
-                let tasks = answered(|| store.stale_pending_tasks(now, 500)).await;
-                let tasks = tasks.into_iter().chain(answered(|| store.stranded_tasks(now, 500)).await);
-                queues.waiting.extend(tasks.map(|t| (t, Work::Evaluate)));
+                let tasks = answered(|| store.stalled_tasks(now, 500)).await;
+                queues.waiting.extend(tasks.into_iter().map(|t| (t, Work::Evaluate)));
                 let enqueued = answered(|| store.stale_enqueued_steps(now, 500)).await.into_iter();
                 queues.waiting.extend(enqueued.map(|(t, step, _)| (t, Work::Republish { step, older_than: now })));
                 swept += queues.waiting.iter().filter(|(_, w)| !matches!(w, Work::Retry(_))).count();

@@ -545,13 +545,23 @@ impl Tx {
 /// Stuck-work queries: cheap (partial indexes), no locks; the caller re-checks each
 /// finding under the task lock.
 impl Store {
-    /// Tasks still `pending` after `older_than` (their request may have been lost).
-    pub async fn stale_pending_tasks(&self, older_than: std::time::Duration, limit: i64) -> Result<Vec<Uuid>> {
+    /// Tasks unchanged for `older_than` that wait for an evaluation whose request may have
+    /// been lost: those still `pending` (a create's), and those in progress with no step
+    /// enqueued, in progress or waiting for a retry (an operator's retry or resolve's: a
+    /// batch never leaves a task so, it dispatches what is ready or settles the task; the
+    /// partial index `tasks_in_progress`). One statement, up to `limit` of each.
+    pub async fn stalled_tasks(&self, older_than: std::time::Duration, limit: i64) -> Result<Vec<Uuid>> {
         let client = self.client().await?;
         let stmt = client
             .statement(
-                "SELECT id FROM tasks WHERE status = 'pending' \
-                 AND updated_at < now() - make_interval(secs => $1::float8) ORDER BY updated_at LIMIT $2",
+                "(SELECT id FROM tasks WHERE status = 'pending' \
+                   AND updated_at < now() - make_interval(secs => $1::float8) ORDER BY updated_at LIMIT $2) \
+                 UNION ALL \
+                 (SELECT t.id FROM tasks t WHERE t.status = 'in_progress' \
+                   AND t.updated_at < now() - make_interval(secs => $1::float8) \
+                   AND NOT EXISTS (SELECT FROM workflow_steps s WHERE s.task_id = t.id \
+                     AND s.status IN ('enqueued', 'in_progress', 'waiting_for_retry')) \
+                   ORDER BY t.updated_at LIMIT $2)",
             )
             .await?;
         let rows = client.query(&stmt, &[&older_than.as_secs_f64(), &limit]).await?;
@@ -606,25 +616,6 @@ impl Store {
             .statement("SELECT min(next_attempt_at) FROM workflow_steps WHERE status = 'waiting_for_retry'")
             .await?;
         Ok(client.query_one(&stmt, &[]).await?.get(0))
-    }
-
-    /// Tasks in progress, unchanged for `older_than`, with no step enqueued, in progress or
-    /// waiting for a retry: a batch never leaves a task so (it dispatches what is ready or
-    /// settles the task), so these wait for an evaluation whose request was lost, after an
-    /// operator's retry or resolve (the partial index `tasks_in_progress`).
-    pub async fn stranded_tasks(&self, older_than: std::time::Duration, limit: i64) -> Result<Vec<Uuid>> {
-        let client = self.client().await?;
-        let stmt = client
-            .statement(
-                "SELECT t.id FROM tasks t WHERE t.status = 'in_progress' \
-                 AND t.updated_at < now() - make_interval(secs => $1::float8) \
-                 AND NOT EXISTS (SELECT FROM workflow_steps s WHERE s.task_id = t.id \
-                   AND s.status IN ('enqueued', 'in_progress', 'waiting_for_retry')) \
-                 ORDER BY t.updated_at LIMIT $2",
-            )
-            .await?;
-        let rows = client.query(&stmt, &[&older_than.as_secs_f64(), &limit]).await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// `(task, step, namespace)` of attempts enqueued longer than `older_than` ago and

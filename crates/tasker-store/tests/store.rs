@@ -653,17 +653,16 @@ async fn a_task_from_a_superseded_latest_template_is_not_written() {
     env.cleanup().await;
 }
 
-/// The sweeper's stranded tasks are those in progress with nothing running or scheduled:
-/// an operator's repair whose request was lost. A pending task (its own sweep's), a task
-/// with a step enqueued, and a failed task are not.
+/// The sweeper's stalled tasks wait for an evaluation whose request may have been lost:
+/// a pending task, and a task in progress with nothing running or scheduled (an operator's
+/// repair). A task with a step enqueued and a failed task do not.
 #[tokio::test]
-async fn a_repaired_step_never_dispatched_strands_its_task() {
+async fn a_repaired_step_never_dispatched_stalls_its_task() {
     let env = TestEnv::new().await;
     let (store, task_id) = setup(&env).await;
     let now = std::time::Duration::ZERO;
-    let stranded = || async { store.stranded_tasks(now, 10).await.unwrap() };
-    assert_eq!(store.stale_pending_tasks(now, 10).await.unwrap(), [task_id]);
-    assert!(stranded().await.is_empty(), "a pending task is the pending sweep's");
+    let stalled = || async { store.stalled_tasks(now, 10).await.unwrap() };
+    assert_eq!(stalled().await, [task_id], "a pending task");
 
     // started, its first step enqueued, then failed for good: the task fails
     let mut tx = store.begin().await.unwrap();
@@ -672,7 +671,7 @@ async fn a_repaired_step_never_dispatched_strands_its_task() {
     let mut a = tx.ready_steps(&[task_id]).await.unwrap().remove(0);
     tx.transition_step(&task.subject(), &mut a, StepState::Enqueued, json!({}), StepChange::default()).unwrap();
     tx.commit().await.unwrap();
-    assert!(stranded().await.is_empty(), "its step is enqueued");
+    assert!(stalled().await.is_empty(), "its step is enqueued");
     let mut tx = store.begin().await.unwrap();
     let mut task = tx.lock_tasks(&[task_id]).await.unwrap().remove(&task_id).unwrap();
     for to in [StepState::InProgress, StepState::Error] {
@@ -680,13 +679,13 @@ async fn a_repaired_step_never_dispatched_strands_its_task() {
     }
     tx.transition_task(&mut task, TaskState::Error, json!({})).unwrap();
     tx.commit().await.unwrap();
-    assert!(stranded().await.is_empty(), "a failed task waits for an operator");
+    assert!(stalled().await.is_empty(), "a failed task waits for an operator");
 
     // an operator retries the step; the request that would hand the task back is lost
     let operator = tasker_store::Actor { who: "operator".into(), reason: "test".into() };
     store.retry_step(a.id, &operator).await.unwrap();
-    assert_eq!(stranded().await, [task_id]);
-    assert!(store.stranded_tasks(std::time::Duration::from_secs(3600), 10).await.unwrap().is_empty(), "not yet");
+    assert_eq!(stalled().await, [task_id], "resumed, nothing dispatched");
+    assert!(store.stalled_tasks(std::time::Duration::from_secs(3600), 10).await.unwrap().is_empty(), "not yet");
     env.cleanup().await;
 }
 

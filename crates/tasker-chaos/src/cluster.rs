@@ -49,11 +49,18 @@ pub struct Cluster {
     pub broker: FaultProxy,
     base: Vec<(String, String)>,
     members: Vec<Member>,
+    /// The gRPC port of each task-api.
+    pub api_ports: Vec<u16>,
 }
 
-/// The gRPC port of task-api number `i`.
-pub fn api_port(i: usize) -> u16 {
-    50261 + i as u16
+/// `count` ports for the task-apis, free when the cluster starts and below the kernel's
+/// ephemeral range (32768–60999 by default on Linux), so that no outgoing connection takes
+/// one while a killed task-api is down: each is started again on the same port.
+fn free_api_ports(count: usize) -> Vec<u16> {
+    let ports: Vec<u16> =
+        (20261..32768).filter(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()).take(count).collect();
+    assert_eq!(ports.len(), count, "no free ports for the task-apis below 32768");
+    ports
 }
 
 impl Cluster {
@@ -75,9 +82,9 @@ impl Cluster {
             ("TASKER_ORCHESTRATOR__SWEEP_INTERVAL".to_owned(), "2s".to_owned()),
         ];
         let mut members = Vec::new();
-        for i in 0..apis {
-            members
-                .push((Kind::TaskApi, vec![("TASKER_API__LISTEN".to_owned(), format!("127.0.0.1:{}", api_port(i)))]));
+        let api_ports = free_api_ports(apis);
+        for port in &api_ports {
+            members.push((Kind::TaskApi, vec![("TASKER_API__LISTEN".to_owned(), format!("127.0.0.1:{port}"))]));
         }
         for _ in 0..2 {
             members.push((Kind::Orchestrator, vec![]));
@@ -98,6 +105,7 @@ impl Cluster {
             broker,
             base,
             members: members.into_iter().map(|(kind, extra)| Member { kind, extra, process: None }).collect(),
+            api_ports,
         };
         for i in 0..cluster.members.len() {
             cluster.launch(i, env).await;

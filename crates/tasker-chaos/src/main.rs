@@ -25,7 +25,7 @@ use std::{
 };
 
 use clap::Parser;
-use cluster::{Cluster, Kind, api_port};
+use cluster::{Cluster, Kind};
 use tasker_proto::v1::{
     self as pb, task_service_client::TaskServiceClient, template_service_client::TemplateServiceClient,
 };
@@ -129,10 +129,10 @@ async fn main() -> anyhow::Result<()> {
     env.uses_namespace("probe");
     let mut cluster = Cluster::start(args.bin_dir.clone(), &env, 2, 2, &format!("{NAMESPACE}, probe")).await;
     let clients = Clients(vec![
-        TaskServiceClient::new(connect(api_port(0)).await),
-        TaskServiceClient::new(connect(api_port(1)).await),
+        TaskServiceClient::new(connect(cluster.api_ports[0]).await),
+        TaskServiceClient::new(connect(cluster.api_ports[1]).await),
     ]);
-    let mut templates = TemplateServiceClient::new(connect(api_port(0)).await);
+    let mut templates = TemplateServiceClient::new(connect(cluster.api_ports[0]).await);
     for yaml in TEMPLATES {
         templates.register_template(pb::RegisterTemplateRequest { yaml: yaml.into() }).await?;
     }

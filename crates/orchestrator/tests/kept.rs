@@ -238,8 +238,8 @@ async fn steps_in(
     db.query("SELECT task_id, id FROM workflow_steps WHERE status = $1", &[&status]).await
 }
 
-/// Two replicas, each running up to two batches at once, work through sixty tasks
-/// while the stand-in broker delivers messages more than once, late and out of order,
+/// Two replicas, running up to four batches at once between them, work through sixty
+/// tasks while the stand-in broker delivers messages more than once, late and out of order,
 /// workers fail attempts and report starts after outcomes, the sweeper republishes
 /// enqueued steps and fails in-progress ones as overdue, and operators retry, resolve and
 /// cancel. Whatever the interleaving, every task ends final and its history holds: each
@@ -254,9 +254,9 @@ async fn interleaved_replicas_duplicates_and_operators_keep_every_invariant() {
 
 /// The same, with the database's connections cut at random moments, in the middle of
 /// batches (a commit whose answer is lost included) and of operator actions: a batch that
-/// fails is delivered again, and once the faults stop, the sweeper's own queries find
-/// whatever a lost answer left behind (a dispatch never published, a repair never handed
-/// back).
+/// fails is delivered again, and whenever the queues run dry, the sweeper's own queries
+/// find whatever a lost answer left behind (a dispatch never published, a repair never
+/// handed back).
 #[tokio::test]
 async fn interleaved_replicas_through_database_cuts_keep_every_invariant() {
     interleave(true).await;

@@ -5,7 +5,10 @@ use std::{path::PathBuf, process::Stdio, time::Duration};
 use anyhow::{Context, bail};
 use tokio::process::{Child, Command};
 
-pub const API_PORT: u16 = 50151;
+/// task-api's gRPC port: below the kernel's ephemeral range (32768–60999 by default on
+/// Linux), like the admin ports, so no outgoing connection holds it when the services are
+/// started again (B8 restarts them).
+pub const API_PORT: u16 = 20151;
 pub const ADMIN: [(&str, u16); 3] = [("task-api", 19090), ("orchestrator", 19091), ("event-publisher", 19093)];
 
 pub struct Services {

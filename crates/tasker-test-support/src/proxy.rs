@@ -1,6 +1,7 @@
 //! A TCP fault proxy: services reach Postgres or RabbitMQ through it, and a test cuts
-//! every connection, refuses new ones, adds latency, then heals — an outage of the shared
-//! servers, made without restarting them (other tests keep using them).
+//! every connection, refuses new ones, adds latency, or goes silent, then heals — an
+//! outage of the shared servers, made without restarting them (other tests keep using
+//! them).
 
 use std::{
     net::SocketAddr,
@@ -11,6 +12,7 @@ use std::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
+    sync::watch,
     task::JoinHandle,
 };
 
@@ -29,6 +31,8 @@ pub struct FaultProxy {
     addr: SocketAddr,
     upstream: SocketAddr,
     state: Arc<Mutex<State>>,
+    /// `true` while silent: forwarding waits for it to turn `false`.
+    silence: watch::Sender<bool>,
     accept: JoinHandle<()>,
 }
 
@@ -37,8 +41,9 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the fault proxy");
         let addr = listener.local_addr().expect("proxy address");
         let state = Arc::new(Mutex::new(State::default()));
-        let accept = tokio::spawn(accept(listener, upstream, state.clone()));
-        FaultProxy { addr, upstream, state, accept }
+        let silence = watch::Sender::new(false);
+        let accept = tokio::spawn(accept(listener, upstream, state.clone(), silence.subscribe()));
+        FaultProxy { addr, upstream, state, silence, accept }
     }
 
     /// A proxy in front of the server a URL (`postgres://…`, `amqp://…`) points at.
@@ -85,11 +90,20 @@ impl FaultProxy {
         self.state.lock().expect("proxy lock").latency = latency;
     }
 
+    /// The server goes silent without closing anything, as behind a network partition or
+    /// on a frozen host: open connections stay open but nothing more is forwarded either
+    /// way, and new ones are accepted but never reach the server. Only a client's own
+    /// timeouts can tell. [`FaultProxy::heal`] forwards again, on the same connections.
+    pub fn silence(&self) {
+        self.silence.send_replace(true);
+    }
+
     /// Accepts and forwards again, without latency.
     pub fn heal(&self) {
         let mut state = self.state.lock().expect("proxy lock");
         state.refusing = false;
         state.latency = Duration::ZERO;
+        self.silence.send_replace(false);
     }
 }
 
@@ -122,20 +136,31 @@ fn authority(url: &str) -> &str {
     rest.split(['/', '?']).next().unwrap_or(rest)
 }
 
-async fn accept(listener: TcpListener, upstream: SocketAddr, state: Arc<Mutex<State>>) {
+async fn accept(listener: TcpListener, upstream: SocketAddr, state: Arc<Mutex<State>>, silence: watch::Receiver<bool>) {
     while let Ok((client, _)) = listener.accept().await {
         if state.lock().expect("proxy lock").refusing {
             drop(client);
             continue;
         }
-        let connection = tokio::spawn(forward(client, upstream, state.clone()));
+        let connection = tokio::spawn(forward(client, upstream, state.clone(), silence.clone()));
         let mut state = state.lock().expect("proxy lock");
         state.connections.retain(|c| !c.is_finished());
         state.connections.push(connection);
     }
 }
 
-async fn forward(client: TcpStream, upstream: SocketAddr, state: Arc<Mutex<State>>) {
+/// Resolves once the proxy is not silent.
+async fn heard(silence: &mut watch::Receiver<bool>) {
+    let _ = silence.wait_for(|silent| !silent).await;
+}
+
+async fn forward(
+    client: TcpStream,
+    upstream: SocketAddr,
+    state: Arc<Mutex<State>>,
+    mut silence: watch::Receiver<bool>,
+) {
+    heard(&mut silence).await;
     let Ok(server) = TcpStream::connect(upstream).await else { return };
     if let Ok(local) = server.local_addr() {
         state.lock().expect("proxy lock").upstream_ports.push(local.port());
@@ -145,8 +170,8 @@ async fn forward(client: TcpStream, upstream: SocketAddr, state: Arc<Mutex<State
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     tokio::select! {
-        _ = pipe(client_read, server_write, state.clone()) => {}
-        _ = pipe(server_read, client_write, state) => {}
+        _ = pipe(client_read, server_write, state.clone(), silence.clone()) => {}
+        _ = pipe(server_read, client_write, state, silence) => {}
     }
 }
 
@@ -154,9 +179,12 @@ async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     state: Arc<Mutex<State>>,
+    mut silence: watch::Receiver<bool>,
 ) {
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
+        // while silent, nothing is read (it waits in the sockets' buffers) or forwarded
+        heard(&mut silence).await;
         let n = match from.read(&mut buffer).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
@@ -165,6 +193,7 @@ async fn pipe(
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
+        heard(&mut silence).await;
         if to.write_all(&buffer[..n]).await.is_err() {
             return;
         }
@@ -223,6 +252,20 @@ mod tests {
 
         proxy.heal();
         let socket = TcpStream::connect(proxy.addr()).await.unwrap();
-        assert_eq!(roundtrip(socket).await.expect("forwarded again").1, *b"ping");
+        let (socket, answer) = roundtrip(socket).await.expect("forwarded again");
+        assert_eq!(answer, *b"ping");
+
+        // silent: the open connection neither answers nor closes, until healed
+        proxy.silence();
+        let mut socket = socket;
+        socket.write_all(b"pong").await.unwrap();
+        let mut buf = [0u8; 4];
+        let quiet = tokio::time::timeout(Duration::from_millis(300), socket.read(&mut buf)).await;
+        assert!(quiet.is_err(), "nothing answered, nothing closed: {quiet:?}");
+        let waiting = TcpStream::connect(proxy.addr()).await.expect("a new connection is accepted");
+        proxy.heal();
+        socket.read_exact(&mut buf).await.expect("the same connection goes on");
+        assert_eq!(&buf, b"pong");
+        assert_eq!(roundtrip(waiting).await.expect("and the one made meanwhile reaches the server").1, *b"ping");
     }
 }

@@ -30,6 +30,10 @@ pub enum Error {
     ConsumerClosed(String),
     #[error("the broker did not answer {0} within {TIMEOUT:?}")]
     Timeout(&'static str),
+    #[error("the broker did not accept a connection within {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout,
+    #[error("amqp url: {0}")]
+    Url(String),
     #[error(
         "queue `{queue}` exists with other arguments than Tasker declares ({expected}): {detail}; \
          delete it, or declare it with exactly these arguments"
@@ -40,6 +44,14 @@ pub enum Error {
 /// How long any broker round trip (a declaration, a batch of confirms) may take before it
 /// fails instead of hanging its caller.
 pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long connecting (TCP, TLS, the AMQP handshake) may take: a broker that does not
+/// answer is tried again instead of hanging its service.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The heartbeat a connection asks of the broker unless its URL says otherwise
+/// (`?heartbeat=N`), in seconds.
+pub const DEFAULT_HEARTBEAT: u16 = 5;
 
 /// Bounds a broker round trip by [`TIMEOUT`].
 pub(crate) async fn bounded<T>(what: &'static str, fut: impl Future<Output = Result<T>>) -> Result<T> {
@@ -81,20 +93,28 @@ pub struct Broker {
 impl Broker {
     /// Connects; `name` shows in the broker's connection list.
     pub async fn connect(url: &str, topology: Topology, name: &str) -> Result<Broker> {
-        Broker::connect_trusting(url, None, topology, name).await
+        Broker::connect_trusting(url, None, DEFAULT_HEARTBEAT, topology, name).await
     }
 
     /// Connects, over TLS for an `amqps://` URL: the server's certificate is verified
     /// against the system roots plus `ca_pem` (PEM certificates, for a private CA).
-    pub async fn connect_trusting(url: &str, ca_pem: Option<String>, topology: Topology, name: &str) -> Result<Broker> {
+    /// Asks for a heartbeat every `heartbeat` seconds unless the URL names one: the
+    /// connection is lost, and [`Broker::closed`] resolves, once nothing at all has come
+    /// from the broker for two of them (a broker that went silent closes nothing).
+    pub async fn connect_trusting(
+        url: &str,
+        ca_pem: Option<String>,
+        heartbeat: u16,
+        topology: Topology,
+        name: &str,
+    ) -> Result<Broker> {
+        let mut uri: lapin::uri::AMQPUri = url.parse().map_err(Error::Url)?;
+        uri.query.heartbeat.get_or_insert(heartbeat);
         let props = ConnectionProperties::default().with_connection_name(name.to_owned().into());
         let tls = lapin::tcp::OwnedTLSConfig { identity: None, cert_chain: ca_pem };
-        let connection = lapin::ConnectionBuilder::new()?
-            .with_uri_str(url.to_owned())
-            .with_properties(props)
-            .with_tls_config(tls)
-            .connect()
-            .await?;
+        let connect = lapin::ConnectionBuilder::new()?.with_uri(uri).with_properties(props).with_tls_config(tls);
+        let connection =
+            tokio::time::timeout(CONNECT_TIMEOUT, connect.connect()).await.map_err(|_| Error::ConnectTimeout)??;
         Ok(Broker { connection, topology })
     }
 

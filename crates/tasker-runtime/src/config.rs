@@ -54,6 +54,11 @@ pub struct DatabaseConfig {
     pub pool_size: usize,
     /// Apply pending migrations at start (advisory-locked, so safe from every replica).
     pub migrate: bool,
+    /// The longest a statement may run: Postgres cancels it past this, and a connection
+    /// whose server sends nothing for this long and 2 s more while an answer is awaited
+    /// is dropped as lost (a partition, a frozen host).
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
 }
 
 /// The local server's Unix socket (Debian's directory), then TCP on 127.0.0.1: each host
@@ -63,7 +68,12 @@ const DEFAULT_DATABASE_URL: &str = "postgres://postgres@%2Fvar%2Frun%2Fpostgresq
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { url: DEFAULT_DATABASE_URL.into(), pool_size: 16, migrate: true }
+        Self {
+            url: DEFAULT_DATABASE_URL.into(),
+            pool_size: 16,
+            migrate: true,
+            statement_timeout: tasker_store::DEFAULT_STATEMENT_TIMEOUT,
+        }
     }
 }
 
@@ -82,6 +92,11 @@ pub struct AmqpConfig {
     /// PEM certificates of a private CA to trust for an `amqps://` URL (besides the system
     /// roots).
     pub ca_file: Option<PathBuf>,
+    /// The heartbeat asked of the broker (whole seconds; the lower of this and the
+    /// broker's applies): a connection that hears nothing for two of them is lost, so a
+    /// broker that went silent (a partition, a frozen host) is noticed within that.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
     /// A file holding the URL (it carries the password), read at start instead of `url`:
     /// a mounted Secret, or the file `scripts/broker-users.sh --out` writes per role.
     pub url_file: Option<PathBuf>,
@@ -96,6 +111,7 @@ impl Default for AmqpConfig {
             orchestrator_queue_type: "classic".into(),
             delivery_limit: 10,
             ca_file: None,
+            heartbeat: Duration::from_secs(5),
             url_file: None,
         }
     }
@@ -297,6 +313,13 @@ impl Config {
                 .map_err(|e| Box::new(figment::Error::from(format!("amqp.url_file {}: {e}", path.display()))))?;
             config.amqp.url = url.trim().to_owned();
         }
+        let refuse = |message: &str| Err(Box::new(figment::Error::from(message.to_owned())));
+        if config.database.statement_timeout.is_zero() {
+            return refuse("database.statement_timeout: must be more than 0");
+        }
+        if !(1..=u64::from(u16::MAX)).contains(&config.amqp.heartbeat.as_secs()) {
+            return refuse("amqp.heartbeat: must be from 1s to 65535s");
+        }
         Ok(config)
     }
 
@@ -361,6 +384,20 @@ mod tests {
             jail.set_env("TASKER_DATABSE__URL", "x");
             let error = Config::load(None).unwrap_err().to_string().to_lowercase();
             assert!(error.contains("databse"), "{error}");
+            jail.clear_env();
+            jail.set_env("TASKER_DATABASE__STATEMENT_TIMEOUT", "0s");
+            let error = Config::load(None).unwrap_err().to_string();
+            assert!(error.contains("database.statement_timeout"), "{error}");
+            jail.set_env("TASKER_DATABASE__STATEMENT_TIMEOUT", "3s");
+            jail.set_env("TASKER_AMQP__HEARTBEAT", "500ms");
+            let error = Config::load(None).unwrap_err().to_string();
+            assert!(error.contains("amqp.heartbeat"), "{error}");
+            jail.set_env("TASKER_AMQP__HEARTBEAT", "2s");
+            let config = Config::load(None).unwrap();
+            assert_eq!(
+                (config.database.statement_timeout, config.amqp.heartbeat),
+                (Duration::from_secs(3), Duration::from_secs(2))
+            );
             Ok(())
         });
     }

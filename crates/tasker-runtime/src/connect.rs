@@ -11,7 +11,9 @@ pub async fn connect_store(config: &DatabaseConfig, workload: Workload) -> anyho
     if config.migrate {
         tasker_store::migrate(&config.url).await.context("migrating the database")?;
     }
-    Store::connect(&config.url, config.pool_size, workload).await.context("connecting to the database")
+    Store::connect_with(&config.url, config.pool_size, workload, config.statement_timeout)
+        .await
+        .context("connecting to the database")
 }
 
 /// The broker names for this configuration.
@@ -28,7 +30,10 @@ pub fn topology(config: &AmqpConfig) -> anyhow::Result<Topology> {
 pub async fn connect_broker(config: &AmqpConfig, service: &str) -> anyhow::Result<Broker> {
     let name = format!("{service}@{}", std::process::id());
     let ca = config.ca_file.as_deref().map(|path| crate::tls::read_pem("amqp.ca_file", path)).transpose()?;
-    Broker::connect_trusting(&config.url, ca, topology(config)?, &name).await.context("connecting to the broker")
+    let heartbeat = u16::try_from(config.heartbeat.as_secs()).unwrap_or(u16::MAX);
+    Broker::connect_trusting(&config.url, ca, heartbeat, topology(config)?, &name)
+        .await
+        .context("connecting to the broker")
 }
 
 /// Readiness check: a database round trip, and every migration this build carries

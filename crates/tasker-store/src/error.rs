@@ -24,6 +24,9 @@ pub enum Error {
     Database(#[from] tokio_postgres::Error),
     #[error("database pool: {}", with_causes(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
+    /// No host the URL names could be reached.
+    #[error("database: could not connect to {0}")]
+    Connect(String),
     #[error("database configuration: {0}")]
     Config(String),
     #[error("migration: {0}")]
@@ -47,7 +50,7 @@ impl Error {
     /// refused for what it held.)
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Error::Pool(_) | Error::Migrate(_) => true,
+            Error::Pool(_) | Error::Connect(_) | Error::Migrate(_) => true,
             Error::Database(e) => match e.as_db_error() {
                 None => true,
                 Some(db) => ["08", "40", "53", "57", "58"].iter().any(|class| db.code().code().starts_with(class)),

@@ -19,8 +19,9 @@ mod tasks;
 mod templates;
 mod tls;
 mod tx;
+mod watchdog;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod};
 
@@ -101,7 +102,8 @@ pub async fn ensure_database(database_url: &str) -> Result<()> {
         .get_dbname()
         .ok_or_else(|| Error::Config("the database URL names no database".into()))?
         .to_owned();
-    let (client, mut messages) = target.with_dbname("postgres").connect().await?;
+    let silence = watchdog::Silence::new(DEFAULT_STATEMENT_TIMEOUT);
+    let (client, mut messages) = target.with_dbname("postgres").connect(&silence).await?;
     let conn = tokio::spawn(async move { while messages.next().await.is_some() {} });
     let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
     if !exists {
@@ -160,33 +162,65 @@ pub enum Workload {
 const KEYED_PLANS: &str = "-c enable_seqscan=off -c enable_hashjoin=off -c enable_mergejoin=off \
      -c plan_cache_mode=force_generic_plan -c jit=off";
 
+/// The longest a statement may run unless configured otherwise
+/// (`database.statement_timeout`).
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A pool of connections to Tasker's database.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
-    url: String,
+    /// The URL as parsed, for connections outside the pool (the relay's LISTEN).
+    target: Target,
+    /// The statement timeout, and when a connection last found the server silent.
+    silence: Arc<watchdog::Silence>,
     /// Lazy wake-ups of the event relay, shared by this pool's transactions.
     waker: outbox::RelayWaker,
 }
 
 impl Store {
-    /// Builds the pool and checks that the database answers.
+    /// Builds the pool and checks that the database answers; statements may run for
+    /// [`DEFAULT_STATEMENT_TIMEOUT`].
     pub async fn connect(database_url: &str, pool_size: usize, workload: Workload) -> Result<Store> {
+        Store::connect_with(database_url, pool_size, workload, DEFAULT_STATEMENT_TIMEOUT).await
+    }
+
+    /// Builds the pool and checks that the database answers. Postgres cancels a statement
+    /// that runs past `statement_timeout`, and a connection whose server sends nothing for
+    /// that long and two seconds more while an answer is awaited fails as lost (a partition,
+    /// a frozen host: `watchdog.rs`); the pool then opens new connections in place of those
+    /// opened before.
+    pub async fn connect_with(
+        database_url: &str,
+        pool_size: usize,
+        workload: Workload,
+        statement_timeout: Duration,
+    ) -> Result<Store> {
         let mut target = Target::parse(database_url)?;
         if workload == Workload::Keyed {
             // the server's settings for these sessions, after any `options` the URL gives
             let options = target.config.get_options().map(|o| format!("{o} ")).unwrap_or_default();
             target.config.options(format!("{options}{KEYED_PLANS}"));
         }
-        let manager = target.manager(ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let silence = watchdog::Silence::new(statement_timeout);
+        let manager = target.manager(silence.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let noticed = silence.clone();
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
             .wait_timeout(Some(Duration::from_secs(10)))
             .create_timeout(Some(Duration::from_secs(10)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
+            // a connection opened before the server was last found silent went through
+            // that silence too: open a new one rather than wait out its silence again
+            .pre_recycle(deadpool_postgres::Hook::sync_fn(move |_, metrics| match noticed.last_noticed() {
+                Some(at) if metrics.created <= at => {
+                    Err(deadpool_postgres::HookError::message("opened before the database went silent"))
+                }
+                _ => Ok(()),
+            }))
             .build()
             .map_err(Error::config)?;
-        let store = Store { waker: outbox::RelayWaker::new(pool.clone()), pool, url: database_url.to_owned() };
+        let store = Store { waker: outbox::RelayWaker::new(pool.clone()), pool, target, silence };
         store.ping().await?;
         Ok(store)
     }
@@ -219,6 +253,36 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A database that goes silent (a partition, a frozen host: nothing closed, nothing
+    /// answered) fails the statement waiting on it once the statement timeout and its
+    /// grace have passed, as a lost connection; once it answers again, the pool's new
+    /// connections work. A statement that merely runs long is cancelled by the server at
+    /// the timeout, and its connection stays.
+    #[tokio::test]
+    async fn a_silent_database_is_noticed_and_left_behind() {
+        let env = tasker_test_support::TestEnv::new().await;
+        let proxy = tasker_test_support::FaultProxy::for_url(&env.config.database.url).await;
+        let url = proxy.url(&env.config.database.url);
+        let store = Store::connect_with(&url, 2, Workload::General, Duration::from_secs(1)).await.unwrap();
+        store.ping().await.unwrap();
+
+        proxy.silence();
+        let started = std::time::Instant::now();
+        let error = store.ping().await.expect_err("nothing answers");
+        let waited = started.elapsed();
+        assert!(error.is_unavailable(), "{error}");
+        assert!((Duration::from_secs(3)..Duration::from_secs(8)).contains(&waited), "noticed after {waited:?}");
+
+        proxy.heal();
+        store.ping().await.expect("a new connection answers");
+        let client = store.client().await.unwrap();
+        let error = client.simple_query("SELECT pg_sleep(4)").await.expect_err("past the statement timeout");
+        assert_eq!(error.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{error}");
+        client.simple_query("SELECT 1").await.expect("the connection is still good");
+        drop(client);
+        env.cleanup().await;
+    }
 
     /// The readiness check's read of the migrations table has no index path, so a keyed
     /// session prices its scan past `jit_above_cost`: it runs, but is never compiled.

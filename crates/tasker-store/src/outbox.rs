@@ -199,11 +199,11 @@ impl Store {
     /// when it drops, until `shutdown`.
     pub fn listen_outbox(&self, shutdown: CancellationToken) -> OutboxListener {
         let notify = Arc::new(Notify::new());
-        let url = self.url.clone();
+        let (target, silence) = (self.target.clone(), self.silence.clone());
         let wake = notify.clone();
         tokio::spawn(async move {
             while !shutdown.is_cancelled() {
-                if let Err(error) = listen(&url, &wake, &shutdown).await {
+                if let Err(error) = listen(&target, &silence, &wake, &shutdown).await {
                     tracing::warn!(%error, "outbox listener lost its connection; polling until it is back");
                 }
                 // wake once in case something was written while not listening
@@ -218,8 +218,13 @@ impl Store {
     }
 }
 
-async fn listen(url: &str, wake: &Notify, shutdown: &CancellationToken) -> Result<()> {
-    let (client, mut messages) = crate::tls::Target::parse(url)?.connect().await?;
+async fn listen(
+    target: &crate::tls::Target,
+    silence: &Arc<crate::watchdog::Silence>,
+    wake: &Notify,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let (client, mut messages) = target.connect(silence).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let pump = tokio::spawn(async move {
         while let Some(message) = messages.next().await {

@@ -6,13 +6,21 @@
 //! unauthenticated protects nothing. `disable`, `prefer` and no `sslmode` connect without
 //! TLS, as before. A URL may name several hosts, each tried in turn (libpq's way).
 
-use std::str::FromStr;
+use std::{str::FromStr, sync::Arc};
 
 use futures::stream::BoxStream;
-use tokio_postgres::{AsyncMessage, Client, NoTls, config::SslMode};
+use tokio_postgres::{
+    AsyncMessage, Client, NoTls,
+    config::{Host, SslMode},
+    tls::MakeTlsConnect,
+};
 use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_util::either::Either;
 
-use crate::{Error, Result};
+use crate::{
+    Error, Result,
+    watchdog::{Silence, Watchdog, Watched},
+};
 
 /// A parsed database URL and the TLS connector it needs (none for plain TCP).
 #[derive(Clone)]
@@ -45,28 +53,185 @@ impl Target {
         target
     }
 
-    /// One connection outside the pool; the returned stream must be polled for the
-    /// connection to make progress.
-    pub async fn connect(&self) -> Result<(Client, Messages)> {
+    /// One connection: each host the URL names in turn (libpq's way), until one accepts
+    /// the connection and the session starts. Its socket is watched for a silent server
+    /// (`watchdog.rs`) and the session runs with that `statement_timeout`. The returned
+    /// stream must be polled for the connection to make progress.
+    pub async fn connect(&self, silence: &Arc<Silence>) -> Result<(Client, Messages)> {
+        let mut config = self.config.clone();
+        // the server cancels a statement before the watchdog would give up on it
+        let options = config.get_options().map(|o| format!("{o} ")).unwrap_or_default();
+        config.options(format!("{options}-c statement_timeout={}", silence.statement_timeout().as_millis()));
+        let mut last = None;
+        for host in 0..self.config.get_hosts().len().max(self.config.get_hostaddrs().len()) {
+            match self.connect_host(&config, host, silence).await {
+                Ok(connected) => return Ok(connected),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Config("the database URL names no host".into())))
+    }
+
+    async fn connect_host(
+        &self,
+        config: &tokio_postgres::Config,
+        host: usize,
+        silence: &Arc<Silence>,
+    ) -> Result<(Client, Messages)> {
         use futures::StreamExt;
+        let port = config.get_ports().get(host).or(config.get_ports().first()).copied().unwrap_or(5432);
+        let name = config.get_hosts().get(host);
+        let socket = async {
+            match (config.get_hostaddrs().get(host), name) {
+                (Some(addr), _) => tcp(&[std::net::SocketAddr::new(*addr, port)]).await,
+                (None, Some(Host::Tcp(name))) => {
+                    tcp(&tokio::net::lookup_host((name.as_str(), port)).await?.collect::<Vec<_>>()).await
+                }
+                (None, Some(Host::Unix(dir))) => {
+                    tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await.map(Either::Right)
+                }
+                (None, None) => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no host")),
+            }
+        };
+        let socket = match config.get_connect_timeout() {
+            Some(limit) => tokio::time::timeout(*limit, socket)
+                .await
+                .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout"))),
+            None => socket.await,
+        }
+        .map_err(|e| Error::Connect(format!("{}: {e}", describe_host(name, port))))?;
         Ok(match &self.tls {
             None => {
-                let (client, mut connection) = self.config.connect(NoTls).await?;
+                let (client, mut connection) =
+                    config.connect_raw(Watchdog::new(socket, silence.clone()), NoTls).await?;
                 (client, futures::stream::poll_fn(move |cx| connection.poll_message(cx)).boxed())
             }
             Some(tls) => {
-                let (client, mut connection) = self.config.connect(tls.clone()).await?;
+                let domain = match name {
+                    Some(Host::Tcp(name)) => name.as_str(),
+                    _ => "",
+                };
+                let tls =
+                    MakeTlsConnect::<Socket>::make_tls_connect(&mut tls.clone(), domain).map_err(Error::config)?;
+                let tls = Watched { tls, silence: silence.clone() };
+                let (client, mut connection) = config.connect_raw(socket, tls).await?;
                 (client, futures::stream::poll_fn(move |cx| connection.poll_message(cx)).boxed())
             }
         })
     }
 
-    /// A pool manager for this target.
-    pub fn manager(&self, config: deadpool_postgres::ManagerConfig) -> deadpool_postgres::Manager {
-        match &self.tls {
-            None => deadpool_postgres::Manager::from_config(self.config.clone(), NoTls, config),
-            Some(tls) => deadpool_postgres::Manager::from_config(self.config.clone(), tls.clone(), config),
+    /// A pool manager for this target: its connections made by [`Target::connect`].
+    pub fn manager(
+        &self,
+        silence: Arc<Silence>,
+        config: deadpool_postgres::ManagerConfig,
+    ) -> deadpool_postgres::Manager {
+        deadpool_postgres::Manager::from_connect(
+            self.config.clone(),
+            PoolConnect { target: self.clone(), silence },
+            config,
+        )
+    }
+}
+
+/// How the pool opens a connection: as [`Target::connect`] does, its messages (nothing
+/// but notices, on a pool's connections) drained by a task of its own.
+struct PoolConnect {
+    target: Target,
+    silence: Arc<Silence>,
+}
+
+impl deadpool_postgres::Connect for PoolConnect {
+    fn connect(
+        &self,
+        _: &tokio_postgres::Config,
+    ) -> futures::future::BoxFuture<'_, std::result::Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>>
+    {
+        Box::pin(async move {
+            use futures::StreamExt;
+            let (client, mut messages) = match self.target.connect(&self.silence).await {
+                Ok(connected) => connected,
+                Err(Error::Database(e)) => return Err(e),
+                Err(other) => return Err(as_postgres_error(other.to_string()).await),
+            };
+            let task = tokio::spawn(async move {
+                while let Some(message) = messages.next().await {
+                    if let Err(error) = message {
+                        tracing::warn!(%error, "database connection lost");
+                        break;
+                    }
+                }
+            });
+            Ok((client, task))
+        })
+    }
+}
+
+/// A socket to the server: TCP, or a Unix socket.
+type Socket = Either<tokio::net::TcpStream, tokio::net::UnixStream>;
+
+/// The first of `addrs` that accepts, without Nagle's delay (each statement's messages go
+/// out as one write).
+async fn tcp(addrs: &[std::net::SocketAddr]) -> std::io::Result<Socket> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::InvalidInput, "could not resolve any addresses");
+    for addr in addrs {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok(Either::Left(stream));
+            }
+            Err(e) => last = e,
         }
+    }
+    Err(last)
+}
+
+fn describe_host(host: Option<&Host>, port: u16) -> String {
+    match host {
+        Some(Host::Tcp(name)) => format!("{name}:{port}"),
+        Some(Host::Unix(dir)) => format!("{}/.s.PGSQL.{port}", dir.display()),
+        None => format!("port {port}"),
+    }
+}
+
+/// The pool's connector must fail with tokio-postgres's own error type, which has no
+/// public constructor: a session started on a socket that fails at once yields one,
+/// carrying `why`.
+async fn as_postgres_error(why: String) -> tokio_postgres::Error {
+    struct Refused(Option<String>);
+    impl tokio::io::AsyncRead for Refused {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Err(std::io::Error::other(self.0.take().unwrap_or_default())))
+        }
+    }
+    impl tokio::io::AsyncWrite for Refused {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Ready(Err(std::io::Error::other(self.0.take().unwrap_or_default())))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+    match tokio_postgres::Config::new().user("tasker").connect_raw(Refused(Some(why)), NoTls).await {
+        Err(e) => e,
+        Ok(_) => unreachable!("a session cannot start on a socket that fails"),
     }
 }
 

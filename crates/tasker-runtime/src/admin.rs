@@ -16,6 +16,10 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// How long a check may take before it counts as failing: a dependency that went silent
+/// (a partition, a frozen host) fails the probe in time instead of hanging it.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A named readiness check.
 pub type ReadyCheck = (&'static str, Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>);
 
@@ -78,8 +82,8 @@ impl Health {
     /// been failing.
     async fn run_all(&self) -> Vec<(&'static str, Option<String>, Duration)> {
         let results = join_all(self.checks.iter().map(|(name, check)| {
-            let fut = check();
-            async move { (*name, fut.await) }
+            let fut = tokio::time::timeout(CHECK_TIMEOUT, check());
+            async move { (*name, fut.await.unwrap_or_else(|_| Err(format!("no answer within {CHECK_TIMEOUT:?}")))) }
         }))
         .await;
         let mut down_since = self.down_since.lock().expect("health lock");

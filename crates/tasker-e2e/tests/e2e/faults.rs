@@ -45,21 +45,53 @@ fn through_broker_proxy(env: &TestEnv, amqp: &FaultProxy) -> Config {
     config
 }
 
+/// How a test takes a server away.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Every connection cut and new ones refused: the clients hear of it at once.
+    Down,
+    /// Nothing forwarded and nothing closed, as behind a partition or on a frozen host:
+    /// only the clients' own timeouts tell (the database's statement timeout, the
+    /// broker's heartbeat), here set short.
+    Silent,
+}
+
+impl Fault {
+    fn start(self, proxy: &FaultProxy) {
+        match self {
+            Fault::Down => proxy.down(),
+            Fault::Silent => proxy.silence(),
+        }
+    }
+}
+
 /// The broker goes away and comes back: task-api reports not ready meanwhile, keeps the
 /// requests of tasks created during the outage, and sends them once reconnected; every
 /// service reconnects; steps are dispatched and events relayed again.
 #[tokio::test]
 async fn every_service_rides_out_a_broker_outage() {
+    broker_fault(Fault::Down).await
+}
+
+/// The same when the broker goes silent: every service notices by the missing
+/// heartbeats, and connects again once the broker answers.
+#[tokio::test]
+async fn every_service_notices_a_silent_broker_and_rides_it_out() {
+    broker_fault(Fault::Silent).await
+}
+
+async fn broker_fault(fault: Fault) {
     let env = TestEnv::new().await;
     let amqp = FaultProxy::for_url(&env.config.amqp.url).await;
-    let config = through_broker_proxy(&env, &amqp);
+    let mut config = through_broker_proxy(&env, &amqp);
+    config.amqp.heartbeat = Duration::from_secs(1);
     let system = System::start_with(&env, config, vec![WorkerSpec::new("w1", &["faults"])]).await;
     system.register(&env, CHAIN).await;
     let before = system.wait_final(&system.submit("faults", "chain", json!({})).await.id).await;
     assert_eq!(before.status(), pb::TaskStatus::Complete);
     let (subscriber, mut events) = env.subscribe(&["faults.#"]).await;
 
-    amqp.down();
+    fault.start(&amqp);
     wait_status(system.api_admin, "/health/ready", 503).await;
     wait_status(system.orchestrator_admin, "/health/ready", 503).await;
     let during = system.submit("faults", "chain", json!({ "created": "during the outage" })).await;
@@ -173,10 +205,23 @@ impl StepHandler for Counted {
 /// no attempt is spent on the outage and no handler runs twice.
 #[tokio::test]
 async fn a_database_outage_under_load_costs_no_attempt_and_no_rerun() {
+    database_fault_under_load(Fault::Down).await
+}
+
+/// The same when the database goes silent: the statements waiting on it fail once the
+/// statement timeout and its grace have passed, readiness says so without hanging, and
+/// the held work is applied once the database answers again.
+#[tokio::test]
+async fn a_silent_database_under_load_is_noticed_and_costs_no_attempt() {
+    database_fault_under_load(Fault::Silent).await
+}
+
+async fn database_fault_under_load(fault: Fault) {
     let env = TestEnv::new().await;
     let db = FaultProxy::for_url(&env.config.database.url).await;
     let mut config = env.config.clone();
     config.database.url = db.url(&config.database.url);
+    config.database.statement_timeout = Duration::from_secs(1);
     // the sweeper must not be what finishes the work
     config.orchestrator.enqueued_step_timeout = Duration::from_secs(600);
     let counted = Counted::default();
@@ -205,12 +250,19 @@ steps:
         tasks.push(system.submit("faults", "fan", json!({ "i": i })).await.id);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    db.down();
-    // the orchestrator says it is holding work (its admin endpoint needs no database)
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    fault.start(&db);
+    // the orchestrator says it is holding work (its admin endpoint needs no database): a
+    // batch waiting on a silent database gave up once the statement timeout (1 s) and
+    // its grace (2 s) had passed, well before the pool's own 10 s timeouts would have
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
     while metric(system.orchestrator_admin, "tasker_orchestrator_consumers_paused").await < 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "no batch was held through the outage");
+        assert!(tokio::time::Instant::now() < deadline, "no batch was held through the {fault:?} database");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // readiness says so, without hanging on the silence, and liveness not yet
+    for admin in [system.api_admin, system.orchestrator_admin, system.publisher_admin] {
+        wait_status(admin, "/health/ready", 503).await;
+        assert_eq!(status(admin, "/health/live").await, 200, "down, but not for long yet");
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     db.heal();

@@ -146,7 +146,10 @@ impl TaskApi {
                 tracing::warn!(%addr, "AUTH IS OFF (auth.mode = none) on a non-loopback address: ANYONE WHO CAN REACH THIS PORT MAY CREATE, CANCEL, RETRY AND RESOLVE ANY TASK; set auth.mode = jwt");
             }
         }
-        let mut server = tonic::transport::Server::builder();
+        // a client that vanished without closing is let go once a ping goes unanswered
+        let mut server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(config.api.keepalive_interval))
+            .http2_keepalive_timeout(Some(config.api.keepalive_timeout));
         let tls_mode = match (&tls, &config.api.tls.client_ca_file) {
             (None, _) => "off",
             (Some(_), None) => "on",

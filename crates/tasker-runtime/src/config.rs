@@ -172,6 +172,13 @@ pub struct ApiConfig {
     pub templates_dir: Option<PathBuf>,
     /// WatchTask streams one caller (subject) may hold open at once.
     pub max_watches_per_caller: usize,
+    /// How often an HTTP/2 ping is sent on a client connection, and how long its answer
+    /// may take: a client that vanished without closing (a partition, a crashed host) has
+    /// its connection closed, and its calls and WatchTask streams ended, within the two.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
     /// TLS for the gRPC listener; off unless `cert_file` is set.
     pub tls: ServerTls,
 }
@@ -196,6 +203,8 @@ impl Default for ApiConfig {
             admin_listen: ([0, 0, 0, 0], 9090).into(),
             templates_dir: None,
             max_watches_per_caller: 32,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
             tls: ServerTls::default(),
         }
     }

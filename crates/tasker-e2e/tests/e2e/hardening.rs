@@ -1,10 +1,12 @@
-//! Bounds on what one caller can hold: WatchTask streams per caller, message sizes.
+//! Bounds on what one caller can hold: WatchTask streams per caller (given back when the
+//! caller vanishes), message sizes.
 
 use std::time::Duration;
 
 use serde_json::json;
 use tasker_proto::v1 as pb;
-use tasker_test_support::{System, TestEnv, WorkerSpec};
+use tasker_proto::v1::task_service_client::TaskServiceClient;
+use tasker_test_support::{FaultProxy, System, TestEnv, WorkerSpec};
 use tonic::{Code, Request};
 
 fn as_caller<T>(message: T, who: &str) -> Request<T> {
@@ -49,6 +51,50 @@ async fn watch_streams_are_bounded_per_caller() {
         }
     };
     drop((second, other, again));
+    let cancel = pb::CancelTaskRequest { task_id: task.id.clone(), reason: "done".into() };
+    system.tasks().cancel_task(cancel).await.unwrap();
+    system.stop().await;
+    env.cleanup().await;
+}
+
+/// A watcher that vanished without closing its connection (a partition, a crashed host)
+/// does not keep its slot: task-api's keepalive pings go unanswered, it closes the
+/// connection, and the stream's slot is free again.
+#[tokio::test]
+async fn a_vanished_watcher_gives_its_stream_back() {
+    let env = TestEnv::new().await;
+    let mut config = env.config.clone();
+    config.api.max_watches_per_caller = 1;
+    config.api.keepalive_interval = Duration::from_secs(1);
+    config.api.keepalive_timeout = Duration::from_secs(1);
+    let system = System::start_with(&env, config, vec![WorkerSpec::new("w1", &["watch"])]).await;
+    system
+        .register(&env, "namespace: watch\nname: long\nversion: 1.0.0\nsteps:\n  - { name: s, handler: sleep, config: { ms: 20000 } }\n")
+        .await;
+    let task = system.submit("watch", "long", json!({})).await;
+    let request = || as_caller(pb::WatchTaskRequest { task_id: task.id.clone() }, "viewer");
+
+    // the far watcher reaches task-api through a proxy, which then goes silent
+    let proxy = FaultProxy::start(system.api_addr).await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.addr())).unwrap().connect().await.unwrap();
+    let far = TaskServiceClient::new(channel).watch_task(request()).await.expect("the far watcher's stream");
+    let refused = system.tasks().watch_task(request()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    proxy.silence();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let near = loop {
+        match system.tasks().watch_task(request()).await {
+            Ok(stream) => break stream,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted);
+                assert!(tokio::time::Instant::now() < deadline, "the vanished watcher kept its slot");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    drop((far, near));
     let cancel = pb::CancelTaskRequest { task_id: task.id.clone(), reason: "done".into() };
     system.tasks().cancel_task(cancel).await.unwrap();
     system.stop().await;

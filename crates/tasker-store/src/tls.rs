@@ -83,9 +83,9 @@ impl Target {
         let name = config.get_hosts().get(host);
         let socket = async {
             match (config.get_hostaddrs().get(host), name) {
-                (Some(addr), _) => tcp(&[std::net::SocketAddr::new(*addr, port)]).await,
+                (Some(addr), _) => tcp(&[std::net::SocketAddr::new(*addr, port)], config).await,
                 (None, Some(Host::Tcp(name))) => {
-                    tcp(&tokio::net::lookup_host((name.as_str(), port)).await?.collect::<Vec<_>>()).await
+                    tcp(&tokio::net::lookup_host((name.as_str(), port)).await?.collect::<Vec<_>>(), config).await
                 }
                 (None, Some(Host::Unix(dir))) => {
                     tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await.map(Either::Right)
@@ -171,13 +171,26 @@ impl deadpool_postgres::Connect for PoolConnect {
 type Socket = Either<tokio::net::TcpStream, tokio::net::UnixStream>;
 
 /// The first of `addrs` that accepts, without Nagle's delay (each statement's messages go
-/// out as one write).
-async fn tcp(addrs: &[std::net::SocketAddr]) -> std::io::Result<Socket> {
+/// out as one write), with the URL's TCP keepalive and user timeout (libpq's
+/// `keepalives*` and `tcp_user_timeout`), as tokio-postgres would set them.
+async fn tcp(addrs: &[std::net::SocketAddr], config: &tokio_postgres::Config) -> std::io::Result<Socket> {
     let mut last = std::io::Error::new(std::io::ErrorKind::InvalidInput, "could not resolve any addresses");
     for addr in addrs {
         match tokio::net::TcpStream::connect(addr).await {
             Ok(stream) => {
                 stream.set_nodelay(true)?;
+                let socket = socket2::SockRef::from(&stream);
+                socket.set_tcp_user_timeout(config.get_tcp_user_timeout().copied())?;
+                if config.get_keepalives() {
+                    let mut keepalive = socket2::TcpKeepalive::new().with_time(config.get_keepalives_idle());
+                    if let Some(interval) = config.get_keepalives_interval() {
+                        keepalive = keepalive.with_interval(interval);
+                    }
+                    if let Some(retries) = config.get_keepalives_retries() {
+                        keepalive = keepalive.with_retries(retries);
+                    }
+                    socket.set_tcp_keepalive(&keepalive)?;
+                }
                 return Ok(Either::Left(stream));
             }
             Err(e) => last = e,

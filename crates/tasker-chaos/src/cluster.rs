@@ -80,6 +80,10 @@ impl Cluster {
             ("TASKER_ORCHESTRATOR__PENDING_TASK_TIMEOUT".to_owned(), "10s".to_owned()),
             ("TASKER_ORCHESTRATOR__ENQUEUED_STEP_TIMEOUT".to_owned(), "15s".to_owned()),
             ("TASKER_ORCHESTRATOR__SWEEP_INTERVAL".to_owned(), "2s".to_owned()),
+            // a silent server is noticed within a fault's length: after 2 s of heartbeats,
+            // or a statement's 2 s and the watchdog's grace (defaults 10 s, 10 s and 2 s)
+            ("TASKER_AMQP__HEARTBEAT".to_owned(), "1s".to_owned()),
+            ("TASKER_DATABASE__STATEMENT_TIMEOUT".to_owned(), "2s".to_owned()),
         ];
         let mut members = Vec::new();
         let api_ports = free_api_ports(apis);

@@ -5,7 +5,8 @@
 //! proxies. Clients submit a mixed workload with idempotency keys, retrying every failed
 //! call with the same key (and sometimes a call that succeeded). Meanwhile faults are
 //! injected one after another at random: SIGKILL of a process of each kind, an outage of
-//! the broker, an outage of the database. After each, a probe task measures the recovery
+//! the broker and one of the database (connections cut and refused), and a silence of each
+//! (connections left open, nothing answered). After each, a probe task measures the recovery
 //! (from the fault's end to the probe's `task.completed`). At the end, from Postgres and
 //! from a real event subscriber: every task terminal and complete, one task per key, one
 //! completion per step, every transition's event received and in order per task and step,
@@ -167,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(rand::random_range(1000..3000))).await;
         // every kind of fault once per round, in a random order
         if round.is_empty() {
-            round = (0..6).collect();
+            round = (0..8).collect();
             for i in (1..round.len()).rev() {
                 round.swap(i, rand::random_range(0..=i));
             }
@@ -184,17 +185,22 @@ async fn main() -> anyhow::Result<()> {
                     Kind::EventPublisher => "kill event-publisher",
                 }
             }
-            4 => {
-                cluster.broker.down();
-                tokio::time::sleep(Duration::from_secs(rand::random_range(2..6))).await;
-                cluster.broker.heal();
-                "broker outage"
-            }
             _ => {
-                cluster.database.down();
+                // the broker or the database, taken away or gone silent
+                let (proxy, kind) = match fault {
+                    4 => (&cluster.broker, "broker outage"),
+                    5 => (&cluster.database, "database outage"),
+                    6 => (&cluster.broker, "broker silence"),
+                    _ => (&cluster.database, "database silence"),
+                };
+                if fault < 6 {
+                    proxy.down();
+                } else {
+                    proxy.silence();
+                }
                 tokio::time::sleep(Duration::from_secs(rand::random_range(2..6))).await;
-                cluster.database.heal();
-                "database outage"
+                proxy.heal();
+                kind
             }
         };
         let ended = Instant::now();

@@ -4,7 +4,9 @@
 //! `require`, every TLS mode here verifies the server's certificate chain (against the
 //! system roots plus `sslrootcert`) and its host name: a connection that is encrypted but
 //! unauthenticated protects nothing. `disable`, `prefer` and no `sslmode` connect without
-//! TLS, as before. A URL may name several hosts, each tried in turn (libpq's way).
+//! TLS, as before. A URL may name several hosts, each tried in turn (libpq's way). The
+//! store opens each socket itself (as tokio-postgres would) so that it can watch it for a
+//! silent server (`watchdog.rs`): over TLS the watchdog sits above the encryption.
 
 use std::{str::FromStr, sync::Arc};
 

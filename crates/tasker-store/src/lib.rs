@@ -284,6 +284,30 @@ mod tests {
         env.cleanup().await;
     }
 
+    /// A client that goes silent inside a transaction does not hold its locks for good:
+    /// the server ends its session once it has been idle in the transaction for the
+    /// statement timeout, and another writer gets the lock.
+    #[tokio::test]
+    async fn a_transaction_whose_client_went_silent_gives_its_locks_up() {
+        let env = tasker_test_support::TestEnv::new().await;
+        let proxy = tasker_test_support::FaultProxy::for_url(&env.config.database.url).await;
+        let far = proxy.url(&env.config.database.url);
+        let far = Store::connect_with(&far, 1, Workload::General, Duration::from_secs(1)).await.unwrap();
+        let near = Store::connect(&env.config.database.url, 1, Workload::General).await.unwrap();
+        let mut tx = far.begin().await.unwrap();
+        tx.round_trip(&[("SELECT pg_advisory_xact_lock(20261207)", &[])], false).await.unwrap();
+
+        proxy.silence();
+        let client = near.client().await.unwrap();
+        client
+            .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(20261207); ROLLBACK")
+            .await
+            .expect("the lock is given up before this statement's own timeout (10 s)");
+        drop((client, tx));
+        proxy.heal();
+        env.cleanup().await;
+    }
+
     /// The readiness check's read of the migrations table has no index path, so a keyed
     /// session prices its scan past `jit_above_cost`: it runs, but is never compiled.
     #[tokio::test]

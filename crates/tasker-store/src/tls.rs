@@ -61,9 +61,13 @@ impl Target {
     /// stream must be polled for the connection to make progress.
     pub async fn connect(&self, silence: &Arc<Silence>) -> Result<(Client, Messages)> {
         let mut config = self.config.clone();
-        // the server cancels a statement before the watchdog would give up on it
+        // the server cancels a statement before the watchdog would give up on it, and ends
+        // a session left idle inside a transaction as long (its client went silent: its
+        // row locks would otherwise hold every other writer of those rows until the
+        // server's TCP keepalive, two hours by default, noticed)
         let options = config.get_options().map(|o| format!("{o} ")).unwrap_or_default();
-        config.options(format!("{options}-c statement_timeout={}", silence.statement_timeout().as_millis()));
+        let limit = silence.statement_timeout().as_millis();
+        config.options(format!("{options}-c statement_timeout={limit} -c idle_in_transaction_session_timeout={limit}"));
         let mut last = None;
         for host in 0..self.config.get_hosts().len().max(self.config.get_hostaddrs().len()) {
             match self.connect_host(&config, host, silence).await {

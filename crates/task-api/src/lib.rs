@@ -120,6 +120,7 @@ impl TaskApi {
             catalog,
             watches: Watches::new(config.api.max_watches_per_caller),
             metrics: api_metrics,
+            stopping: stop.clone(),
         };
         let steps = Steps { tasks: tasks.clone() };
         let analytics = analytics::Analytics { store: store.clone() };

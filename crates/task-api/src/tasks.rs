@@ -15,6 +15,7 @@ use tasker_proto::v1::{self as pb, task_service_server::TaskService};
 use tasker_store::{Actor, NewTask, Store, TaskFilter, TaskView};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -44,6 +45,9 @@ pub struct Tasks {
     pub(crate) catalog: Catalog,
     pub(crate) watches: Watches,
     pub(crate) metrics: crate::metrics::ApiMetrics,
+    /// Cancelled when task-api begins to stop: open WatchTask streams end then, rather
+    /// than hold the shutdown until the tasks they watch are final.
+    pub(crate) stopping: CancellationToken,
 }
 
 /// WatchTask streams open per caller, bounded (`api.max_watches_per_caller`).
@@ -399,6 +403,11 @@ impl TaskService for Tasks {
             tokio::select! {
                 // the client went away: stop, and free the slot
                 _ = tx.closed() => {}
+                // task-api is stopping: the caller watches again through another replica
+                _ = tasks.stopping.cancelled() => {
+                    let stopping = ApiError::Unavailable("task-api is shutting down; watch the task again".into());
+                    let _ = tx.send(Err(stopping.into())).await;
+                }
                 result = watching => {
                     if let Err(error) = result {
                         let _ = tx.send(Err(error.into())).await;

@@ -101,6 +101,41 @@ async fn a_vanished_watcher_gives_its_stream_back() {
     env.cleanup().await;
 }
 
+/// task-api stopping does not wait for the tasks its callers watch to finish: each open
+/// WatchTask stream ends with UNAVAILABLE, to be opened again on another replica, and the
+/// service stops.
+#[tokio::test]
+async fn stopping_ends_open_watches_with_unavailable() {
+    let env = TestEnv::new().await;
+    let mut system = System::start(&env, vec![WorkerSpec::new("w1", &["watch"])]).await;
+    system
+        .register(&env, "namespace: watch\nname: long\nversion: 1.0.0\nsteps:\n  - { name: s, handler: sleep, config: { ms: 60000 } }\n")
+        .await;
+    let task = system.submit("watch", "long", json!({})).await;
+    let mut stream = system
+        .tasks()
+        .watch_task(as_caller(pb::WatchTaskRequest { task_id: task.id.clone() }, "viewer"))
+        .await
+        .unwrap()
+        .into_inner();
+    // the history is replayed first: the stream is open and live once it has come
+    let first = stream.message().await.unwrap().expect("the task's first event");
+    assert_eq!(first.r#type, "dev.tasker.task.created");
+
+    system.stop_service("task-api").await;
+    let ended = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without saying why"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("shutting down"), "{ended:?}");
+    system.stop().await;
+    env.cleanup().await;
+}
+
 /// Messages are decoded up to twice the largest payload limit: a context a little over
 /// its limit gets the API's RESOURCE_EXHAUSTED naming the field, a far larger message is
 /// refused by the transport before it is read.

@@ -15,6 +15,30 @@ fn as_caller<T>(message: T, who: &str) -> Request<T> {
     request
 }
 
+/// A task that runs for a minute, to be watched (each test cancels it when done).
+const LONG: &str =
+    "namespace: watch\nname: long\nversion: 1.0.0\nsteps:\n  - { name: s, handler: sleep, config: { ms: 60000 } }\n";
+
+/// Opens a WatchTask stream as soon as a slot is free: RESOURCE_EXHAUSTED until then, for
+/// at most `within`, else the test fails saying `otherwise`.
+async fn watch_once_free(
+    open: impl AsyncFn() -> Result<tonic::Response<tonic::Streaming<pb::Event>>, tonic::Status>,
+    within: Duration,
+    otherwise: &str,
+) -> tonic::Response<tonic::Streaming<pb::Event>> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match open().await {
+            Ok(stream) => return stream,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(tokio::time::Instant::now() < deadline, "{otherwise}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Past `api.max_watches_per_caller` open streams a caller gets RESOURCE_EXHAUSTED;
 /// other callers are not affected, and a closed stream frees its slot.
 #[tokio::test]
@@ -23,9 +47,7 @@ async fn watch_streams_are_bounded_per_caller() {
     let mut config = env.config.clone();
     config.api.max_watches_per_caller = 2;
     let system = System::start_with(&env, config, vec![WorkerSpec::new("w1", &["watch"])]).await;
-    system
-        .register(&env, "namespace: watch\nname: long\nversion: 1.0.0\nsteps:\n  - { name: s, handler: sleep, config: { ms: 20000 } }\n")
-        .await;
+    system.register(&env, LONG).await;
     let task = system.submit("watch", "long", json!({})).await;
     let watch = |who: &str| {
         let mut tasks = system.tasks();
@@ -39,17 +61,12 @@ async fn watch_streams_are_bounded_per_caller() {
     assert!(refused.message().contains("api.max_watches_per_caller"));
     let other = watch("someone-else").await.unwrap();
     drop(first);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let again = loop {
-        match watch("viewer").await {
-            Ok(stream) => break stream,
-            Err(status) => {
-                assert_eq!(status.code(), Code::ResourceExhausted);
-                assert!(tokio::time::Instant::now() < deadline, "a closed stream never freed its slot");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
+    let again = watch_once_free(
+        async || watch("viewer").await,
+        Duration::from_secs(10),
+        "a closed stream never freed its slot",
+    )
+    .await;
     drop((second, other, again));
     let cancel = pb::CancelTaskRequest { task_id: task.id.clone(), reason: "done".into() };
     system.tasks().cancel_task(cancel).await.unwrap();
@@ -68,9 +85,7 @@ async fn a_vanished_watcher_gives_its_stream_back() {
     config.api.keepalive_interval = Duration::from_secs(1);
     config.api.keepalive_timeout = Duration::from_secs(1);
     let system = System::start_with(&env, config, vec![WorkerSpec::new("w1", &["watch"])]).await;
-    system
-        .register(&env, "namespace: watch\nname: long\nversion: 1.0.0\nsteps:\n  - { name: s, handler: sleep, config: { ms: 20000 } }\n")
-        .await;
+    system.register(&env, LONG).await;
     let task = system.submit("watch", "long", json!({})).await;
     let request = || as_caller(pb::WatchTaskRequest { task_id: task.id.clone() }, "viewer");
 
@@ -83,17 +98,12 @@ async fn a_vanished_watcher_gives_its_stream_back() {
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     proxy.silence();
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let near = loop {
-        match system.tasks().watch_task(request()).await {
-            Ok(stream) => break stream,
-            Err(status) => {
-                assert_eq!(status.code(), Code::ResourceExhausted);
-                assert!(tokio::time::Instant::now() < deadline, "the vanished watcher kept its slot");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let near = watch_once_free(
+        async || system.tasks().watch_task(request()).await,
+        Duration::from_secs(20),
+        "the vanished watcher kept its slot",
+    )
+    .await;
     drop((far, near));
     let cancel = pb::CancelTaskRequest { task_id: task.id.clone(), reason: "done".into() };
     system.tasks().cancel_task(cancel).await.unwrap();
@@ -108,9 +118,7 @@ async fn a_vanished_watcher_gives_its_stream_back() {
 async fn stopping_ends_open_watches_with_unavailable() {
     let env = TestEnv::new().await;
     let mut system = System::start(&env, vec![WorkerSpec::new("w1", &["watch"])]).await;
-    system
-        .register(&env, "namespace: watch\nname: long\nversion: 1.0.0\nsteps:\n  - { name: s, handler: sleep, config: { ms: 60000 } }\n")
-        .await;
+    system.register(&env, LONG).await;
     let task = system.submit("watch", "long", json!({})).await;
     let mut stream = system
         .tasks()

@@ -42,6 +42,13 @@ impl Service {
         for (key, value) in extra {
             command.env(key, value);
         }
+        Service::spawn(command, ready).await
+    }
+
+    /// Starts `command` (its output collected) and waits until it writes a line
+    /// containing `ready` (nothing to wait for when empty).
+    pub async fn spawn(mut command: Command, ready: &str) -> Service {
+        let binary = command.as_std().get_program().to_string_lossy().into_owned();
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -51,13 +58,23 @@ impl Service {
         let lines = Arc::new(Mutex::new(Vec::new()));
         collect(child.stdout.take().expect("stdout"), lines.clone());
         collect(child.stderr.take().expect("stderr"), lines.clone());
-        let service = Service { binary: binary.to_owned(), child, lines };
+        let service = Service { binary, child, lines };
+        service.wait_for_line(ready).await;
+        service
+    }
+
+    /// Waits (up to 30 s) until the process has written a line containing `text`.
+    pub async fn wait_for_line(&self, text: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !service.logged(ready) {
-            assert!(tokio::time::Instant::now() < deadline, "{binary} not ready: {:#?}", service.lines());
+        while !self.logged(text) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} wrote no line with {text:?}: {:#?}",
+                self.binary,
+                self.lines()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        service
     }
 
     /// Every line logged so far (stdout and stderr).
@@ -73,6 +90,18 @@ impl Service {
     pub async fn kill(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
+    }
+
+    /// Waits (up to 60 s) for the process to exit by itself; returns the status and every
+    /// line.
+    pub async fn exited(mut self) -> (ExitStatus, Vec<String>) {
+        let Ok(status) = tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await else {
+            panic!("{} did not exit within 60 s: {:#?}", self.binary, self.lines());
+        };
+        let status = status.expect("wait for the process");
+        // the readers finish with the pipes
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (status, self.lines())
     }
 
     /// SIGTERM, then waits (up to 30 s) for the exit; returns the status and every line.

@@ -51,6 +51,13 @@ struct Running {
     handle: JoinHandle<anyhow::Result<()>>,
 }
 
+impl Running {
+    fn api(api: task_api::TaskApi) -> Running {
+        let stop = CancellationToken::new();
+        Running { name: "task-api".into(), handle: tokio::spawn(api.run(stop.clone())), stop }
+    }
+}
+
 /// task-api, orchestrator, event-publisher and workers, running in this process.
 pub struct System {
     pub api_addr: SocketAddr,
@@ -61,6 +68,7 @@ pub struct System {
     /// The workers' admin endpoints, in the order they were started.
     pub worker_admins: Vec<SocketAddr>,
     config: Config,
+    api_config: Config,
     channel: Channel,
     services: Vec<Running>,
 }
@@ -100,17 +108,17 @@ impl System {
         workers: Vec<WorkerSpec>,
         client: &ClientTls,
     ) -> System {
-        let api_config = config_for("task-api");
+        let mut api_config = config_for("task-api");
         let scheme = if api_config.api.tls.cert_file.is_some() { "https" } else { "http" };
-        let api = task_api::TaskApi::bind(api_config).await.expect("bind task-api");
+        let api = task_api::TaskApi::bind(api_config.clone()).await.expect("bind task-api");
         let api_addr = api.grpc_addr();
         let api_admin = api.admin_addr();
-        let mut services = Vec::new();
+        // a restart binds the same ports
+        (api_config.api.listen, api_config.api.admin_listen) = (api_addr, api_admin);
+        let mut services = vec![Running::api(api)];
         let spawn = |name: &str, fut: std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>, stop| {
             Running { name: name.to_owned(), stop, handle: tokio::spawn(fut) }
         };
-        let stop = CancellationToken::new();
-        services.push(spawn("task-api", Box::pin(api.run(stop.clone())), stop));
         let orchestrator =
             orchestrator::Orchestrator::bind(config_for("orchestrator")).await.expect("bind orchestrator");
         let orchestrator_admin = orchestrator.admin_addr();
@@ -134,6 +142,7 @@ impl System {
             publisher_admin,
             worker_admins: Vec::new(),
             config,
+            api_config,
             channel,
             services,
         };
@@ -232,6 +241,15 @@ impl System {
             Ok(Ok(Ok(()))) => {}
             other => panic!("{name} did not stop cleanly: {other:?}"),
         }
+    }
+
+    /// Stops task-api (checking that it stopped cleanly) and starts it again on the same
+    /// ports, as a rolling restart does to its callers.
+    pub async fn restart_api(&mut self) {
+        self.stop_service("task-api").await;
+        let api = task_api::TaskApi::bind(self.api_config.clone()).await.expect("bind task-api again");
+        self.services.insert(0, Running::api(api));
+        crate::wait_status(self.api_admin, "/health/ready", 200).await;
     }
 
     /// Stops every service and checks that each stopped cleanly.

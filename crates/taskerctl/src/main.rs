@@ -3,7 +3,11 @@
 
 mod print;
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -370,22 +374,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Events { patterns, json, count } => {
             let config = config(&cli)?;
-            let broker = tasker_runtime::connect_broker(&config.amqp, "taskerctl").await?;
             let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
-            let mut events = broker.subscribe_events(&patterns).await?;
-            eprintln!("listening on {} for {}", broker.topology().events_exchange(), patterns.join(", "));
-            let mut seen = 0;
-            while let Some(event) = events.next().await {
-                let event = event?;
-                if *json {
-                    println!("{}", event.payload);
-                } else {
-                    print::event_line(&event.routing_key, &event.payload);
-                }
-                seen += 1;
-                if count.is_some_and(|n| seen >= n) {
-                    break;
-                }
+            let (mut seen, mut outage) = (0, Outage::default());
+            while let Err(error) = tail_events(&config, &patterns, *json, *count, &mut seen, &mut outage).await {
+                outage.wait("the broker", error, "subscribing again").await?;
             }
         }
     }
@@ -449,10 +441,118 @@ async fn task(cli: &Cli, cmd: &TaskCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `watch` and `events` go on trying to reach their server again before they
+/// give up.
+const OUTLAST: Duration = Duration::from_secs(120);
+
+/// A server reached, then lost and tried again: backoff between tries (the services'
+/// own), and a limit on how long it may stay out of reach. A server never reached is an
+/// error at once (a wrong address is not an outage).
+#[derive(Default)]
+struct Outage {
+    reached: bool,
+    failures: u32,
+    since: Option<Instant>,
+}
+
+impl Outage {
+    /// Reached the server: a later failure begins a new outage.
+    fn ended(&mut self) {
+        *self = Outage { reached: true, ..Outage::default() };
+    }
+
+    /// Lost `server` with `error`: waits before the next try, or gives the error back when
+    /// the server was never reached or has been out of reach for [`OUTLAST`].
+    async fn wait(&mut self, server: &str, error: anyhow::Error, again: &str) -> anyhow::Result<()> {
+        if !self.reached {
+            return Err(error);
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= OUTLAST {
+            eprintln!("{server} out of reach for {}s; giving up", OUTLAST.as_secs());
+            return Err(error);
+        }
+        self.failures += 1;
+        let delay = tasker_runtime::reconnect_delay(self.failures);
+        eprintln!("lost {server} ({error:#}); {again} in {delay:.1?}");
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+}
+
+/// Prints a task's events until it is final. When the stream breaks because task-api went
+/// away (it stopped, or the connection was lost), the task is watched again, through
+/// another replica or the same one back, for up to [`OUTLAST`]. The history each new
+/// stream replays is skipped by event id, so every event is printed once and none is
+/// missed.
 async fn watch(client: &mut TaskServiceClient<Api>, task_id: &str) -> anyhow::Result<()> {
+    let (mut seen, mut outage) = (HashSet::new(), Outage::default());
+    loop {
+        match watch_once(client, task_id, &mut seen, &mut outage).await {
+            Ok(()) => return Ok(()),
+            Err(status) if lost_task_api(&status) => outage.wait("task-api", status.into(), "watching again").await?,
+            Err(status) => return Err(status.into()),
+        }
+    }
+}
+
+/// Binds a private queue to the events exchange and prints what arrives, until `count`
+/// events were `seen` in all or the connection is lost (an error). The queue lives as
+/// long as the connection: subscribing again after an outage misses what was published
+/// meanwhile, and says so.
+async fn tail_events(
+    config: &Config,
+    patterns: &[&str],
+    json: bool,
+    count: Option<usize>,
+    seen: &mut usize,
+    outage: &mut Outage,
+) -> anyhow::Result<()> {
+    let broker = tasker_runtime::connect_broker(&config.amqp, "taskerctl").await?;
+    let mut events = broker.subscribe_events(patterns).await?;
+    let exchange = broker.topology().events_exchange();
+    if outage.reached {
+        eprintln!("listening again on {exchange}; events published while away were not seen");
+    } else {
+        eprintln!("listening on {exchange} for {}", patterns.join(", "));
+    }
+    outage.ended();
+    while count.is_none_or(|n| *seen < n) {
+        let event = events.next().await.context("the subscription ended")??;
+        if json {
+            println!("{}", event.payload);
+        } else {
+            print::event_line(&event.routing_key, &event.payload);
+        }
+        *seen += 1;
+    }
+    Ok(())
+}
+
+/// Whether a stream broke because task-api went away: it said UNAVAILABLE (it is stopping,
+/// or could not be reached), or the connection broke under the stream (UNKNOWN, made here
+/// from the transport's error, which it carries; an UNKNOWN the server sent carries none).
+fn lost_task_api(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable => true,
+        tonic::Code::Unknown => std::error::Error::source(status).is_some(),
+        _ => false,
+    }
+}
+
+/// One WatchTask stream, printing the events not `seen` before.
+async fn watch_once(
+    client: &mut TaskServiceClient<Api>,
+    task_id: &str,
+    seen: &mut HashSet<String>,
+    outage: &mut Outage,
+) -> Result<(), tonic::Status> {
     let mut stream = client.watch_task(pb::WatchTaskRequest { task_id: task_id.to_owned() }).await?.into_inner();
+    outage.ended();
     while let Some(event) = stream.message().await? {
-        print::event_line(&event.routing_key, &event.data_json);
+        if seen.insert(event.id.clone()) {
+            print::event_line(&event.routing_key, &event.data_json);
+        }
     }
     Ok(())
 }

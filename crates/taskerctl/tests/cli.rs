@@ -1,8 +1,14 @@
 //! Process level: the real `taskerctl` binary against a task-api with `auth.mode = jwt`.
 
-use tasker_test_support::{System, TestEnv};
+use tasker_proto::v1 as pb;
+use tasker_test_support::{FaultProxy, Service, System, TestEnv, WorkerSpec};
 
 const SECRET: &str = "a-cli-test-secret-of-at-least-32-bytes";
+
+const QUICK: &str = "namespace: rewatch\nname: quick\nversion: 1.0.0\nsteps:\n  - { name: a, handler: echo }\n";
+
+/// Two steps, one after the other: 1.5 s, then 3 s.
+const SLOW: &str = "namespace: rewatch\nname: slow\nversion: 1.0.0\nsteps:\n  - { name: a, handler: sleep, config: { ms: 1500 } }\n  - { name: b, handler: sleep, config: { ms: 3000 }, depends_on: [a] }\n";
 
 async fn taskerctl(args: &[&str]) -> std::process::Output {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_taskerctl"))
@@ -95,6 +101,77 @@ async fn talks_tls_to_a_task_api_with_a_private_ca() {
     let untrusted = taskerctl(&["--api", &api, "--client-cert", cert, "--client-key", key, "namespaces"]).await;
     assert!(!untrusted.status.success(), "the system roots do not hold the test CA");
 
+    system.stop().await;
+    env.cleanup().await;
+}
+
+/// `taskerctl watch` rides out task-api going away: when its stream ends with UNAVAILABLE
+/// (task-api stopping for a restart, or the connection lost) it watches again, and prints
+/// each event once, with none missed, through to the task's end.
+#[tokio::test]
+async fn watch_goes_on_through_a_task_api_restart_and_a_lost_connection() {
+    let env = TestEnv::new().await;
+    let mut system = System::start(&env, vec![WorkerSpec::new("w1", &["rewatch"])]).await;
+    system.register(&env, SLOW).await;
+    let task = system.submit("rewatch", "slow", serde_json::json!({})).await;
+    let proxy = FaultProxy::start(system.api_addr).await;
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskerctl"));
+    command.args(["--api", &format!("http://{}", proxy.addr()), "watch", &task.id]);
+    let watch = Service::spawn(command, "task.created").await;
+
+    system.restart_api().await;
+    watch.wait_for_line("watching again").await;
+    // the new stream is live: a's completion, after the restart, comes through it
+    watch.wait_for_line("step.completed").await;
+    proxy.cut();
+    let (status, lines) = watch.exited().await;
+    assert!(status.success(), "{lines:#?}");
+    // watched again once task-api said it was stopping, and again after the cut
+    let rewatched = |l: &String| l.contains("watching again");
+    assert!(lines.iter().any(|l| rewatched(l) && l.contains("shutting down")), "{lines:#?}");
+    let cut_at = lines.iter().position(|l| l.contains("step.completed")).unwrap();
+    assert!(lines[cut_at..].iter().any(rewatched), "{lines:#?}");
+
+    // every event of the task, as a fresh watch replays them, printed once each
+    let mut history =
+        system.tasks().watch_task(pb::WatchTaskRequest { task_id: task.id.clone() }).await.unwrap().into_inner();
+    let mut expected = Vec::new();
+    while let Some(event) = history.message().await.unwrap() {
+        expected.push(event.routing_key);
+    }
+    assert!(expected.last().is_some_and(|k| k.ends_with("task.completed")), "{expected:?}");
+    let printed: Vec<&str> =
+        lines.iter().filter(|l| l.contains(" → ")).filter_map(|l| l.split_whitespace().nth(1)).collect();
+    assert_eq!(printed, expected, "each event once, in order: {lines:#?}");
+    system.stop().await;
+    env.cleanup().await;
+}
+
+/// `taskerctl events` subscribes again when its broker connection is lost, says that what
+/// was published meanwhile was not seen, and goes on printing what is published after.
+#[tokio::test]
+async fn events_subscribes_again_after_losing_the_broker() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![WorkerSpec::new("w1", &["rewatch"])]).await;
+    system.register(&env, QUICK).await;
+    let proxy = FaultProxy::for_url(&env.config.amqp.url).await;
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskerctl"));
+    command
+        .args(["events", "rewatch.#.task.completed", "--count", "2"])
+        .env("TASKER_AMQP__URL", proxy.url(&env.config.amqp.url))
+        .env("TASKER_AMQP__PREFIX", &env.config.amqp.prefix);
+    let events = Service::spawn(command, "listening on").await;
+
+    let first = system.submit("rewatch", "quick", serde_json::json!({})).await;
+    events.wait_for_line("rewatch.quick.task.completed").await;
+    proxy.cut();
+    events.wait_for_line("listening again").await;
+    let second = system.submit("rewatch", "quick", serde_json::json!({})).await;
+    let (status, lines) = events.exited().await;
+    assert!(status.success(), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.starts_with("lost the broker")), "{lines:#?}");
+    let completed = lines.iter().filter(|l| l.contains("rewatch.quick.task.completed")).count();
+    assert_eq!(completed, 2, "{} and {}: {lines:#?}", first.id, second.id);
     system.stop().await;
     env.cleanup().await;
 }

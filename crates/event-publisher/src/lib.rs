@@ -61,7 +61,13 @@ impl EventPublisher {
     /// Relays until `shutdown`; a lost broker connection is re-established (with backoff).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let EventPublisher { config, admin } = self;
-        let store = tasker_runtime::connect_store(&config.database, tasker_store::Workload::Keyed).await?;
+        let stop = shutdown.child_token();
+        let admin = admin.start(config.health.live_timeout, stop.clone());
+        let Some(store) =
+            tasker_runtime::connect_store(&config.database, tasker_store::Workload::Keyed, &admin, &stop).await?
+        else {
+            return Ok(()); // stopped while waiting for the database
+        };
         let mut registry = Registry::default();
         let metrics = Metrics::default();
         let sub = registry.sub_registry_with_prefix("tasker_events");
@@ -80,9 +86,7 @@ impl EventPublisher {
         let slot = tasker_runtime::BrokerSlot::new();
         slot.register(&mut registry);
         tasker_runtime::register_store_metrics(&store, &mut registry);
-        let stop = shutdown.child_token();
-        let checks = vec![tasker_runtime::store_check(&store), slot.check()];
-        let admin_task = tokio::spawn(admin.serve(checks, registry, config.health.live_timeout, stop.clone()));
+        admin.wire(vec![tasker_runtime::store_check(&store), slot.check()], registry);
         let result = tasker_runtime::supervise("event-publisher", &stop, || async {
             let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "event-publisher").await?);
             slot.set(Some(broker.clone()));
@@ -103,7 +107,7 @@ impl EventPublisher {
         })
         .await;
         stop.cancel();
-        let _ = admin_task.await;
+        let _ = admin.stopped().await;
         result
     }
 }

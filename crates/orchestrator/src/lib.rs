@@ -54,24 +54,28 @@ impl Orchestrator {
     /// already applied).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Orchestrator { config, admin } = self;
-        let store = tasker_runtime::connect_store(&config.database, tasker_store::Workload::Keyed).await?;
+        let stop = shutdown.child_token();
+        let admin = admin.start(config.health.live_timeout, stop.clone());
+        let Some(store) =
+            tasker_runtime::connect_store(&config.database, tasker_store::Workload::Keyed, &admin, &stop).await?
+        else {
+            return Ok(()); // stopped while waiting for the database
+        };
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         let slot = tasker_runtime::BrokerSlot::new();
         slot.register(&mut registry);
         tasker_runtime::register_store_metrics(&store, &mut registry);
-        let stop = shutdown.child_token();
         // ready: the database (schema current), the broker, and both input queues consumed
         let consumers = tasker_runtime::Consumers::expecting(2);
-        let checks = vec![tasker_runtime::store_check(&store), slot.check(), consumers.check()];
-        let admin = tokio::spawn(admin.serve(checks, registry, config.health.live_timeout, stop.clone()));
+        admin.wire(vec![tasker_runtime::store_check(&store), slot.check(), consumers.check()], registry);
         let carried = Carried::default();
         let result = tasker_runtime::supervise("orchestrator", &stop, || {
             orchestrate(&config, &store, &metrics, &slot, &carried, &consumers, stop.clone())
         })
         .await;
         stop.cancel();
-        let _ = admin.await;
+        let _ = admin.stopped().await;
         result
     }
 }

@@ -97,11 +97,10 @@ impl Worker {
         let slot = tasker_runtime::BrokerSlot::new();
         slot.register(&mut metrics_registry);
         let stop = shutdown.child_token();
-        let live_timeout = config.health.live_timeout;
+        let admin = admin.start(config.health.live_timeout, stop.clone());
         // ready: connected, and consuming the step queue of every namespace it serves
         let consumers = tasker_runtime::Consumers::expecting(config.worker.namespaces.len());
-        let checks = vec![slot.check(), consumers.check()];
-        let admin = tokio::spawn(admin.serve(checks, metrics_registry, live_timeout, stop.clone()));
+        admin.wire(vec![slot.check(), consumers.check()], metrics_registry);
         tracing::info!(worker_id, namespaces = ?config.worker.namespaces, handlers = ?registry.names(), "step worker starting");
         let lasting = Lasting { metrics, slot, unreported: Unreported::default(), consumers };
         let result = tasker_runtime::supervise("step-worker", &stop, || {
@@ -109,7 +108,7 @@ impl Worker {
         })
         .await;
         stop.cancel();
-        let _ = admin.await;
+        let _ = admin.stopped().await;
         result
     }
 }

@@ -90,8 +90,13 @@ impl TaskApi {
         let reflection_v1 = reflection().build_v1().context("building the reflection service")?;
         let reflection_v1alpha = reflection().build_v1alpha().context("building the reflection service")?;
 
-        let store = tasker_runtime::connect_store(&config.database, tasker_store::Workload::General).await?;
         let stop = shutdown.child_token();
+        let admin = admin.start(config.health.live_timeout, stop.clone());
+        let Some(store) =
+            tasker_runtime::connect_store(&config.database, tasker_store::Workload::General, &admin, &stop).await?
+        else {
+            return Ok(()); // stopped while waiting for the database
+        };
         // the link outlives the API at shutdown: the requests of the last calls answered
         // are confirmed before it closes
         let link_stop = CancellationToken::new();
@@ -130,8 +135,7 @@ impl TaskApi {
         health.set_serving::<AnalyticsServiceServer<analytics::Analytics>>().await;
         health.set_service_status("", tonic_health::ServingStatus::Serving).await;
 
-        let checks = vec![tasker_runtime::store_check(&store), slot.check()];
-        let admin_task = tokio::spawn(admin.serve(checks, registry, config.health.live_timeout, stop.clone()));
+        admin.wire(vec![tasker_runtime::store_check(&store), slot.check()], registry);
         let addr = grpc.local_addr()?;
         let gate = Gate::new(&config.auth).context("auth")?;
         // room for the largest payload the limits allow (twice over, so a request a little
@@ -184,7 +188,7 @@ impl TaskApi {
         stop.cancel();
         link.settle(SETTLE_REQUESTS).await;
         link_stop.cancel();
-        let _ = admin_task.await;
+        let _ = admin.stopped().await;
         let _ = link_loop.await;
         served
     }

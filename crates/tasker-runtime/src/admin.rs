@@ -6,14 +6,14 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
 use axum::{Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get};
 use futures::future::{BoxFuture, join_all};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 /// How long a check may take before it counts as failing: a dependency that went silent
@@ -32,7 +32,7 @@ where
     (name, Arc::new(move || Box::pin(check())))
 }
 
-/// A bound admin listener (bind early, serve once the service is wired).
+/// A bound admin listener (bind early, serve from the start, wire once the service is).
 pub struct Admin {
     listener: TcpListener,
 }
@@ -46,42 +46,92 @@ impl Admin {
         self.listener.local_addr().expect("bound listener has an address")
     }
 
-    /// Serves until `shutdown`. Liveness fails once a check has failed, at every probe,
-    /// for longer than `live_timeout`.
-    pub async fn serve(
-        self,
-        checks: Vec<ReadyCheck>,
-        registry: Registry,
-        live_timeout: Duration,
-        shutdown: CancellationToken,
-    ) -> std::io::Result<()> {
-        let mut registry = registry;
-        registry.register_collector(Box::new(StatementCounter));
-        let registry = Arc::new(registry);
-        let health = Arc::new(Health { checks, live_timeout, down_since: Mutex::default(), started: Instant::now() });
+    /// Serves at once, until `shutdown`, what the service has so far: until
+    /// [`Serving::wire`] hands over its checks and metrics, readiness fails with what it is
+    /// waiting for ([`Serving::waiting_for`]; "starting" at first), and liveness holds as
+    /// for any failing check, failing once that has lasted `live_timeout`.
+    pub fn start(self, live_timeout: Duration, shutdown: CancellationToken) -> Serving {
+        let health = Arc::new(Health {
+            checks: RwLock::new(Vec::new()),
+            live_timeout,
+            down_since: Mutex::default(),
+            started: Instant::now(),
+        });
+        health.only_failing("startup", "starting".into());
+        let registry = Arc::new(RwLock::new(Arc::new(with_statements(Registry::default()))));
+        let encoded = registry.clone();
         let app = Router::new()
             .route("/health/live", get(live))
             .route("/health/ready", get(ready))
             .route("/health/status", get(status))
-            .with_state(health)
-            .route("/metrics", get(move || metrics(registry.clone())));
-        axum::serve(self.listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+            .with_state(health.clone())
+            .route("/metrics", get(move || metrics(encoded.read().expect("registry lock").clone())));
+        let task = tokio::spawn(async move {
+            axum::serve(self.listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+        });
+        Serving { health, registry, task }
     }
+}
+
+/// The admin endpoint being served (see [`Admin::start`]).
+pub struct Serving {
+    health: Arc<Health>,
+    registry: Arc<RwLock<Arc<Registry>>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Serving {
+    /// The service is not wired yet because `check` fails with `problem` (e.g. the
+    /// database out of reach at start): readiness says so, under that check's name.
+    pub fn waiting_for(&self, check: &'static str, problem: String) {
+        self.health.only_failing(check, problem);
+    }
+
+    /// The service is wired: from now on readiness runs these checks and `/metrics`
+    /// encodes this registry.
+    pub fn wire(&self, checks: Vec<ReadyCheck>, registry: Registry) {
+        *self.health.checks.write().expect("checks lock") = checks;
+        *self.registry.write().expect("registry lock") = Arc::new(with_statements(registry));
+    }
+
+    /// Waits for the endpoint to stop (at `shutdown`).
+    pub async fn stopped(mut self) -> std::io::Result<()> {
+        (&mut self.task).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+}
+
+/// A service that returns early (an error at start) takes its endpoint down with it.
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn with_statements(mut registry: Registry) -> Registry {
+    registry.register_collector(Box::new(StatementCounter));
+    registry
 }
 
 /// The checks, and since when each failing one has been failing.
 struct Health {
-    checks: Vec<ReadyCheck>,
+    checks: RwLock<Vec<ReadyCheck>>,
     live_timeout: Duration,
     down_since: Mutex<HashMap<&'static str, Instant>>,
     started: Instant,
 }
 
 impl Health {
+    /// One check, failing with `problem`, in place of every other.
+    fn only_failing(&self, check: &'static str, problem: String) {
+        let failing = ready_check(check, move || std::future::ready(Err(problem.clone())));
+        *self.checks.write().expect("checks lock") = vec![failing];
+    }
+
     /// Runs every check: each one's name, its problem (if failing) and how long it has
     /// been failing.
     async fn run_all(&self) -> Vec<(&'static str, Option<String>, Duration)> {
-        let results = join_all(self.checks.iter().map(|(name, check)| {
+        let checks = self.checks.read().expect("checks lock").clone();
+        let results = join_all(checks.iter().map(|(name, check)| {
             let fut = tokio::time::timeout(CHECK_TIMEOUT, check());
             async move { (*name, fut.await.unwrap_or_else(|_| Err(format!("no answer within {CHECK_TIMEOUT:?}")))) }
         }))

@@ -4,16 +4,54 @@ use anyhow::Context;
 use tasker_messaging::{Broker, QueueType, Topology};
 use tasker_store::{Store, Workload};
 
-use crate::{AmqpConfig, DatabaseConfig, ReadyCheck, ready_check};
+use tokio_util::sync::CancellationToken;
 
-/// Migrates (when configured) and opens the pool.
-pub async fn connect_store(config: &DatabaseConfig, workload: Workload) -> anyhow::Result<Store> {
+use crate::{AmqpConfig, DatabaseConfig, ReadyCheck, Serving, ready_check};
+
+/// Migrates (when configured) and opens the pool, waiting for a database out of reach
+/// at start as for one lost later: it is tried again after [`crate::reconnect_delay`]
+/// while `admin` says what the service is waiting for. `None` when `stop` came first. A
+/// database that answers and refuses (a wrong password, no such database, a failed
+/// migration) is an error at once.
+pub async fn connect_store(
+    config: &DatabaseConfig,
+    workload: Workload,
+    admin: &Serving,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<Store>> {
+    let mut failures = 0;
+    loop {
+        let opened = tokio::select! {
+            _ = stop.cancelled() => return Ok(None),
+            opened = open_store(config, workload) => opened,
+        };
+        let (error, what) = match opened {
+            Ok(store) => return Ok(Some(store)),
+            Err(failed) => failed,
+        };
+        let unreachable = error.is_unreachable();
+        let error = anyhow::Error::new(error).context(what);
+        if !unreachable {
+            return Err(error);
+        }
+        failures += 1;
+        let delay = crate::reconnect_delay(failures);
+        tracing::warn!(error = format!("{error:#}"), retry_in = ?delay, "the database is out of reach; waiting for it");
+        admin.waiting_for("database", format!("{error:#}"));
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn open_store(config: &DatabaseConfig, workload: Workload) -> Result<Store, (tasker_store::Error, &'static str)> {
     if config.migrate {
-        tasker_store::migrate(&config.url).await.context("migrating the database")?;
+        tasker_store::migrate(&config.url).await.map_err(|e| (e, "migrating the database"))?;
     }
     Store::connect_with(&config.url, config.pool_size, workload, config.statement_timeout)
         .await
-        .context("connecting to the database")
+        .map_err(|e| (e, "connecting to the database"))
 }
 
 /// The broker names for this configuration.

@@ -27,6 +27,9 @@ pub enum Error {
     /// No host the URL names could be reached.
     #[error("database: could not connect to {0}")]
     Connect(String),
+    /// The migrator could not reach the database, or lost its connection.
+    #[error("database unreachable: {0}")]
+    Unreachable(String),
     #[error("database configuration: {0}")]
     Config(String),
     #[error("migration: {0}")]
@@ -44,17 +47,49 @@ impl Error {
         Error::Migrate(e.to_string())
     }
 
+    /// The migrator's error: [`Error::Unreachable`] when the database could not be
+    /// reached or the connection failed (worth waiting for), [`Error::Migrate`] otherwise.
+    pub(crate) fn migrator(e: sqlx::migrate::MigrateError) -> Self {
+        use sqlx::migrate::MigrateError;
+        let unreachable = match &e {
+            MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => sqlx_unreachable(e),
+            _ => false,
+        };
+        if unreachable { Error::Unreachable(e.to_string()) } else { Error::migrate(e) }
+    }
+
+    /// The migrator's error connecting to `host`, sorted as [`Error::migrator`] does.
+    pub(crate) fn migrator_connect(e: sqlx::Error, host: &str) -> Self {
+        if sqlx_unreachable(&e) { Error::Unreachable(format!("{host}: {e}")) } else { Error::migrate(e) }
+    }
+
     /// `true` when the database could not be reached or failed, rather than the request
     /// being wrong: worth retrying later. (A lost connection, a server shutting down or out
     /// of resources, a serialization failure or deadlock; not a statement the server
     /// refused for what it held.)
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Error::Pool(_) | Error::Connect(_) | Error::Migrate(_) => true,
+            Error::Pool(_) | Error::Connect(_) | Error::Unreachable(_) | Error::Migrate(_) => true,
             Error::Database(e) => match e.as_db_error() {
                 None => true,
                 Some(db) => ["08", "40", "53", "57", "58"].iter().any(|class| db.code().code().starts_with(class)),
             },
+            _ => false,
+        }
+    }
+
+    /// `true` when the database could not be reached at all: nothing answered, the
+    /// connection failed, or the server is starting, shutting down or out of connections.
+    /// Not a server that answered and refused (a wrong password, a database that does not
+    /// exist) or a migration that failed. A service starting waits for the first, and
+    /// stops with the second.
+    pub fn is_unreachable(&self) -> bool {
+        use deadpool_postgres::PoolError;
+        match self {
+            Error::Connect(_) | Error::Unreachable(_) | Error::Pool(PoolError::Timeout(_)) => true,
+            Error::Database(e) | Error::Pool(PoolError::Backend(e)) => {
+                e.as_db_error().is_none_or(|db| unreachable_class(db.code().code()))
+            }
             _ => false,
         }
     }
@@ -72,6 +107,25 @@ impl Error {
     pub fn is_refused_value(&self) -> bool {
         matches!(self, Error::Database(e) if e.as_db_error().is_some_and(|db| db.code().code().starts_with("22")))
     }
+}
+
+/// Whether sqlx failed to reach the server or lost its connection (see
+/// [`Error::is_unreachable`]). A connection closed before the server said anything is a
+/// protocol error to sqlx ("unexpected response from SSLRequest"): what a proxy in front
+/// of a server that is down does.
+fn sqlx_unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| unreachable_class(&code)),
+        _ => false,
+    }
+}
+
+/// SQLSTATE classes of a server that cannot serve now: 08 (connection exception), 53
+/// (insufficient resources: too many connections), 57 (operator intervention: starting
+/// up, shutting down).
+fn unreachable_class(code: &str) -> bool {
+    ["08", "53", "57"].iter().any(|class| code.starts_with(class))
 }
 
 /// The SQLSTATE the fence raises for a kept task that changed.

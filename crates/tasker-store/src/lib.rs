@@ -49,6 +49,11 @@ pub use tx::{StepChange, Tx};
 static MIGRATOR: sqlx::migrate::Migrator =
     sqlx::migrate::Migrator { ignore_missing: true, ..sqlx::migrate!("../../migrations") };
 
+/// How long the migrator waits for its connection (the pools bound theirs with the
+/// URL's `connect_timeout` and the watchdog). The migrations themselves are not bounded:
+/// one may rightly run long.
+const MIGRATOR_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Applies every pending migration of this build (see [`MIGRATOR`] for those of a newer
 /// one). Safe to run from several processes at once: sqlx holds an advisory lock while it
 /// migrates.
@@ -64,13 +69,18 @@ pub async fn migrate(database_url: &str) -> Result<()> {
             // each host the URL names, in order, as the pools connect
             let mut connected = Err(Error::Config("the database URL names no host".into()));
             for options in tls::sqlx_options(&url)? {
-                connected = options.connect().await.map_err(Error::migrate);
+                // a silent server is given up on, as the pools' connections do
+                let host = format!("{}:{}", options.get_host(), options.get_port());
+                connected = match tokio::time::timeout(MIGRATOR_CONNECT_TIMEOUT, options.connect()).await {
+                    Ok(connected) => connected.map_err(|e| Error::migrator_connect(e, &host)),
+                    Err(_) => Err(Error::Unreachable(format!("{host}: no answer within {MIGRATOR_CONNECT_TIMEOUT:?}"))),
+                };
                 if connected.is_ok() {
                     break;
                 }
             }
             let mut conn = connected?;
-            MIGRATOR.run(&mut conn).await.map_err(Error::migrate)?;
+            MIGRATOR.run(&mut conn).await.map_err(Error::migrator)?;
             conn.close().await.map_err(Error::migrate)
         })
     })
@@ -281,6 +291,44 @@ mod tests {
         assert_eq!(error.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{error}");
         client.simple_query("SELECT 1").await.expect("the connection is still good");
         drop(client);
+        env.cleanup().await;
+    }
+
+    /// A database out of reach (refusing connections, or silent) is told from one that
+    /// answers and refuses: a service starting waits for the first and stops with the
+    /// second.
+    #[tokio::test]
+    async fn an_unreachable_database_is_told_from_one_that_refuses() {
+        let env = tasker_test_support::TestEnv::new().await;
+        let proxy = tasker_test_support::FaultProxy::for_url(&env.config.database.url).await;
+        let url = proxy.url(&env.config.database.url);
+        let connect =
+            |url: String| async move { Store::connect_with(&url, 1, Workload::General, Duration::from_secs(1)).await };
+
+        proxy.down();
+        let error = migrate(&url).await.expect_err("nothing listens");
+        assert!(error.is_unreachable(), "{error}");
+        let error = connect(url.clone()).await.err().expect("nothing listens");
+        assert!(error.is_unreachable(), "{error}");
+
+        proxy.heal();
+        proxy.silence();
+        let error = migrate(&url).await.expect_err("nothing answers");
+        assert!(error.is_unreachable() && error.to_string().contains("no answer within"), "{error}");
+        let error = connect(url.clone()).await.err().expect("nothing answers");
+        assert!(error.is_unreachable(), "{error}");
+
+        proxy.heal();
+        migrate(&url).await.expect("the database is back");
+        connect(url.clone()).await.expect("the database is back");
+        let missing = tasker_test_support::replace_database(&url, "tasker_no_such_database");
+        let stranger = format!("postgres://tasker_no_such_role@{}/postgres", proxy.addr());
+        for url in [missing, stranger] {
+            let error = migrate(&url).await.expect_err("refused");
+            assert!(!error.is_unreachable(), "{error}");
+            let error = connect(url).await.err().expect("refused");
+            assert!(!error.is_unreachable(), "{error}");
+        }
         env.cleanup().await;
     }
 

@@ -262,7 +262,7 @@ pub(crate) fn sqlx_options(url: &str) -> Result<Vec<sqlx::postgres::PgConnectOpt
     each_host(url)
         .iter()
         .map(|url| {
-            let options = PgConnectOptions::from_str(url).map_err(Error::migrate)?;
+            let options = PgConnectOptions::from_str(url).map_err(Error::config)?;
             Ok(match options.get_ssl_mode() {
                 PgSslMode::Require | PgSslMode::VerifyCa => options.ssl_mode(PgSslMode::VerifyFull),
                 _ => options,

@@ -177,7 +177,7 @@ async fn cleanup(config: Config, database: String, server_url: String, namespace
 }
 
 /// The same server URL with another database name.
-fn replace_database(url: &str, database: &str) -> String {
+pub fn replace_database(url: &str, database: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, format!("?{q}")),
         None => (url, String::new()),

@@ -92,17 +92,27 @@ impl System {
         workers: Vec<WorkerSpec>,
         client: &ClientTls,
     ) -> System {
-        System::start_services(env, &|_| config.clone(), workers, client).await
+        let system = System::launch(env, &|_| config.clone(), workers, client).await;
+        system.wait_ready().await;
+        system
+    }
+
+    /// Starts the services without waiting for them to be ready (e.g. while their
+    /// database is out of reach); [`System::wait_ready`] waits.
+    pub async fn start_unready(env: &TestEnv, config: Config, workers: Vec<WorkerSpec>) -> System {
+        System::launch(env, &|_| config.clone(), workers, &ClientTls::default()).await
     }
 
     /// Starts each service with its own configuration: `config_for` is asked for
     /// `task-api`, `orchestrator`, `event-publisher` and `step-worker` (e.g. each with its
     /// own broker user).
     pub async fn start_each(env: &TestEnv, config_for: impl Fn(&str) -> Config, workers: Vec<WorkerSpec>) -> System {
-        System::start_services(env, &config_for, workers, &ClientTls::default()).await
+        let system = System::launch(env, &config_for, workers, &ClientTls::default()).await;
+        system.wait_ready().await;
+        system
     }
 
-    async fn start_services(
+    async fn launch(
         env: &TestEnv,
         config_for: &dyn Fn(&str) -> Config,
         workers: Vec<WorkerSpec>,
@@ -129,11 +139,8 @@ impl System {
         let publisher_admin = publisher.admin_addr();
         let stop = CancellationToken::new();
         services.push(spawn("event-publisher", Box::pin(publisher.run(stop.clone())), stop));
-        let channel = connect(&format!("{scheme}://{api_addr}"), client).await;
-        // ready means connected to both servers, queues and exchange declared
-        for admin in [api_admin, orchestrator_admin, publisher_admin] {
-            crate::wait_status(admin, "/health/ready", 200).await;
-        }
+        let url = format!("{scheme}://{api_addr}");
+        let channel = tasker_runtime::tls::endpoint(&url, client).expect("endpoint").connect_lazy();
         let config = config_for("step-worker");
         let mut system = System {
             api_addr,
@@ -150,6 +157,23 @@ impl System {
             system.add_worker(env, spec).await;
         }
         system
+    }
+
+    /// Waits until task-api, the orchestrator and the event-publisher are ready (connected
+    /// to both servers, queues and exchange declared) and task-api answers calls.
+    pub async fn wait_ready(&self) {
+        for admin in [self.api_admin, self.orchestrator_admin, self.publisher_admin] {
+            crate::wait_status(admin, "/health/ready", 200).await;
+        }
+        for _ in 0..100 {
+            let answered = self.templates().list_namespaces(pb::ListNamespacesRequest {}).await;
+            // an answer, even "who are you?" from a task-api with auth on, means it is up
+            if answered.is_ok() || answered.is_err_and(|s| s.code() == tonic::Code::Unauthenticated) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("task-api at {} did not answer", self.api_addr);
     }
 
     /// Starts one more worker.
@@ -266,20 +290,4 @@ impl System {
             }
         }
     }
-}
-
-async fn connect(url: &str, tls: &ClientTls) -> Channel {
-    let endpoint = tasker_runtime::tls::endpoint(url, tls).expect("endpoint");
-    for _ in 0..100 {
-        if let Ok(channel) = endpoint.connect().await {
-            let mut client = TemplateServiceClient::new(channel.clone());
-            // an answer, even "who are you?" from a task-api with auth on, means it is up
-            let answered = client.list_namespaces(pb::ListNamespacesRequest {}).await;
-            if answered.is_ok() || answered.is_err_and(|s| s.code() == tonic::Code::Unauthenticated) {
-                return channel;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("task-api at {url} did not become ready");
 }

@@ -464,3 +464,46 @@ async fn liveness_fails_only_after_the_database_is_down_too_long() {
     system.stop().await;
     env.cleanup().await;
 }
+
+/// A service started while its database is out of reach waits for it instead of exiting:
+/// its admin endpoint answers from the start (ready 503 naming the database, live 200),
+/// a stop while it waits is clean, and once the database is back each migrates, connects
+/// and serves, and a task runs through.
+#[tokio::test]
+async fn services_started_without_their_database_wait_for_it() {
+    let env = TestEnv::new().await;
+    let db = FaultProxy::for_url(&env.config.database.url).await;
+    let mut config = env.config.clone();
+    config.database.url = db.url(&config.database.url);
+    config.database.migrate = true;
+    db.down();
+    let waits_for_the_database = async |system: &System| {
+        for admin in [system.api_admin, system.orchestrator_admin, system.publisher_admin] {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let (code, body) = http_request(admin, "/health/ready").await;
+                if body.contains("database: migrating the database: database unreachable") {
+                    assert_eq!(code, 503, "{body}");
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{admin} does not say it waits: {code} {body}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(status(admin, "/health/live").await, 200);
+        }
+    };
+
+    let stopped_waiting = System::start_unready(&env, config.clone(), vec![]).await;
+    waits_for_the_database(&stopped_waiting).await;
+    stopped_waiting.stop().await;
+
+    let system = System::start_unready(&env, config, vec![WorkerSpec::new("w1", &["faults"])]).await;
+    waits_for_the_database(&system).await;
+    db.heal();
+    system.wait_ready().await;
+    system.register(&env, CHAIN).await;
+    let task = system.submit("faults", "chain", json!({})).await;
+    assert_eq!(system.wait_final(&task.id).await.status(), pb::TaskStatus::Complete);
+    system.stop().await;
+    env.cleanup().await;
+}

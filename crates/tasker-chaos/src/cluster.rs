@@ -112,29 +112,43 @@ impl Cluster {
             api_ports,
         };
         for i in 0..cluster.members.len() {
-            cluster.launch(i, env).await;
+            cluster.launch(i, env, cluster.members[i].kind.ready()).await;
         }
         cluster
     }
 
-    async fn launch(&mut self, index: usize, env: &TestEnv) {
+    /// Starts member `index` and waits for it to log `ready`.
+    async fn launch(&mut self, index: usize, env: &TestEnv, ready: &str) {
         let member = &self.members[index];
         let binary = self.bin_dir.join(member.kind.binary());
         let extra: Vec<(&str, &str)> =
             self.base.iter().chain(&member.extra).map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let process = Service::start(binary.to_str().expect("utf-8 path"), env, &extra, member.kind.ready()).await;
+        let process = Service::start(binary.to_str().expect("utf-8 path"), env, &extra, ready).await;
         self.members[index].process = Some(process);
     }
 
     /// SIGKILLs one process of this kind, chosen at random, and starts it again.
     pub async fn crash(&mut self, kind: Kind, env: &TestEnv) {
+        self.crash_until(kind, env, kind.ready()).await;
+    }
+
+    /// Takes the database down, then SIGKILLs one process of this kind (not a worker,
+    /// which does not use it) and starts it again, waiting until it says it waits for the
+    /// database. The caller brings the database back.
+    pub async fn crash_without_database(&mut self, kind: Kind, env: &TestEnv) {
+        assert_ne!(kind, Kind::Worker, "workers do not use the database");
+        self.database.down();
+        self.crash_until(kind, env, "the database is out of reach; waiting for it").await;
+    }
+
+    async fn crash_until(&mut self, kind: Kind, env: &TestEnv, ready: &str) {
         let of_kind: Vec<usize> = (0..self.members.len()).filter(|&i| self.members[i].kind == kind).collect();
         let index = of_kind[rand::random_range(0..of_kind.len())];
         if let Some(process) = self.members[index].process.take() {
             process.kill().await;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        self.launch(index, env).await;
+        self.launch(index, env, ready).await;
     }
 
     /// Stops every process (SIGTERM) and reports those that did not stop cleanly.

@@ -6,11 +6,12 @@
 //! call with the same key (and sometimes a call that succeeded). Meanwhile faults are
 //! injected one after another at random: SIGKILL of a process of each kind, an outage of
 //! the broker and one of the database (connections cut and refused), and a silence of each
-//! (connections left open, nothing answered). After each, a probe task measures the recovery
-//! (from the fault's end to the probe's `task.completed`). At the end, from Postgres and
-//! from a real event subscriber: every task terminal and complete, one task per key, one
-//! completion per step, every transition's event received and in order per task and step,
-//! the outbox empty, the dead-letter queue empty. Exits 1 if anything fails.
+//! (connections left open, nothing answered), and a process killed and started again while
+//! the database is down (it must wait for it). After each, a probe task measures the
+//! recovery (from the fault's end to the probe's `task.completed`). At the end, from
+//! Postgres and from a real event subscriber: every task terminal and complete, one task
+//! per key, one completion per step, every transition's event received and in order per
+//! task and step, the outbox empty, the dead-letter queue empty. Exits 1 if anything fails.
 
 mod cluster;
 mod events;
@@ -168,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(rand::random_range(1000..3000))).await;
         // every kind of fault once per round, in a random order
         if round.is_empty() {
-            round = (0..8).collect();
+            round = (0..9).collect();
             for i in (1..round.len()).rev() {
                 round.swap(i, rand::random_range(0..=i));
             }
@@ -184,6 +185,14 @@ async fn main() -> anyhow::Result<()> {
                     Kind::Worker => "kill step-worker",
                     Kind::EventPublisher => "kill event-publisher",
                 }
+            }
+            8 => {
+                // a replica started again while the database is down waits for it
+                let kind = [Kind::TaskApi, Kind::Orchestrator, Kind::EventPublisher][rand::random_range(0..3)];
+                cluster.crash_without_database(kind, &env).await;
+                tokio::time::sleep(Duration::from_secs(rand::random_range(2..5))).await;
+                cluster.database.heal();
+                "restart without the database"
             }
             _ => {
                 // the broker or the database, taken away or gone silent

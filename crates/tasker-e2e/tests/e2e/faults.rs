@@ -507,3 +507,39 @@ async fn services_started_without_their_database_wait_for_it() {
     system.stop().await;
     env.cleanup().await;
 }
+
+/// A queue deleted under its consumers (by an operator, or a classic queue lost with its
+/// node) comes back: the broker cancels the consumers, each service takes that as a lost
+/// connection, connects again and declares its queues, and work goes on through them.
+#[tokio::test]
+async fn queues_deleted_under_their_consumers_are_declared_again() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![WorkerSpec::new("w1", &["faults"])]).await;
+    system.register(&env, CHAIN).await;
+    let before = system.submit("faults", "chain", json!({})).await;
+    assert_eq!(system.wait_final(&before.id).await.status(), pb::TaskStatus::Complete);
+
+    let broker = env.broker().await;
+    let topology = broker.topology().clone();
+    let queues = [topology.tasks_queue(), topology.results_queue(), topology.steps_queue("faults")];
+    let connection =
+        lapin::Connection::connect(&env.config.amqp.url, lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    for queue in &queues {
+        channel.queue_delete(queue.as_str().into(), Default::default()).await.unwrap();
+    }
+    let _ = connection.close(200, "deleted".into()).await;
+    // each is declared again and consumed
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for queue in &queues {
+        while broker.consumer_count(queue).await.unwrap() == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "{queue} was not declared and consumed again");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let after = system.submit("faults", "chain", json!({})).await;
+    assert_eq!(system.wait_final(&after.id).await.status(), pb::TaskStatus::Complete);
+    broker.close().await.unwrap();
+    system.stop().await;
+    env.cleanup().await;
+}

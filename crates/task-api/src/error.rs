@@ -31,6 +31,17 @@ impl ApiError {
     pub fn invalid(field: &str, problem: impl std::fmt::Display) -> Self {
         ApiError::InvalidArgument(format!("{field}: {problem}"))
     }
+
+    /// Every call's answer while task-api waits for its database at start.
+    pub fn waiting_for_database() -> Self {
+        ApiError::Unavailable("task-api is starting: its database is out of reach; try again".into())
+    }
+
+    /// This error as a whole gRPC response (for answers made outside a generated service).
+    pub fn into_http(self) -> tonic::codegen::http::Response<tonic::body::Body> {
+        let (parts, ()) = Status::from(self).into_http::<()>().into_parts();
+        tonic::codegen::http::Response::from_parts(parts, tonic::body::Body::empty())
+    }
 }
 
 impl From<tasker_store::Error> for ApiError {

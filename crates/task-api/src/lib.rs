@@ -17,7 +17,7 @@ mod steps;
 mod tasks;
 mod templates;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use prometheus_client::registry::Registry;
@@ -27,7 +27,6 @@ use tasker_proto::v1::{
 };
 use tasker_runtime::{Admin, Config};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 
@@ -80,6 +79,7 @@ impl TaskApi {
         let TaskApi { config, grpc, admin, tls } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_not_serving::<TaskServiceServer<Tasks>>().await;
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         // both versions of the reflection protocol: grpcurl speaks v1, many tools
         // (grpcio-reflection, GUI clients) still speak only v1alpha
         let reflection = || {
@@ -92,9 +92,17 @@ impl TaskApi {
 
         let stop = shutdown.child_token();
         let admin = admin.start(config.health.live_timeout, stop.clone());
-        let Some(store) =
-            tasker_runtime::connect_store(&config.database, tasker_store::Workload::General, &admin, &stop).await?
-        else {
+        let grpc = Arc::new(grpc);
+        // until the store is open, every call is answered UNAVAILABLE rather than left
+        // waiting
+        let opened = CancellationToken::new();
+        let waiting =
+            tokio::spawn(answer_unavailable(grpc.clone(), tls.clone(), health_service.clone(), opened.clone()));
+        let store =
+            tasker_runtime::connect_store(&config.database, tasker_store::Workload::General, &admin, &stop).await;
+        opened.cancel();
+        waiting.await.context("the server answering while waiting for the database")??;
+        let Some(store) = store? else {
             return Ok(()); // stopped while waiting for the database
         };
         // the link outlives the API at shutdown: the requests of the last calls answered
@@ -198,13 +206,36 @@ impl TaskApi {
 /// listeners it binds itself, and with it on, a response written while an earlier one on
 /// the same HTTP/2 connection is unacknowledged waits for the client's delayed ACK (up to
 /// 40 ms on Linux): concurrent requests on one channel were each that much slower.
-fn incoming(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
+fn incoming(listener: Arc<TcpListener>) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.and_then(|(stream, _)| {
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        });
+        Some((accepted, listener))
     })
+}
+
+/// Serves on `listener` until `done`: the gRPC health service (every service not
+/// serving yet), and UNAVAILABLE for every other call. task-api does this while it waits
+/// for its database at start, so that callers retry instead of waiting on a connection
+/// nobody answers.
+async fn answer_unavailable(
+    listener: Arc<TcpListener>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    done: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut routes = tonic::service::Routes::new(health);
+    let router = std::mem::take(routes.axum_router_mut());
+    *routes.axum_router_mut() = router.fallback(|| async { ApiError::waiting_for_database().into_http() });
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).context("api.tls")?;
+    }
+    server
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming(listener), done.cancelled_owned())
+        .await
+        .context("gRPC server, waiting for the database")
 }

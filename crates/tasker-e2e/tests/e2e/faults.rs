@@ -467,8 +467,8 @@ async fn liveness_fails_only_after_the_database_is_down_too_long() {
 
 /// A service started while its database is out of reach waits for it instead of exiting:
 /// its admin endpoint answers from the start (ready 503 naming the database, live 200),
-/// a stop while it waits is clean, and once the database is back each migrates, connects
-/// and serves, and a task runs through.
+/// task-api answers calls UNAVAILABLE, a stop while it waits is clean, and once the
+/// database is back each migrates, connects and serves, and a task runs through.
 #[tokio::test]
 async fn services_started_without_their_database_wait_for_it() {
     let env = TestEnv::new().await;
@@ -499,8 +499,23 @@ async fn services_started_without_their_database_wait_for_it() {
 
     let system = System::start_unready(&env, config, vec![WorkerSpec::new("w1", &["faults"])]).await;
     waits_for_the_database(&system).await;
+    // task-api answers every call meanwhile: UNAVAILABLE, and not serving to gRPC health
+    let request = pb::CreateTaskRequest { namespace: "faults".into(), name: "chain".into(), ..Default::default() };
+    let mut tasks = system.tasks();
+    let refused = tokio::time::timeout(Duration::from_secs(5), tasks.create_task(request))
+        .await
+        .expect("answered, not left waiting")
+        .expect_err("no database yet");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("database is out of reach"), "{refused:?}");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(system.channel());
+    let check = tonic_health::pb::HealthCheckRequest { service: String::new() };
+    let serving = health.check(check.clone()).await.unwrap().into_inner().status();
+    assert_eq!(serving, tonic_health::pb::health_check_response::ServingStatus::NotServing);
     db.heal();
     system.wait_ready().await;
+    let serving = health.check(check).await.unwrap().into_inner().status();
+    assert_eq!(serving, tonic_health::pb::health_check_response::ServingStatus::Serving);
     system.register(&env, CHAIN).await;
     let task = system.submit("faults", "chain", json!({})).await;
     assert_eq!(system.wait_final(&task.id).await.status(), pb::TaskStatus::Complete);

@@ -9,10 +9,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{AmqpConfig, DatabaseConfig, ReadyCheck, Serving, ready_check};
 
 /// Migrates (when configured) and opens the pool, waiting for a database out of reach
-/// at start as for one lost later: it is tried again after [`crate::reconnect_delay`]
-/// while `admin` says what the service is waiting for. `None` when `stop` came first. A
-/// database that answers and refuses (a wrong password, no such database, a failed
-/// migration) is an error at once.
+/// at start as for one lost later, and for a migration blocked by a lock held elsewhere:
+/// it is tried again after [`crate::reconnect_delay`] while `admin` says what the service
+/// is waiting for. `None` when `stop` came first. A database that answers and refuses (a
+/// wrong password, no such database, a failed migration) is an error at once.
 pub async fn connect_store(
     config: &DatabaseConfig,
     workload: Workload,
@@ -29,9 +29,9 @@ pub async fn connect_store(
             Ok(store) => return Ok(Some(store)),
             Err(failed) => failed,
         };
-        let unreachable = error.is_unreachable();
+        let worth_waiting = error.is_worth_waiting_for();
         let error = anyhow::Error::new(error).context(what);
-        if !unreachable {
+        if !worth_waiting {
             return Err(error);
         }
         failures += 1;

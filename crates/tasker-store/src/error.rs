@@ -30,6 +30,9 @@ pub enum Error {
     /// The migrator could not reach the database, or lost its connection.
     #[error("database unreachable: {0}")]
     Unreachable(String),
+    /// A migration waited too long for a lock that others hold, and was rolled back.
+    #[error("migration rolled back: a lock it needs was held elsewhere past the lock timeout: {0}")]
+    Blocked(String),
     #[error("database configuration: {0}")]
     Config(String),
     #[error("migration: {0}")]
@@ -51,11 +54,17 @@ impl Error {
     /// reached or the connection failed (worth waiting for), [`Error::Migrate`] otherwise.
     pub(crate) fn migrator(e: sqlx::migrate::MigrateError) -> Self {
         use sqlx::migrate::MigrateError;
-        let unreachable = match &e {
-            MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => sqlx_unreachable(e),
-            _ => false,
+        let cause = match &e {
+            MigrateError::Execute(cause) | MigrateError::ExecuteMigration(cause, _) => Some(cause),
+            _ => None,
         };
-        if unreachable { Error::Unreachable(e.to_string()) } else { Error::migrate(e) }
+        match cause {
+            Some(cause) if sqlx_unreachable(cause) => Error::Unreachable(e.to_string()),
+            Some(sqlx::Error::Database(db)) if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+                Error::Blocked(e.to_string())
+            }
+            _ => Error::migrate(e),
+        }
     }
 
     /// The migrator's error connecting to `host`, sorted as [`Error::migrator`] does.
@@ -69,7 +78,7 @@ impl Error {
     /// refused for what it held.)
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Error::Pool(_) | Error::Connect(_) | Error::Unreachable(_) | Error::Migrate(_) => true,
+            Error::Pool(_) | Error::Connect(_) | Error::Unreachable(_) | Error::Blocked(_) | Error::Migrate(_) => true,
             Error::Database(e) => match e.as_db_error() {
                 None => true,
                 Some(db) => ["08", "40", "53", "57", "58"].iter().any(|class| db.code().code().starts_with(class)),
@@ -92,6 +101,13 @@ impl Error {
             }
             _ => false,
         }
+    }
+
+    /// `true` when a service starting should wait and try again: the database out of
+    /// reach ([`Error::is_unreachable`]), or a migration that stepped back from a lock
+    /// held elsewhere ([`Error::Blocked`]).
+    pub fn is_worth_waiting_for(&self) -> bool {
+        self.is_unreachable() || matches!(self, Error::Blocked(_))
     }
 
     /// `true` when an orchestrator batch decided from the tasks it kept in memory found, at
@@ -127,6 +143,9 @@ fn sqlx_unreachable(e: &sqlx::Error) -> bool {
 fn unreachable_class(code: &str) -> bool {
     ["08", "53", "57"].iter().any(|class| code.starts_with(class))
 }
+
+/// SQLSTATE `lock_not_available`: `lock_timeout` ran out.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
 
 /// The SQLSTATE the fence raises for a kept task that changed.
 pub(crate) const STALE_KEPT: &str = "TK001";

@@ -54,10 +54,22 @@ static MIGRATOR: sqlx::migrate::Migrator =
 /// one may rightly run long.
 const MIGRATOR_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a migration waits for a lock before it steps back ([`Error::Blocked`]): a
+/// statement waiting for a lock holds every later one on that table behind it, so a
+/// migration queued behind a long transaction would stall the running replicas' writes
+/// for as long.
+pub const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Applies every pending migration of this build (see [`MIGRATOR`] for those of a newer
 /// one). Safe to run from several processes at once: sqlx holds an advisory lock while it
-/// migrates.
+/// migrates. A migration that waits longer than [`MIGRATION_LOCK_TIMEOUT`] for a lock is
+/// rolled back ([`Error::Blocked`]), to be tried again.
 pub async fn migrate(database_url: &str) -> Result<()> {
+    migrate_waiting(database_url, MIGRATION_LOCK_TIMEOUT).await
+}
+
+/// [`migrate`], waiting at most `lock_timeout` for a lock.
+pub async fn migrate_waiting(database_url: &str, lock_timeout: Duration) -> Result<()> {
     // sqlx's migrator future is not `Send` for every lifetime (the "Acquire is not general
     // enough" limitation), so it runs to completion on a blocking thread of its own, and
     // callers can spawn this future freely.
@@ -69,6 +81,7 @@ pub async fn migrate(database_url: &str) -> Result<()> {
             // each host the URL names, in order, as the pools connect
             let mut connected = Err(Error::Config("the database URL names no host".into()));
             for options in tls::sqlx_options(&url)? {
+                let options = options.options([("lock_timeout", format!("{}ms", lock_timeout.as_millis()))]);
                 // a silent server is given up on, as the pools' connections do
                 let host = format!("{}:{}", options.get_host(), options.get_port());
                 connected = match tokio::time::timeout(MIGRATOR_CONNECT_TIMEOUT, options.connect()).await {
@@ -329,6 +342,26 @@ mod tests {
             let error = connect(url).await.err().expect("refused");
             assert!(!error.is_unreachable(), "{error}");
         }
+        env.cleanup().await;
+    }
+
+    /// A migration that cannot get a lock it needs steps back after the lock timeout
+    /// instead of queueing behind the holder (and holding every later statement on that
+    /// table behind itself), and succeeds once the lock is free.
+    #[tokio::test]
+    async fn a_migration_blocked_by_a_lock_steps_back_and_is_tried_again() {
+        let env = tasker_test_support::TestEnv::new().await;
+        let url = &env.config.database.url;
+        let holder = env.database().await;
+        holder.batch_execute("BEGIN; LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE").await.unwrap();
+        let error = tokio::time::timeout(Duration::from_secs(5), migrate_waiting(url, Duration::from_secs(1)))
+            .await
+            .expect("stepped back, not queued behind the lock")
+            .expect_err("the table is locked");
+        assert!(matches!(error, Error::Blocked(_)) && error.is_worth_waiting_for(), "{error}");
+        holder.batch_execute("ROLLBACK").await.unwrap();
+        migrate_waiting(url, Duration::from_secs(1)).await.expect("the lock is free");
+        drop(holder);
         env.cleanup().await;
     }
 

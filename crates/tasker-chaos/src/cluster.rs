@@ -138,7 +138,7 @@ impl Cluster {
     pub async fn crash_without_database(&mut self, kind: Kind, env: &TestEnv) {
         assert_ne!(kind, Kind::Worker, "workers do not use the database");
         self.database.down();
-        self.crash_until(kind, env, "the database is out of reach; waiting for it").await;
+        self.crash_until(kind, env, "waiting for the database").await;
     }
 
     async fn crash_until(&mut self, kind: Kind, env: &TestEnv, ready: &str) {

@@ -36,7 +36,7 @@ pub async fn connect_store(
         }
         failures += 1;
         let delay = crate::reconnect_delay(failures);
-        tracing::warn!(error = format!("{error:#}"), retry_in = ?delay, "the database is out of reach; waiting for it");
+        tracing::warn!(error = format!("{error:#}"), retry_in = ?delay, "waiting for the database");
         admin.waiting_for("database", format!("{error:#}"));
         tokio::select! {
             _ = stop.cancelled() => return Ok(None),

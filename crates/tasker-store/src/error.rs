@@ -51,7 +51,8 @@ impl Error {
     }
 
     /// The migrator's error: [`Error::Unreachable`] when the database could not be
-    /// reached or the connection failed (worth waiting for), [`Error::Migrate`] otherwise.
+    /// reached or the connection failed, [`Error::Blocked`] when a migration ran out of
+    /// `lock_timeout` (both worth waiting for), [`Error::Migrate`] otherwise.
     pub(crate) fn migrator(e: sqlx::migrate::MigrateError) -> Self {
         use sqlx::migrate::MigrateError;
         let cause = match &e {

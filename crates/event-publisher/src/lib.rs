@@ -61,11 +61,9 @@ impl EventPublisher {
     /// Relays until `shutdown`; a lost broker connection is re-established (with backoff).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let EventPublisher { config, admin } = self;
-        let stop = shutdown.child_token();
-        let admin = admin.start(config.health.live_timeout, stop.clone());
-        let Some(store) =
-            tasker_runtime::connect_store(&config.database, tasker_store::Workload::Keyed, &admin, &stop).await?
-        else {
+        let started =
+            tasker_runtime::start_with_store(admin, &config, tasker_store::Workload::Keyed, &shutdown).await?;
+        let Some(tasker_runtime::Started { stop, admin, store }) = started else {
             return Ok(()); // stopped while waiting for the database
         };
         let mut registry = Registry::default();

@@ -54,11 +54,9 @@ impl Orchestrator {
     /// already applied).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Orchestrator { config, admin } = self;
-        let stop = shutdown.child_token();
-        let admin = admin.start(config.health.live_timeout, stop.clone());
-        let Some(store) =
-            tasker_runtime::connect_store(&config.database, tasker_store::Workload::Keyed, &admin, &stop).await?
-        else {
+        let started =
+            tasker_runtime::start_with_store(admin, &config, tasker_store::Workload::Keyed, &shutdown).await?;
+        let Some(tasker_runtime::Started { stop, admin, store }) = started else {
             return Ok(()); // stopped while waiting for the database
         };
         let mut registry = Registry::default();

@@ -90,19 +90,17 @@ impl TaskApi {
         let reflection_v1 = reflection().build_v1().context("building the reflection service")?;
         let reflection_v1alpha = reflection().build_v1alpha().context("building the reflection service")?;
 
-        let stop = shutdown.child_token();
-        let admin = admin.start(config.health.live_timeout, stop.clone());
         let grpc = Arc::new(grpc);
         // until the store is open, every call is answered UNAVAILABLE rather than left
         // waiting
         let opened = CancellationToken::new();
         let waiting =
             tokio::spawn(answer_unavailable(grpc.clone(), tls.clone(), health_service.clone(), opened.clone()));
-        let store =
-            tasker_runtime::connect_store(&config.database, tasker_store::Workload::General, &admin, &stop).await;
+        let started =
+            tasker_runtime::start_with_store(admin, &config, tasker_store::Workload::General, &shutdown).await;
         opened.cancel();
         waiting.await.context("the server answering while waiting for the database")??;
-        let Some(store) = store? else {
+        let Some(tasker_runtime::Started { stop, admin, store }) = started? else {
             return Ok(()); // stopped while waiting for the database
         };
         // the link outlives the API at shutdown: the requests of the last calls answered

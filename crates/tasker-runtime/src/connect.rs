@@ -6,14 +6,36 @@ use tasker_store::{Store, Workload};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{AmqpConfig, DatabaseConfig, ReadyCheck, Serving, ready_check};
+use crate::{Admin, AmqpConfig, Config, DatabaseConfig, ReadyCheck, Serving, ready_check};
+
+/// A service with a database, started: its stop token (a child of the shutdown's), its
+/// admin endpoint (served from the start) and its store.
+pub struct Started {
+    pub stop: CancellationToken,
+    pub admin: Serving,
+    pub store: Store,
+}
+
+/// Serves `admin` at once and opens the store, waiting for the database as
+/// [`connect_store`] does. `None` when `shutdown` came first.
+pub async fn start_with_store(
+    admin: Admin,
+    config: &Config,
+    workload: Workload,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Started>> {
+    let stop = shutdown.child_token();
+    let admin = admin.start(config.health.live_timeout, stop.clone());
+    let store = connect_store(&config.database, workload, &admin, &stop).await?;
+    Ok(store.map(|store| Started { stop, admin, store }))
+}
 
 /// Migrates (when configured) and opens the pool, waiting for a database out of reach
 /// at start as for one lost later, and for a migration blocked by a lock held elsewhere:
 /// it is tried again after [`crate::reconnect_delay`] while `admin` says what the service
 /// is waiting for. `None` when `stop` came first. A database that answers and refuses (a
 /// wrong password, no such database, a failed migration) is an error at once.
-pub async fn connect_store(
+async fn connect_store(
     config: &DatabaseConfig,
     workload: Workload,
     admin: &Serving,

@@ -17,7 +17,8 @@ pub use config::{
     PublisherConfig, ServerTls, TelemetryConfig, WorkerConfig,
 };
 pub use connect::{
-    AttachedConsumer, Consumers, connect_broker, connect_store, register_store_metrics, store_check, topology,
+    AttachedConsumer, Consumers, Started, connect_broker, register_store_metrics, start_with_store, store_check,
+    topology,
 };
 pub use prometheus_client;
 pub use shutdown::{shutdown_on_signal, wait_for_signal};

@@ -46,7 +46,7 @@ impl Service {
     }
 
     /// Starts `command` (its output collected) and waits until it writes a line
-    /// containing `ready` (nothing to wait for when empty).
+    /// containing `ready`.
     pub async fn spawn(mut command: Command, ready: &str) -> Service {
         let binary = command.as_std().get_program().to_string_lossy().into_owned();
         let mut child = command

@@ -41,6 +41,7 @@ async fn connect_store(
     admin: &Serving,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<Store>> {
+    admin.waiting_for("database", "connecting".into());
     let mut failures = 0;
     loop {
         let opened = tokio::select! {

@@ -410,8 +410,20 @@ async fn task(cli: &Cli, cmd: &TaskCommand) -> anyhow::Result<()> {
             println!("task {} {}/{} {}{note}", task.id, task.namespace, task.name, task.version);
             if *wait {
                 watch(&mut client, &task.id).await?;
-                let task = client.get_task(pb::GetTaskRequest { task_id: task.id, include_transitions: false }).await?;
-                print::task(&task.into_inner(), false);
+                // the final state, asked again if task-api went away meanwhile (it was
+                // reached: the watch just ended there)
+                let mut outage = Outage { reached: true, ..Outage::default() };
+                let request = pb::GetTaskRequest { task_id: task.id, include_transitions: false };
+                let task = loop {
+                    match client.get_task(request.clone()).await {
+                        Ok(task) => break task.into_inner(),
+                        Err(status) if lost_task_api(&status) => {
+                            outage.wait("task-api", status.into(), "asking again").await?
+                        }
+                        Err(status) => return Err(status.into()),
+                    }
+                };
+                print::task(&task, false);
             }
         }
         TaskCommand::Get { task_id, transitions } => {

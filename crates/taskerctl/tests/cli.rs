@@ -175,3 +175,22 @@ async fn events_subscribes_again_after_losing_the_broker() {
     system.stop().await;
     env.cleanup().await;
 }
+
+/// `task submit --wait` prints the task's events as they happen, then the task as it
+/// ended.
+#[tokio::test]
+async fn submit_wait_prints_the_events_then_the_final_task() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![WorkerSpec::new("w1", &["rewatch"])]).await;
+    system.register(&env, QUICK).await;
+    let api = format!("http://{}", system.api_addr);
+    let submitted = taskerctl(&["--api", &api, "task", "submit", "rewatch", "quick", "--wait"]).await;
+    let out = String::from_utf8_lossy(&submitted.stdout);
+    assert!(submitted.status.success(), "{out}{}", String::from_utf8_lossy(&submitted.stderr));
+    let completed = out.find("rewatch.quick.task.completed").expect("the completion event");
+    let id = out.split_whitespace().nth(1).expect("task <id> first");
+    let final_line = out.lines().find(|l| l.starts_with(&format!("task {id}")) && l.ends_with("complete"));
+    assert!(final_line.is_some_and(|l| out.find(l).unwrap() > completed), "the final task after the events: {out}");
+    system.stop().await;
+    env.cleanup().await;
+}

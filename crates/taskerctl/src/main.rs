@@ -68,6 +68,9 @@ enum Command {
     #[command(subcommand)]
     Step(StepCommand),
     /// Stream a task's lifecycle events until it is final.
+    ///
+    /// If task-api goes away meanwhile (a restart, a lost connection), the task is watched
+    /// again, for up to 2 minutes of trying, and each event is printed once.
     Watch { task_id: String },
     /// Development tokens.
     #[command(subcommand)]
@@ -85,6 +88,9 @@ enum Command {
         limit: u32,
     },
     /// Bind a queue to the events exchange and print events as they arrive.
+    ///
+    /// A lost broker connection is followed by a new subscription (for up to 2 minutes of
+    /// trying); what was published in between is not seen, and that is said.
     Events {
         /// Topic patterns (`#`, `payments.#`, `*.*.step.failed`).
         #[arg(default_value = "#")]
@@ -153,7 +159,7 @@ enum TaskCommand {
         reason: Option<String>,
         #[arg(long = "tag")]
         tags: Vec<String>,
-        /// Stream the task's events until it is final, then show it.
+        /// Stream the task's events until it is final, then show it (as `watch` does).
         #[arg(long)]
         wait: bool,
     },

@@ -94,12 +94,19 @@ impl TaskApi {
         // until the store is open, every call is answered UNAVAILABLE rather than left
         // waiting
         let opened = CancellationToken::new();
-        let waiting =
+        let mut waiting =
             tokio::spawn(answer_unavailable(grpc.clone(), tls.clone(), health_service.clone(), opened.clone()));
         let started =
             tasker_runtime::start_with_store(admin, &config, tasker_store::Workload::General, &shutdown).await;
+        // its calls are answered at once, but an open stream (a gRPC health watch) would
+        // hold its graceful stop for ever: it is waited for a moment only. Its connections
+        // have been told to go away (GOAWAY) and take no new calls either way; a stream
+        // left open ends when its client drops it (a health watch hears SERVING meanwhile)
         opened.cancel();
-        waiting.await.context("the server answering while waiting for the database")??;
+        match tokio::time::timeout(WAITING_SERVER_GRACE, &mut waiting).await {
+            Ok(stopped) => stopped.context("the server answering while waiting for the database")??,
+            Err(_) => waiting.abort(),
+        }
         let Some(tasker_runtime::Started { stop, admin, store }) = started? else {
             return Ok(()); // stopped while waiting for the database
         };
@@ -213,6 +220,10 @@ fn incoming(listener: Arc<TcpListener>) -> impl tokio_stream::Stream<Item = std:
         Some((accepted, listener))
     })
 }
+
+/// How long task-api waits, once its database is there, for the server that answered
+/// meanwhile to see its connections closed.
+const WAITING_SERVER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Serves on `listener` until `done`: the gRPC health service (every service not
 /// serving yet), and UNAVAILABLE for every other call. task-api does this while it waits

@@ -512,10 +512,18 @@ async fn services_started_without_their_database_wait_for_it() {
     let check = tonic_health::pb::HealthCheckRequest { service: String::new() };
     let serving = health.check(check.clone()).await.unwrap().into_inner().status();
     assert_eq!(serving, tonic_health::pb::health_check_response::ServingStatus::NotServing);
+    // a health watch left open on the waiting server does not hold task-api's start
+    let mut watching = health.watch(check.clone()).await.unwrap().into_inner();
+    let first = watching.message().await.unwrap().expect("the status as it is").status();
+    assert_eq!(first, tonic_health::pb::health_check_response::ServingStatus::NotServing);
     db.heal();
     system.wait_ready().await;
     let serving = health.check(check).await.unwrap().into_inner().status();
     assert_eq!(serving, tonic_health::pb::health_check_response::ServingStatus::Serving);
+    let heard = tokio::time::timeout(Duration::from_secs(5), watching.message()).await;
+    let heard = heard.expect("the watch hears the change").unwrap().expect("a status").status();
+    assert_eq!(heard, tonic_health::pb::health_check_response::ServingStatus::Serving);
+    drop(watching);
     system.register(&env, CHAIN).await;
     let task = system.submit("faults", "chain", json!({})).await;
     assert_eq!(system.wait_final(&task.id).await.status(), pb::TaskStatus::Complete);

@@ -163,6 +163,10 @@ enum Failure {
     Broker(#[from] tasker_messaging::Error),
 }
 
+/// How long a claim may wait, idle, for its events' confirms: as long as the publish
+/// waits for them, and a little more for the delete to reach the server.
+const CLAIM_HOLD: Duration = Duration::from_secs(tasker_messaging::TIMEOUT.as_secs() + 5);
+
 /// Relays one batch; the outbox rows it claimed, or `None` when another replica holds the
 /// relay lock.
 async fn relay_batch(
@@ -171,7 +175,7 @@ async fn relay_batch(
     limit: i64,
     metrics: &Metrics,
 ) -> Result<Option<usize>, Failure> {
-    let Some(batch) = store.claim_outbox(limit).await? else { return Ok(None) };
+    let Some(batch) = store.claim_outbox(limit, CLAIM_HOLD).await? else { return Ok(None) };
     let (claimed, n) = (batch.claimed(), batch.events.len());
     if claimed == 0 {
         batch.release().await?;

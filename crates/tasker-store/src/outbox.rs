@@ -157,14 +157,26 @@ impl Store {
     /// Claims the events of up to `limit` of the oldest outbox rows (each a transaction's
     /// events). `None` when another relay holds the lock; an empty batch when there is
     /// nothing to relay.
-    pub async fn claim_outbox(&self, limit: i64) -> Result<Option<OutboxBatch>> {
+    ///
+    /// The claim stays open while its events are published, and may sit idle for up to
+    /// `hold` waiting for the broker's confirms (every other session is ended by the
+    /// server once idle in a transaction for `database.statement_timeout`). A broker slower
+    /// to confirm than that, but within the relay's own bound, is then waited for: ended
+    /// under the relay, the claim would give its rows back undeleted, to be published
+    /// again and again for as long as confirms stayed that slow.
+    pub async fn claim_outbox(&self, limit: i64, hold: Duration) -> Result<Option<OutboxBatch>> {
         let mut tx = self.begin().await?;
+        let hold = format!("{}ms", hold.as_millis().max(1));
         // one round trip: the rows are read only to be thrown away when the lock is taken
-        let (lock, rows): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) = ([&RELAY_LOCK], [&limit]);
+        let (lock, rows): ([&(dyn ToSql + Sync); 2], [&(dyn ToSql + Sync); 1]) = ([&RELAY_LOCK, &hold], [&limit]);
         let mut results = tx
             .round_trip(
                 &[
-                    ("SELECT pg_try_advisory_xact_lock($1)", &lock),
+                    (
+                        "SELECT pg_try_advisory_xact_lock($1), \
+                         set_config('idle_in_transaction_session_timeout', $2, true)",
+                        &lock,
+                    ),
                     ("SELECT id, event_ids, routing_keys, payloads FROM outbox ORDER BY id LIMIT $1", &rows),
                 ],
                 false,

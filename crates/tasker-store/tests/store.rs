@@ -5,6 +5,9 @@ use tasker_domain::{Limits, StepState, TaskState, Template};
 use tasker_store::{NewTask, Standing, StepChange, Store};
 use tasker_test_support::TestEnv;
 
+/// How long a claim of the outbox may wait, idle, for the broker (the relay's own bound).
+const HOLD: std::time::Duration = std::time::Duration::from_secs(35);
+
 const TEMPLATE: &str = r#"
 namespace: store
 name: chain
@@ -163,14 +166,14 @@ async fn the_relay_claims_every_event_once_in_the_order_made() {
     let db = env.database().await;
 
     // the oldest row is the create's, with its one event
-    let first = store.claim_outbox(1).await.unwrap().expect("no other relay holds the lock");
+    let first = store.claim_outbox(1, HOLD).await.unwrap().expect("no other relay holds the lock");
     assert_eq!(first.claimed(), 1);
     let keys: Vec<&str> = first.events.iter().map(|r| r.routing_key.as_str()).collect();
     assert_eq!(keys, ["store.chain.task.created"]);
     let created = first.events[0].event_id;
     first.release().await.unwrap();
 
-    let all = store.claim_outbox(1_000).await.unwrap().expect("no other relay holds the lock");
+    let all = store.claim_outbox(1_000, HOLD).await.unwrap().expect("no other relay holds the lock");
     let rows: i64 = db.query_one("SELECT count(*) FROM outbox", &[]).await.unwrap().get(0);
     assert_eq!(all.claimed() as i64, rows);
     assert!(all.events.len() > all.claimed(), "rows hold several events: {} in {}", all.events.len(), all.claimed());
@@ -200,6 +203,41 @@ async fn the_relay_claims_every_event_once_in_the_order_made() {
     assert_eq!(store.outbox_depth().await.unwrap(), 0);
     let left: i64 = db.query_one("SELECT count(*) FROM outbox", &[]).await.unwrap().get(0);
     assert_eq!(left, 0);
+    drop(db);
+    env.cleanup().await;
+}
+
+/// A claim waits for the broker's confirms as long as the relay asks, past the statement
+/// timeout that ends every other session idle in a transaction: ended under the relay, it
+/// would give its rows back undeleted, to be published again for as long as confirms
+/// stayed that slow.
+#[tokio::test]
+async fn a_claim_of_the_outbox_outlasts_the_statement_timeout_for_the_broker() {
+    let env = TestEnv::new().await;
+    let (_, task_id) = setup(&env).await;
+    let timeout = std::time::Duration::from_millis(500);
+    let store = Store::connect_with(&env.config.database.url, 2, tasker_store::Workload::Keyed, timeout).await.unwrap();
+    let db = env.database().await;
+
+    // another transaction left idle that long is ended by the server
+    let mut tx = store.begin().await.unwrap();
+    tx.lock_tasks(&[task_id]).await.unwrap();
+    tokio::time::sleep(timeout * 3).await;
+    assert!(tx.commit().await.is_err(), "an idle transaction outlived the statement timeout");
+
+    // the claim, asked to wait for the broker for 5 s, is still there after 1.5 s
+    let batch = store.claim_outbox(100, std::time::Duration::from_secs(5)).await.unwrap().expect("the relay lock");
+    assert!(batch.claimed() > 0);
+    tokio::time::sleep(timeout * 3).await;
+    batch.complete().await.expect("the claim outlived the statement timeout");
+    let left: i64 = db.query_one("SELECT count(*) FROM outbox", &[]).await.unwrap().get(0);
+    assert_eq!(left, 0, "the relayed rows were deleted");
+
+    // and held no longer than asked: a claim left idle past its hold is ended too
+    let (_, _) = setup(&env).await;
+    let batch = store.claim_outbox(100, timeout).await.unwrap().expect("the relay lock");
+    tokio::time::sleep(timeout * 3).await;
+    assert!(batch.complete().await.is_err(), "a claim outlived its hold");
     drop(db);
     env.cleanup().await;
 }

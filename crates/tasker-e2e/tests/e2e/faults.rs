@@ -329,6 +329,62 @@ async fn a_broken_relay_replica_steps_aside_and_recovers() {
     env.cleanup().await;
 }
 
+/// A broker slower to confirm than the database's statement timeout: the relay's claim
+/// waits for the confirms (up to the relay's own bound) instead of being ended by the
+/// server as idle, so every event is relayed once and the outbox drains, rather than the
+/// same rows being published again each time the claim was ended under them.
+#[tokio::test]
+async fn a_broker_slower_to_confirm_than_the_statement_timeout_gets_each_event_once() {
+    let env = TestEnv::new().await;
+    let amqp = FaultProxy::for_url(&env.config.amqp.url).await;
+    let system = System::start_each(
+        &env,
+        |service| {
+            let mut config = env.config.clone();
+            if service == "event-publisher" {
+                config.amqp.url = amqp.url(&config.amqp.url);
+                config.database.statement_timeout = Duration::from_millis(500);
+            }
+            config
+        },
+        vec![WorkerSpec::new("w1", &["faults"])],
+    )
+    .await;
+    system.register(&env, CHAIN).await;
+    let (subscriber, mut events) = env.subscribe(&["faults.#"]).await;
+    // each chunk either way waits 400 ms: a batch's confirms come 0.8 s or more after it
+    // was claimed, well past the 0.5 s a session may stay idle in a transaction
+    amqp.latency(Duration::from_millis(400));
+    let task = system.submit("faults", "chain", json!({})).await;
+    let received = collect_until(&mut events, |got| {
+        got.iter().any(|r| r.task_id() == task.id && r.kind() == "dev.tasker.task.completed")
+    })
+    .await;
+    let db = env.database().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: i64 = db.query_one("SELECT count(*) FROM outbox", &[]).await.unwrap().get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{left} outbox rows never deleted: the claims were ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // what came in the meantime, once more
+    let mut all = received;
+    all.extend(collect_until(&mut events, |_| true).await);
+    let mut ids: Vec<&str> = all.iter().map(|r| r.event["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 9, "every event of the task, once: {:?}", all.iter().map(|r| r.kind()).collect::<Vec<_>>());
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 9, "no event relayed twice");
+    amqp.heal();
+    drop(db);
+    subscriber.close().await.unwrap();
+    system.stop().await;
+    env.cleanup().await;
+}
+
 /// The system, with the sweeper's pending-task repair out of reach (a task that starts
 /// was requested), and the chain registered.
 async fn system_without_pending_repair(env: &TestEnv) -> System {

@@ -12,8 +12,8 @@ use tasker_proto::messages::{
     Completed, Failed, FailureKind, Started, StepExecution, StepReport, step_report::Outcome,
 };
 use tasker_runtime::{Admin, Config};
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use tokio::{sync::watch, task::JoinSet};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{Registry, StepError, StepInput};
@@ -51,10 +51,65 @@ impl Drop for InFlight {
 /// Outcomes whose report was not confirmed when the broker connection was lost, by
 /// `(step_id, attempt)`: the execution comes back (it was never acked) and is answered
 /// from here instead of running the handler again. Shared across connections.
-type Unreported = Arc<std::sync::Mutex<HashMap<(String, u32), Outcome>>>;
+type Unreported = Arc<std::sync::Mutex<HashMap<(String, u32), StepReport>>>;
 
 /// Most outcomes kept for lack of a connection (past it, a step may run again).
 const MAX_UNREPORTED: usize = 10_000;
+
+/// Attempts running on this worker, by `(step_id, attempt)`, each with its report once
+/// it has an outcome. Shared across connections: a handler goes on running when
+/// the connection its execution came on is lost, and another delivery of the same attempt
+/// (the broker's redelivery once the worker is back, or a sweep's republish) waits for
+/// that outcome instead of running the step a second time.
+type Running = Arc<std::sync::Mutex<HashMap<(String, u32), watch::Receiver<Option<StepReport>>>>>;
+
+/// The attempts of every connection, which outlive the connection they came on: spawned
+/// on `tracker`, dropped (their handlers with them) once `abandon` is cancelled.
+#[derive(Clone, Default)]
+struct Attempts {
+    tracker: TaskTracker,
+    abandon: CancellationToken,
+}
+
+impl Attempts {
+    fn spawn(&self, attempt: impl Future<Output = ()> + Send + 'static) {
+        let abandon = self.abandon.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                _ = abandon.cancelled() => {}
+                _ = attempt => {}
+            }
+        });
+    }
+
+    /// At shutdown: waits for the attempts running to settle, up to `within`, then drops
+    /// the rest (unacked, their executions go back to the queue when the connection
+    /// closes). Once drained, a later call returns at once.
+    async fn drain(&self, within: Duration) {
+        self.tracker.close();
+        if tokio::time::timeout(within, self.tracker.wait()).await.is_err() {
+            tracing::warn!(
+                left = self.tracker.len(),
+                "drain deadline passed; abandoning running steps (they will be redelivered)"
+            );
+            self.abandon.cancel();
+            self.tracker.wait().await;
+        }
+    }
+}
+
+/// Takes an attempt out of [`Running`] when it ends, settled or dropped; a delivery
+/// waiting for its outcome then hears that there will be none.
+struct RunningEntry {
+    running: Running,
+    key: (String, u32),
+}
+
+impl Drop for RunningEntry {
+    fn drop(&mut self) {
+        self.running.lock().expect("running lock").remove(&self.key);
+    }
+}
 
 #[derive(Clone)]
 struct Runner {
@@ -64,6 +119,8 @@ struct Runner {
     metrics: Metrics,
     started_report_after: Duration,
     unreported: Unreported,
+    running: Running,
+    attempts: Attempts,
 }
 
 impl Worker {
@@ -102,12 +159,22 @@ impl Worker {
         let consumers = tasker_runtime::Consumers::expecting(config.worker.namespaces.len());
         admin.wire(vec![slot.check(), consumers.check()], metrics_registry);
         tracing::info!(worker_id, namespaces = ?config.worker.namespaces, handlers = ?registry.names(), "step worker starting");
-        let lasting = Lasting { metrics, slot, unreported: Unreported::default(), consumers };
+        let lasting = Lasting {
+            metrics,
+            slot,
+            unreported: Unreported::default(),
+            running: Running::default(),
+            attempts: Attempts::default(),
+            consumers,
+        };
         let result = tasker_runtime::supervise("step-worker", &stop, || {
             consume_all(&config, &registry, &worker_id, &lasting, stop.clone())
         })
         .await;
         stop.cancel();
+        // attempts left from a connection lost just before the stop: they settle into
+        // `unreported` at most, for the executions' redelivery to another worker to run
+        lasting.attempts.drain(config.worker.drain_timeout).await;
         let _ = admin.stopped().await;
         result
     }
@@ -118,6 +185,8 @@ struct Lasting {
     metrics: Metrics,
     slot: tasker_runtime::BrokerSlot,
     unreported: Unreported,
+    running: Running,
+    attempts: Attempts,
     consumers: tasker_runtime::Consumers,
 }
 
@@ -129,7 +198,7 @@ async fn consume_all(
     lasting: &Lasting,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Lasting { metrics, slot, unreported, consumers } = lasting;
+    let Lasting { metrics, slot, unreported, running, attempts, consumers } = lasting;
     let settings = &config.worker;
     let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "step-worker").await?);
     slot.set(Some(broker.clone()));
@@ -140,6 +209,8 @@ async fn consume_all(
         metrics: metrics.clone(),
         started_report_after: settings.started_report_after,
         unreported: unreported.clone(),
+        running: running.clone(),
+        attempts: attempts.clone(),
     };
     let local = stop.child_token();
     let mut set = JoinSet::new();
@@ -150,10 +221,16 @@ async fn consume_all(
         let queue = broker.topology().steps_queue(ns);
         let consumer: Consumer<StepExecution> = broker.consume(&queue, settings.concurrency).await?;
         attached.push(consumers.attach());
-        set.spawn(runner.clone().consume(consumer, settings.drain_timeout, local.clone()));
+        set.spawn(runner.clone().consume(consumer, local.clone()));
     }
     tracing::info!(worker_id, "step worker consuming");
     let result = tasker_runtime::join_loops(set, &local, &stop).await;
+    if stop.is_cancelled() {
+        // shutting down: the steps running report on this connection before it closes.
+        // A lost connection waits for none of them: they go on running and settle once
+        // done, while the worker connects again at once (`Running`)
+        attempts.drain(settings.drain_timeout).await;
+    }
     slot.set(None);
     runner.publisher.close().await;
     // closing the connection returns any prefetched, unstarted executions to the queue
@@ -171,32 +248,17 @@ fn default_worker_id() -> String {
 }
 
 impl Runner {
-    /// Takes executions as they come (the prefetch bounds how many run at once); at
-    /// shutdown stops taking new ones and waits for those running, up to `drain`.
-    async fn consume(
-        self,
-        mut consumer: Consumer<StepExecution>,
-        drain: Duration,
-        stop: CancellationToken,
-    ) -> anyhow::Result<()> {
-        let mut running = JoinSet::new();
+    /// Takes executions as they come (the prefetch bounds how many run at once) until
+    /// `stop`, each attempt in [`Attempts`], where it outlives this connection.
+    async fn consume(self, mut consumer: Consumer<StepExecution>, stop: CancellationToken) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                Some(_) = running.join_next(), if !running.is_empty() => {}
                 incoming = consumer.next() => {
                     let incoming = incoming?;
-                    running.spawn(self.clone().execute(incoming));
+                    self.attempts.spawn(self.clone().execute(incoming));
                 }
             }
-        }
-        let drained = tokio::time::timeout(drain, async { while running.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
-            tracing::warn!(
-                left = running.len(),
-                "drain deadline passed; abandoning running steps (they will be redelivered)"
-            );
-            running.abort_all();
         }
         consumer.close().await;
         Ok(())
@@ -247,16 +309,48 @@ impl Runner {
             started_at_unix_ms,
             trace_context: trace.clone(),
         };
-        let kept = self.unreported.lock().expect("unreported lock").remove(&(exec.step_id.clone(), exec.attempt));
-        if let Some(outcome) = kept {
+        let key = (exec.step_id.clone(), exec.attempt);
+        let kept = self.unreported.lock().expect("unreported lock").remove(&key);
+        if let Some(kept) = kept {
             tracing::info!(
                 step_id = exec.step_id,
                 attempt = exec.attempt,
                 "reporting an outcome kept across a lost connection"
             );
-            self.settle(report(outcome), ack).await;
+            self.settle(kept, ack).await;
             return;
         }
+        // the same attempt already running here (its connection lost since, or a sweep
+        // republished it): its outcome is this delivery's too
+        let claimed = {
+            let mut running = self.running.lock().expect("running lock");
+            match running.get(&key) {
+                Some(waiting) => Err(waiting.clone()),
+                None => {
+                    let (outcome_to, waiting) = watch::channel(None);
+                    running.insert(key.clone(), waiting);
+                    Ok(outcome_to)
+                }
+            }
+        };
+        let (outcome_to, _entry) = match claimed {
+            Ok(outcome_to) => (outcome_to, RunningEntry { running: self.running.clone(), key }),
+            Err(mut waiting) => {
+                tracing::info!(
+                    step_id = exec.step_id,
+                    attempt = exec.attempt,
+                    "the attempt is running here already; waiting for its outcome"
+                );
+                let Ok(Some(first)) = waiting.wait_for(Option::is_some).await.map(|r| r.clone()) else {
+                    // dropped unfinished (at shutdown): this delivery goes back unacked
+                    return;
+                };
+                // the first delivery may have kept it for this one, or reported it itself
+                self.unreported.lock().expect("unreported lock").remove(&key);
+                self.settle(first, ack).await;
+                return;
+            }
+        };
         // A quick step's start travels with its outcome; a longer one is reported started
         // once it has run for `started_report_after`, while it goes on running.
         let run = self.run_handler(&exec);
@@ -291,7 +385,11 @@ impl Runner {
         if matches!(outcome, Outcome::Failed(_)) {
             self.metrics.failed.inc();
         }
-        self.settle(report(outcome), ack).await;
+        // deliveries of this attempt that came meanwhile, and those that come while this
+        // one settles, answer with its report too (`_entry` leaves `Running` after)
+        let report = report(outcome);
+        outcome_to.send_replace(Some(report.clone()));
+        self.settle(report, ack).await;
     }
 
     /// Reports an outcome and, once the broker confirmed it, acks the execution. A
@@ -314,8 +412,8 @@ impl Runner {
                     let [Command::Report(report)] = command else { unreachable!("one report") };
                     tracing::warn!(%error, step_id = report.step_id, "broker connection lost before the outcome was reported; it is kept for the execution's return");
                     let mut unreported = self.unreported.lock().expect("unreported lock");
-                    if let (Some(outcome), true) = (report.outcome, unreported.len() < MAX_UNREPORTED) {
-                        unreported.insert((report.step_id, report.attempt), outcome);
+                    if report.outcome.is_some() && unreported.len() < MAX_UNREPORTED {
+                        unreported.insert((report.step_id.clone(), report.attempt), report);
                     }
                     return;
                 }

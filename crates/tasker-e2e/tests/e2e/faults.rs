@@ -35,6 +35,15 @@ async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in {body}"))
 }
 
+/// The sum of a metric's samples on an admin endpoint (every label set); 0 without any.
+async fn metric_sum(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let body = http_get(addr, "/metrics").await;
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The test's configuration with the broker reached through `amqp`, and the sweeper's
 /// pending-task repair pushed out of reach: a task that starts did so because its request
 /// got through, not because the sweeper found it.
@@ -198,6 +207,131 @@ impl StepHandler for Counted {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         Ok(json!({ "slept_ms": ms }))
     }
+}
+
+/// A step running when its worker's broker connection is lost goes on running: the
+/// worker connects again at once (other work goes on meanwhile) and answers the
+/// execution's redelivery with the outcome of the run under way, so the handler runs once
+/// and the step keeps its one attempt, however long it runs past `worker.drain_timeout`.
+#[tokio::test]
+async fn a_step_running_through_its_workers_lost_connection_runs_once() {
+    let env = TestEnv::new().await;
+    let amqp = FaultProxy::for_url(&env.config.amqp.url).await;
+    let counted = Counted::default();
+    let mut registry = Registry::with_builtins();
+    registry.register("counted", counted.clone());
+    let system = System::start_each(
+        &env,
+        |service| {
+            let mut config = env.config.clone();
+            if service == "step-worker" {
+                config.amqp.url = amqp.url(&config.amqp.url);
+                // a shutdown would give up on the running step after 1 s; a lost
+                // connection must not
+                config.worker.drain_timeout = Duration::from_secs(1);
+            }
+            config
+        },
+        vec![WorkerSpec::new("w1", &["faults"]).registry(registry)],
+    )
+    .await;
+    system
+        .register(
+            &env,
+            r#"
+namespace: faults
+name: long
+version: 1.0.0
+defaults: { timeout: 60s }
+steps:
+  - { name: slow, handler: counted, config: { ms: 3000 } }
+  - { name: after, handler: counted, depends_on: [slow] }
+"#,
+        )
+        .await;
+    system.register(&env, CHAIN).await;
+    let long = system.submit("faults", "long", json!({})).await;
+    let running = system
+        .wait_for(&long.id, |t| t.steps.iter().any(|s| s.name == "slow" && s.status() == pb::StepStatus::InProgress))
+        .await;
+    let worker_admin = system.worker_admins[0];
+    amqp.cut();
+
+    // back at once, and taking other work while the slow step still runs
+    let quick = system.submit("faults", "chain", json!({})).await;
+    let quick = system.wait_final(&quick.id).await;
+    assert_eq!(quick.status(), pb::TaskStatus::Complete, "{quick:#?}");
+    assert_eq!(status(worker_admin, "/health/ready").await, 200);
+    let request = pb::GetTaskRequest { task_id: long.id.clone(), ..Default::default() };
+    let meanwhile = system.tasks().get_task(request).await.unwrap().into_inner();
+    let slow = meanwhile.steps.iter().find(|s| s.name == "slow").unwrap();
+    assert_eq!(slow.status(), pb::StepStatus::InProgress, "the other task was done while the slow step ran on");
+    assert!(metric(worker_admin, "tasker_broker_reconnects_total").await >= 1.0);
+
+    let long = system.wait_final(&long.id).await;
+    assert_eq!(long.status(), pb::TaskStatus::Complete, "{long:#?}");
+    let steps = steps_by_name(&long);
+    assert_eq!(steps["slow"].attempts, 1, "the lost connection cost no attempt");
+    let slow_id = &running.steps.iter().find(|s| s.name == "slow").unwrap().id;
+    assert_eq!(counted.0.lock().unwrap()[slow_id], 1, "the slow step's handler ran once");
+    system.stop().await;
+    env.cleanup().await;
+}
+
+/// A step that runs long without reporting its start (`worker.started_report_after`
+/// longer than its run) stays `enqueued`, so the sweeper publishes its execution again,
+/// with the same attempt, every `enqueued_step_timeout`. The copies reach the worker
+/// running it, which answers each with the outcome of that one run: the handler runs once.
+#[tokio::test]
+async fn copies_of_a_running_steps_execution_wait_for_its_one_run() {
+    let env = TestEnv::new().await;
+    let counted = Counted::default();
+    let mut registry = Registry::with_builtins();
+    registry.register("counted", counted.clone());
+    let system = System::start_each(
+        &env,
+        |service| {
+            let mut config = env.config.clone();
+            config.orchestrator.enqueued_step_timeout = Duration::from_millis(500);
+            config.orchestrator.sweep_interval = Duration::from_millis(250);
+            if service == "step-worker" {
+                config.worker.started_report_after = Duration::from_secs(60);
+            }
+            config
+        },
+        vec![WorkerSpec::new("w1", &["faults"]).registry(registry)],
+    )
+    .await;
+    system
+        .register(
+            &env,
+            r#"
+namespace: faults
+name: unreported
+version: 1.0.0
+defaults: { timeout: 60s }
+steps:
+  - { name: slow, handler: counted, config: { ms: 3000 } }
+  - { name: after, handler: counted, depends_on: [slow] }
+"#,
+        )
+        .await;
+    let task = system.submit("faults", "unreported", json!({})).await;
+    let task = system.wait_final(&task.id).await;
+    assert_eq!(task.status(), pb::TaskStatus::Complete, "{task:#?}");
+    let steps = steps_by_name(&task);
+    assert_eq!(steps["slow"].attempts, 1);
+    assert_eq!(counted.0.lock().unwrap()[&steps["slow"].id], 1, "the handler ran once for all the copies");
+    // each copy was answered with the run's report, applied once and the rest dropped
+    let dropped = metric_sum(system.orchestrator_admin, "tasker_orchestrator_reports_dropped_total").await;
+    assert!(dropped >= 2.0, "copies sent while the step ran were answered: {dropped} reports dropped");
+    // every copy was answered and acked: nothing waits in the step queue or unacked
+    let broker = env.broker().await;
+    let queue = broker.queue_state(&broker.topology().steps_queue("faults")).await.unwrap().unwrap();
+    assert_eq!(queue.ready, 0, "no copy left waiting");
+    broker.close().await.unwrap();
+    system.stop().await;
+    env.cleanup().await;
 }
 
 /// Postgres goes away under load and comes back: the orchestrator holds the reports it

@@ -36,6 +36,26 @@ fn diamond_is_ordered_and_levelled() {
     assert_eq!(t.version, semver::Version::new(1, 0, 0));
 }
 
+/// Aliases that would expand to billions of nodes (the "billion laughs") are refused
+/// while parsing, not expanded: a 1 KB template cannot cost the API its memory.
+#[test]
+fn alias_bombs_are_refused_not_expanded() {
+    let mut yaml = String::from(
+        "namespace: p\nname: q\nversion: 1.0.0\nsteps:\n  - name: a\n    handler: noop\n    config:\n      x0: &x0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n",
+    );
+    for i in 1..10 {
+        let p = i - 1;
+        yaml.push_str(&format!(
+            "      x{i}: &x{i} [*x{p}, *x{p}, *x{p}, *x{p}, *x{p}, *x{p}, *x{p}, *x{p}, *x{p}, *x{p}]\n"
+        ));
+    }
+    assert!(yaml.len() < 1_000, "{}", yaml.len());
+    let started = std::time::Instant::now();
+    let error = parse(&yaml).unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(error.to_string().contains("repetition limit"), "{error}");
+}
+
 #[test]
 fn defaults_apply_when_nothing_is_said() {
     let t = parse("namespace: a\nname: b\nversion: 0.1.0\nsteps: [{ name: s, handler: noop }]").unwrap();

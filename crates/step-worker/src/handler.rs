@@ -50,7 +50,8 @@ impl StepError {
     }
 }
 
-/// A step handler: does the work of one attempt and returns JSON results.
+/// A step handler: does the work of one attempt and returns JSON results. A panic fails
+/// the attempt as retryable, with the panic's message.
 #[async_trait::async_trait]
 pub trait StepHandler: Send + Sync + 'static {
     async fn call(&self, input: StepInput) -> Result<Value, StepError>;

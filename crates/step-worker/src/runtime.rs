@@ -1,6 +1,7 @@
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
+use futures::FutureExt;
 use prometheus_client::{
     metrics::{counter::Counter, gauge::Gauge},
     registry::Registry as MetricsRegistry,
@@ -435,12 +436,30 @@ impl Runner {
             return failed(message, FailureKind::Permanent, None);
         };
         tracing::debug!(step = exec.step_name, attempt = exec.attempt, handler = exec.handler, "running step");
-        match tokio::time::timeout(timeout, handler.call(input)).await {
-            Ok(Ok(results)) => Outcome::Completed(Completed { results_json: results.to_string() }),
-            Ok(Err(StepError::Retryable(message))) => failed(message, FailureKind::Retryable, None),
-            Ok(Err(StepError::Permanent(message))) => failed(message, FailureKind::Permanent, None),
-            Ok(Err(StepError::RetryAfter { message, after })) => {
+        // a handler that panics fails its attempt like any error (and is retried as one):
+        // left to unwind, the panic would end the attempt with its delivery never settled,
+        // holding one of the worker's prefetch slots until its connection closed
+        let call = std::panic::AssertUnwindSafe(handler.call(input)).catch_unwind();
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(Ok(results))) => Outcome::Completed(Completed { results_json: results.to_string() }),
+            Ok(Ok(Err(StepError::Retryable(message)))) => failed(message, FailureKind::Retryable, None),
+            Ok(Ok(Err(StepError::Permanent(message)))) => failed(message, FailureKind::Permanent, None),
+            Ok(Ok(Err(StepError::RetryAfter { message, after }))) => {
                 failed(message, FailureKind::Retryable, Some(after.as_millis() as u64))
+            }
+            Ok(Err(panic)) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a non-string payload".into());
+                tracing::error!(
+                    step = exec.step_name,
+                    handler = exec.handler,
+                    panic = what,
+                    "the step handler panicked"
+                );
+                failed(format!("the handler panicked: {what}"), FailureKind::Retryable, None)
             }
             Err(_) => failed(format!("timed out after {} ms", timeout.as_millis()), FailureKind::TimedOut, None),
         }

@@ -171,6 +171,62 @@ steps:
     env.cleanup().await;
 }
 
+/// Panics on every call.
+struct Panics;
+
+#[async_trait::async_trait]
+impl StepHandler for Panics {
+    async fn call(&self, _input: StepInput) -> Result<Value, StepError> {
+        panic!("index out of bounds: the len is 0 but the index is 3")
+    }
+}
+
+/// A handler that panics fails its attempt like any error, with the panic's message, and
+/// follows the retry policy; the worker acks each attempt and goes on with other work,
+/// more panics than its concurrency notwithstanding.
+#[tokio::test]
+async fn a_handler_that_panics_fails_its_attempt_and_the_worker_goes_on() {
+    let env = TestEnv::new().await;
+    let mut registry = Registry::with_builtins();
+    registry.register("panics", Panics);
+    let worker = WorkerSpec::new("w1", &["poison"]).registry(registry).concurrency(2);
+    let system = System::start(&env, vec![worker]).await;
+    system
+        .register(
+            &env,
+            r#"
+namespace: poison
+name: panicky
+version: 1.0.0
+defaults: { max_attempts: 2, timeout: 60s }
+steps:
+  - { name: p1, handler: panics }
+  - { name: p2, handler: panics }
+  - { name: p3, handler: panics }
+  - { name: fine, handler: noop }
+"#,
+        )
+        .await;
+    let task = system.submit("poison", "panicky", json!({})).await;
+    let task = system.wait_final(&task.id).await;
+    assert_eq!(task.status(), pb::TaskStatus::Error, "{task:#?}");
+    let steps = steps_by_name(&task);
+    assert_eq!(steps["fine"].status(), pb::StepStatus::Complete);
+    for name in ["p1", "p2", "p3"] {
+        let step = steps[name];
+        assert_eq!((step.status(), step.attempts), (pb::StepStatus::Error, 2), "{name}: retried, then failed");
+        let error: Value = serde_json::from_str(&step.last_error_json).unwrap();
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains("panicked") && message.contains("index out of bounds"), "{message}");
+    }
+    // six panics on a worker taking two steps at a time: every delivery was settled
+    let again = system.submit("poison", "panicky", json!({})).await;
+    let again = system.wait_final(&again.id).await;
+    assert_eq!(steps_by_name(&again)["fine"].status(), pb::StepStatus::Complete);
+    system.stop().await;
+    env.cleanup().await;
+}
+
 const HOSTILE: &str =
     "namespace: hostile\nname: target\nversion: 1.0.0\nsteps:\n  - { name: only, handler: fail, max_attempts: 1 }\n";
 

@@ -9,6 +9,7 @@ mod auth;
 mod catalog;
 mod convert;
 mod error;
+mod feeds;
 mod input;
 mod link;
 mod metrics;
@@ -34,6 +35,7 @@ pub use error::ApiError;
 
 use crate::{
     auth::Gate,
+    feeds::Feeds,
     link::Link,
     steps::Steps,
     tasks::{Tasks, Watches},
@@ -137,6 +139,7 @@ impl TaskApi {
             limits: config.limits,
             catalog,
             watches: Watches::new(config.api.max_watches_per_caller),
+            feeds: Feeds::new(link.clone(), config.api.watch_buffer, api_metrics.clone()),
             metrics: api_metrics,
             stopping: stop.clone(),
         };

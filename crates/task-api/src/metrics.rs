@@ -3,7 +3,7 @@
 //! names of registered templates, a fixed set of actions.
 
 use prometheus_client::{
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -13,6 +13,11 @@ type Labels = Vec<(&'static str, String)>;
 pub(crate) struct ApiMetrics {
     created: Family<Labels, Counter>,
     actions: Family<Labels, Counter>,
+    /// Event subscriptions open for WatchTask streams (one per task name watched).
+    pub(crate) watch_feeds: Gauge,
+    /// Times a WatchTask stream fell behind its task's events and caught up from the
+    /// database.
+    pub(crate) watch_catch_ups: Counter,
 }
 
 impl ApiMetrics {
@@ -24,6 +29,16 @@ impl ApiMetrics {
             "operator_actions",
             "Operator actions done (cancel, retry, resolve), by namespace, task and action",
             metrics.actions.clone(),
+        );
+        r.register(
+            "watch_subscriptions",
+            "Event subscriptions open for WatchTask streams, one per task name watched, shared by its streams",
+            metrics.watch_feeds.clone(),
+        );
+        r.register(
+            "watch_catch_ups",
+            "Times a WatchTask stream fell behind its task's events (api.watch_buffer) and caught up from the database",
+            metrics.watch_catch_ups.clone(),
         );
         metrics
     }

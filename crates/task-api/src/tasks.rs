@@ -25,6 +25,7 @@ use crate::{
     catalog::Catalog,
     convert,
     error::{ApiError, ApiResult, parse_id, refused_in},
+    feeds::{Feeds, Next},
     input,
     link::Link,
     spans,
@@ -44,6 +45,8 @@ pub struct Tasks {
     /// The templates tasks are created from, with their input schemas.
     pub(crate) catalog: Catalog,
     pub(crate) watches: Watches,
+    /// The live events WatchTask streams follow (`feeds.rs`).
+    pub(crate) feeds: Feeds,
     pub(crate) metrics: crate::metrics::ApiMetrics,
     /// Cancelled when task-api begins to stop: open WatchTask streams end then, rather
     /// than hold the shutdown until the tasks they watch are final.
@@ -200,50 +203,49 @@ impl Tasks {
         })
     }
 
-    /// Subscribes to the task's events first, then replays its history from the
-    /// transition tables (event ids are transition ids, so nothing is sent twice), then
-    /// streams live events until the task is final.
+    /// Taps the task's events first, then replays its history from the transition tables
+    /// (event ids are transition ids, so nothing is sent twice), then streams live events
+    /// until the task is final. A stream that falls behind its task's events (its client
+    /// reads slower than they come) taps again and sends what it missed from the history.
     async fn watch(&self, task_id: Uuid, out: mpsc::Sender<Result<pb::Event, Status>>) -> ApiResult<()> {
         let head = self.store.task(task_id, false).await?.task;
         let pattern = format!("{}.{}.#", head.namespace, head.name);
-        let broker = self
-            .link
-            .broker_within(std::time::Duration::from_secs(5))
-            .await
-            .ok_or_else(|| ApiError::Unavailable("the message broker is unavailable; try again".into()))?;
-        let mut live = broker.subscribe_events(&[pattern.as_str()]).await?;
-        let view = self.store.task(task_id, true).await?;
-        let mut seen = HashSet::new();
-        for event in history(&view) {
-            seen.insert(event.id);
-            if out.send(Ok(event_message(&event))).await.is_err() {
-                return Ok(());
-            }
-        }
-        if view.task.status.is_final() {
-            return Ok(());
-        }
         let task_id_text = task_id.to_string();
-        while let Some(received) = live.next().await {
-            let received = received?;
-            let Ok(event) = serde_json::from_str::<CloudEvent>(&received.payload) else { continue };
-            if event.data.get("task_id").and_then(Value::as_str) != Some(task_id_text.as_str())
-                || !seen.insert(event.id)
-            {
-                continue;
+        let mut seen = HashSet::new();
+        loop {
+            let mut live = self.feeds.tap(&pattern, task_id).await?;
+            let view = self.store.task(task_id, true).await?;
+            for event in history(&view) {
+                if seen.insert(event.id) && out.send(Ok(event_message(&event))).await.is_err() {
+                    return Ok(());
+                }
             }
-            let is_final = event.kind.starts_with("dev.tasker.task.")
-                && event
-                    .data
-                    .get("to")
-                    .and_then(Value::as_str)
-                    .and_then(|s| s.parse::<TaskState>().ok())
-                    .is_some_and(TaskState::is_final);
-            if out.send(Ok(event_message(&event))).await.is_err() || is_final {
+            if view.task.status.is_final() {
                 return Ok(());
             }
+            loop {
+                let event = match live.next().await {
+                    Next::Event(event) => event,
+                    Next::Behind => break, // tap again, then the history since
+                    Next::Ended => return Err(ApiError::Unavailable("event subscription ended".into())),
+                };
+                if event.data.get("task_id").and_then(Value::as_str) != Some(task_id_text.as_str())
+                    || !seen.insert(event.id)
+                {
+                    continue;
+                }
+                let is_final = event.kind.starts_with("dev.tasker.task.")
+                    && event
+                        .data
+                        .get("to")
+                        .and_then(Value::as_str)
+                        .and_then(|s| s.parse::<TaskState>().ok())
+                        .is_some_and(TaskState::is_final);
+                if out.send(Ok(event_message(&event))).await.is_err() || is_final {
+                    return Ok(());
+                }
+            }
         }
-        Err(ApiError::Unavailable("event subscription ended".into()))
     }
 }
 

@@ -172,6 +172,10 @@ pub struct ApiConfig {
     pub templates_dir: Option<PathBuf>,
     /// WatchTask streams one caller (subject) may hold open at once.
     pub max_watches_per_caller: usize,
+    /// Live events a WatchTask stream may hold unsent (its client reading slower than its
+    /// task makes them) before it falls behind: it then stops taking them and catches up
+    /// from the database, so a slow client costs bounded memory.
+    pub watch_buffer: usize,
     /// How often an HTTP/2 ping is sent on a client connection, and how long its answer
     /// may take: a client that vanished without closing (a partition, a crashed host) has
     /// its connection closed, and its calls and WatchTask streams ended, within the two.
@@ -203,6 +207,7 @@ impl Default for ApiConfig {
             admin_listen: ([0, 0, 0, 0], 9090).into(),
             templates_dir: None,
             max_watches_per_caller: 32,
+            watch_buffer: 1024,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             tls: ServerTls::default(),
@@ -328,6 +333,9 @@ impl Config {
         }
         if !(1..=u64::from(u16::MAX)).contains(&config.amqp.heartbeat.as_secs()) {
             return refuse("amqp.heartbeat: must be from 1s to 65535s");
+        }
+        if config.api.watch_buffer == 0 {
+            return refuse("api.watch_buffer: must be at least 1");
         }
         Ok(config)
     }

@@ -276,3 +276,82 @@ async fn a_running_tasks_events_go_out_before_it_ends_with_no_poll() {
     system.stop().await;
     env.cleanup().await;
 }
+
+/// A metric's value on an admin endpoint (0 before its first sample).
+async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let body = tasker_test_support::http_get(addr, "/metrics").await;
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+const WATCHED: &str = r#"
+namespace: watched
+name: diamond
+version: 1.0.0
+steps:
+  - { name: start, handler: sleep, config: { ms: 200 } }
+  - { name: b1, handler: noop, depends_on: [start] }
+  - { name: b2, handler: noop, depends_on: [start] }
+  - { name: c1, handler: noop, depends_on: [b1] }
+  - { name: c2, handler: noop, depends_on: [b2] }
+  - { name: merge, handler: noop, depends_on: [c1, c2] }
+  - { name: end, handler: noop, depends_on: [merge] }
+"#;
+
+/// WatchTask streams of tasks of one name share one event subscription per task-api,
+/// closed with the last of them; a stream that falls behind its task's events (here
+/// `api.watch_buffer` is 1, so every burst of them does) catches up from the database,
+/// and its client still sees every event once, in order: what a watch of the finished
+/// task replays.
+#[tokio::test]
+async fn watches_share_a_subscription_and_catch_up_when_behind() {
+    let env = TestEnv::new().await;
+    let mut config = env.config.clone();
+    config.api.watch_buffer = 1;
+    let system = System::start_with(&env, config, vec![WorkerSpec::new("w1", &["watched"])]).await;
+    system.register(&env, WATCHED).await;
+    let mut tasks = Vec::new();
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let task = system.submit("watched", "diamond", json!({})).await;
+        let request = pb::WatchTaskRequest { task_id: task.id.clone() };
+        let mut stream = system.tasks().watch_task(request).await.unwrap().into_inner();
+        let first = stream.message().await.unwrap().expect("the task's first event");
+        assert_eq!(first.r#type, "dev.tasker.task.created");
+        tasks.push(task.id);
+        streams.push((stream, vec![first.id]));
+    }
+    let subscriptions = "tasker_api_watch_subscriptions";
+    assert_eq!(metric(system.api_admin, subscriptions).await, 1.0, "one subscription for the three streams");
+
+    let mut watched = Vec::new();
+    for (mut stream, mut ids) in streams {
+        let read = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            while let Some(event) = stream.message().await.unwrap() {
+                ids.push(event.id);
+            }
+        });
+        read.await.expect("the stream ends when its task is final");
+        watched.push(ids);
+    }
+    for (task_id, ids) in tasks.iter().zip(&watched) {
+        let mut replay =
+            system.tasks().watch_task(pb::WatchTaskRequest { task_id: task_id.clone() }).await.unwrap().into_inner();
+        let mut history = Vec::new();
+        while let Some(event) = replay.message().await.unwrap() {
+            history.push(event.id);
+        }
+        assert_eq!(history.len(), 2 + 7 * 3 + 1, "created, started, each step's three, completed");
+        assert_eq!(ids, &history, "every event once, in order");
+    }
+    assert!(metric(system.api_admin, "tasker_api_watch_catch_ups_total").await >= 1.0, "a stream fell behind");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while metric(system.api_admin, subscriptions).await != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the subscription outlived its streams");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    system.stop().await;
+    env.cleanup().await;
+}

@@ -463,6 +463,69 @@ async fn a_broken_relay_replica_steps_aside_and_recovers() {
     env.cleanup().await;
 }
 
+/// task-api losing its broker ends the WatchTask streams it serves with UNAVAILABLE (the
+/// subscription they shared went with the connection), and the subscription is not left
+/// behind; once task-api is connected again, a watch opened anew replays what the first
+/// missed and follows the task to its end.
+#[tokio::test]
+async fn watches_end_unavailable_when_task_api_loses_the_broker_and_can_be_opened_again() {
+    let env = TestEnv::new().await;
+    let amqp = FaultProxy::for_url(&env.config.amqp.url).await;
+    let system = System::start_each(
+        &env,
+        |service| {
+            let mut config = env.config.clone();
+            if service == "task-api" {
+                config.amqp.url = amqp.url(&config.amqp.url);
+            }
+            config
+        },
+        vec![WorkerSpec::new("w1", &["faults"])],
+    )
+    .await;
+    system
+        .register(
+            &env,
+            "namespace: faults\nname: napping\nversion: 1.0.0\nsteps:\n  - { name: nap, handler: sleep, config: { ms: 1500 } }\n  - { name: after, handler: noop, depends_on: [nap] }\n",
+        )
+        .await;
+    let task = system.submit("faults", "napping", json!({})).await;
+    let request = || pb::WatchTaskRequest { task_id: task.id.clone() };
+    let mut stream = system.tasks().watch_task(request()).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().expect("the task's first event");
+    assert_eq!(first.r#type, "dev.tasker.task.created");
+    assert_eq!(metric(system.api_admin, "tasker_api_watch_subscriptions").await, 1.0);
+
+    amqp.cut();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without saying why"),
+                Err(status) => break status,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends once the broker connection is lost");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert_eq!(metric(system.api_admin, "tasker_api_watch_subscriptions").await, 0.0, "nothing left behind");
+
+    wait_status(system.api_admin, "/health/ready", 200).await;
+    let mut again = system.tasks().watch_task(request()).await.unwrap().into_inner();
+    let mut kinds = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(event) = again.message().await.unwrap() {
+            kinds.push(event.r#type);
+        }
+    });
+    read.await.expect("the new stream follows the task to its end");
+    assert_eq!(kinds.first().map(String::as_str), Some("dev.tasker.task.created"), "the history replayed");
+    assert_eq!(kinds.last().map(String::as_str), Some("dev.tasker.task.completed"), "{kinds:?}");
+    system.stop().await;
+    env.cleanup().await;
+}
+
 /// A broker slower to confirm than the database's statement timeout: the relay's claim
 /// waits for the confirms (up to the relay's own bound) instead of being ended by the
 /// server as idle, so every event is relayed once and the outbox drains, rather than the

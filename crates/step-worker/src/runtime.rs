@@ -29,6 +29,9 @@ pub struct Worker {
 #[derive(Clone, Default)]
 struct Metrics {
     executed: Counter,
+    /// Deliveries of an attempt this worker had run or was running, answered with that
+    /// run's report instead of running the handler again.
+    answered: Counter,
     failed: Counter,
     in_flight: Gauge,
 }
@@ -150,6 +153,11 @@ impl Worker {
         let metrics = Metrics::default();
         let sub = metrics_registry.sub_registry_with_prefix("tasker_worker");
         sub.register("steps_executed", "Step attempts run", metrics.executed.clone());
+        sub.register(
+            "deliveries_answered",
+            "Deliveries of an attempt already run or running here, answered with that run's report (redeliveries, sweeps' copies)",
+            metrics.answered.clone(),
+        );
         sub.register("steps_failed", "Step attempts that failed", metrics.failed.clone());
         sub.register("steps_in_flight", "Step attempts running on this worker now", metrics.in_flight.clone());
         let slot = tasker_runtime::BrokerSlot::new();
@@ -318,6 +326,7 @@ impl Runner {
                 attempt = exec.attempt,
                 "reporting an outcome kept across a lost connection"
             );
+            self.metrics.answered.inc();
             self.settle(kept, ack).await;
             return;
         }
@@ -348,6 +357,7 @@ impl Runner {
                 };
                 // the first delivery may have kept it for this one, or reported it itself
                 self.unreported.lock().expect("unreported lock").remove(&key);
+                self.metrics.answered.inc();
                 self.settle(first, ack).await;
                 return;
             }

@@ -274,6 +274,8 @@ steps:
     assert_eq!(steps["slow"].attempts, 1, "the lost connection cost no attempt");
     let slow_id = &running.steps.iter().find(|s| s.name == "slow").unwrap().id;
     assert_eq!(counted.0.lock().unwrap()[slow_id], 1, "the slow step's handler ran once");
+    let answered = metric(worker_admin, "tasker_worker_deliveries_answered_total").await;
+    assert_eq!(answered, 1.0, "the redelivery was answered with the run's report");
     system.stop().await;
     env.cleanup().await;
 }
@@ -325,6 +327,8 @@ steps:
     // each copy was answered with the run's report, applied once and the rest dropped
     let dropped = metric_sum(system.orchestrator_admin, "tasker_orchestrator_reports_dropped_total").await;
     assert!(dropped >= 2.0, "copies sent while the step ran were answered: {dropped} reports dropped");
+    let answered = metric(system.worker_admins[0], "tasker_worker_deliveries_answered_total").await;
+    assert!(answered >= 2.0, "the worker counts the copies it answered: {answered}");
     // every copy was answered and acked: nothing waits in the step queue or unacked
     let broker = env.broker().await;
     let queue = broker.queue_state(&broker.topology().steps_queue("faults")).await.unwrap().unwrap();

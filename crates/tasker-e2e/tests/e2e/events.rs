@@ -277,15 +277,6 @@ async fn a_running_tasks_events_go_out_before_it_ends_with_no_poll() {
     env.cleanup().await;
 }
 
-/// A metric's value on an admin endpoint (0 before its first sample).
-async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
-    let body = tasker_test_support::http_get(addr, "/metrics").await;
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 const WATCHED: &str = r#"
 namespace: watched
 name: diamond

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use step_worker::{Registry, StepError, StepHandler, StepInput};
 use tasker_proto::v1 as pb;
 use tasker_runtime::Config;
-use tasker_test_support::{FaultProxy, System, TestEnv, WorkerSpec, http_get, http_request, wait_status};
+use tasker_test_support::{FaultProxy, System, TestEnv, WorkerSpec, http_request, wait_status};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
@@ -23,25 +23,6 @@ const CHAIN: &str = "namespace: faults\nname: chain\nversion: 1.0.0\nsteps:\n  -
 /// The status code of an admin endpoint.
 async fn status(addr: std::net::SocketAddr, path: &str) -> u16 {
     http_request(addr, path).await.0
-}
-
-/// A metric's value on an admin endpoint (the first sample of that name).
-async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
-    let body = http_get(addr, "/metrics").await;
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {body}"))
-}
-
-/// The sum of a metric's samples on an admin endpoint (every label set); 0 without any.
-async fn metric_sum(addr: std::net::SocketAddr, name: &str) -> f64 {
-    let body = http_get(addr, "/metrics").await;
-    body.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// The test's configuration with the broker reached through `amqp`, and the sweeper's
@@ -209,6 +190,25 @@ impl StepHandler for Counted {
     }
 }
 
+/// A system with each service configured by `config_for` and one worker counting its
+/// handler's runs, and the template `faults/long`: a 3 s step, then another.
+async fn with_a_long_step(env: &TestEnv, config_for: impl Fn(&str) -> Config) -> (System, Counted) {
+    let counted = Counted::default();
+    let mut registry = Registry::with_builtins();
+    registry.register("counted", counted.clone());
+    let worker = WorkerSpec::new("w1", &["faults"]).registry(registry);
+    let system = System::start_each(env, config_for, vec![worker]).await;
+    system
+        .register(
+            env,
+            "namespace: faults\nname: long\nversion: 1.0.0\ndefaults: { timeout: 60s }\nsteps:\n  \
+             - { name: slow, handler: counted, config: { ms: 3000 } }\n  \
+             - { name: after, handler: counted, depends_on: [slow] }\n",
+        )
+        .await;
+    (system, counted)
+}
+
 /// A step running when its worker's broker connection is lost goes on running: the
 /// worker connects again at once (other work goes on meanwhile) and answers the
 /// execution's redelivery with the outcome of the run under way, so the handler runs once
@@ -217,38 +217,17 @@ impl StepHandler for Counted {
 async fn a_step_running_through_its_workers_lost_connection_runs_once() {
     let env = TestEnv::new().await;
     let amqp = FaultProxy::for_url(&env.config.amqp.url).await;
-    let counted = Counted::default();
-    let mut registry = Registry::with_builtins();
-    registry.register("counted", counted.clone());
-    let system = System::start_each(
-        &env,
-        |service| {
-            let mut config = env.config.clone();
-            if service == "step-worker" {
-                config.amqp.url = amqp.url(&config.amqp.url);
-                // a shutdown would give up on the running step after 1 s; a lost
-                // connection must not
-                config.worker.drain_timeout = Duration::from_secs(1);
-            }
-            config
-        },
-        vec![WorkerSpec::new("w1", &["faults"]).registry(registry)],
-    )
+    let (system, counted) = with_a_long_step(&env, |service| {
+        let mut config = env.config.clone();
+        if service == "step-worker" {
+            config.amqp.url = amqp.url(&config.amqp.url);
+            // a shutdown would give up on the running step after 1 s; a lost
+            // connection must not
+            config.worker.drain_timeout = Duration::from_secs(1);
+        }
+        config
+    })
     .await;
-    system
-        .register(
-            &env,
-            r#"
-namespace: faults
-name: long
-version: 1.0.0
-defaults: { timeout: 60s }
-steps:
-  - { name: slow, handler: counted, config: { ms: 3000 } }
-  - { name: after, handler: counted, depends_on: [slow] }
-"#,
-        )
-        .await;
     system.register(&env, CHAIN).await;
     let long = system.submit("faults", "long", json!({})).await;
     let running = system
@@ -287,38 +266,17 @@ steps:
 #[tokio::test]
 async fn copies_of_a_running_steps_execution_wait_for_its_one_run() {
     let env = TestEnv::new().await;
-    let counted = Counted::default();
-    let mut registry = Registry::with_builtins();
-    registry.register("counted", counted.clone());
-    let system = System::start_each(
-        &env,
-        |service| {
-            let mut config = env.config.clone();
-            config.orchestrator.enqueued_step_timeout = Duration::from_millis(500);
-            config.orchestrator.sweep_interval = Duration::from_millis(250);
-            if service == "step-worker" {
-                config.worker.started_report_after = Duration::from_secs(60);
-            }
-            config
-        },
-        vec![WorkerSpec::new("w1", &["faults"]).registry(registry)],
-    )
+    let (system, counted) = with_a_long_step(&env, |service| {
+        let mut config = env.config.clone();
+        config.orchestrator.enqueued_step_timeout = Duration::from_millis(500);
+        config.orchestrator.sweep_interval = Duration::from_millis(250);
+        if service == "step-worker" {
+            config.worker.started_report_after = Duration::from_secs(60);
+        }
+        config
+    })
     .await;
-    system
-        .register(
-            &env,
-            r#"
-namespace: faults
-name: unreported
-version: 1.0.0
-defaults: { timeout: 60s }
-steps:
-  - { name: slow, handler: counted, config: { ms: 3000 } }
-  - { name: after, handler: counted, depends_on: [slow] }
-"#,
-        )
-        .await;
-    let task = system.submit("faults", "unreported", json!({})).await;
+    let task = system.submit("faults", "long", json!({})).await;
     let task = system.wait_final(&task.id).await;
     assert_eq!(task.status(), pb::TaskStatus::Complete, "{task:#?}");
     let steps = steps_by_name(&task);

@@ -125,3 +125,22 @@ pub fn path(step: &pb::Step) -> Vec<&str> {
 pub fn metadata(t: &pb::Transition) -> Value {
     serde_json::from_str(&t.metadata_json).expect("metadata is JSON")
 }
+
+/// A metric's value on an admin endpoint (the first sample of that name).
+pub async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let body = tasker_test_support::http_get(addr, "/metrics").await;
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+}
+
+/// The sum of a metric's samples on an admin endpoint (every label set); 0 without any.
+pub async fn metric_sum(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let body = tasker_test_support::http_get(addr, "/metrics").await;
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -210,7 +210,6 @@ impl Tasks {
     async fn watch(&self, task_id: Uuid, out: mpsc::Sender<Result<pb::Event, Status>>) -> ApiResult<()> {
         let head = self.store.task(task_id, false).await?.task;
         let pattern = format!("{}.{}.#", head.namespace, head.name);
-        let task_id_text = task_id.to_string();
         let mut seen = HashSet::new();
         loop {
             let mut live = self.feeds.tap(&pattern, task_id).await?;
@@ -229,9 +228,8 @@ impl Tasks {
                     Next::Behind => break, // tap again, then the history since
                     Next::Ended => return Err(ApiError::Unavailable("event subscription ended".into())),
                 };
-                if event.data.get("task_id").and_then(Value::as_str) != Some(task_id_text.as_str())
-                    || !seen.insert(event.id)
-                {
+                // the feed gives this tap its task's events only
+                if !seen.insert(event.id) {
                     continue;
                 }
                 let is_final = event.kind.starts_with("dev.tasker.task.")

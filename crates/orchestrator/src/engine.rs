@@ -17,6 +17,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -28,7 +29,7 @@ use tasker_store::{Dispatch, Loaded, Standing, StepChange, StepRow, Store, TaskH
 use uuid::Uuid;
 
 use crate::{
-    kept::{self, Keeper},
+    kept::{self, Created, Keeper},
     metrics::Tally,
 };
 
@@ -37,6 +38,9 @@ use crate::{
 pub enum Work {
     /// Start the task if pending; dispatch whatever is ready; finalize if done.
     Evaluate,
+    /// Evaluate a task its creator has just written, as it tells it: kept from this first
+    /// batch on, so that the batch is decided without reading the task (fenced like any).
+    Start(Arc<Created>),
     /// A worker's report on an attempt.
     Report(StepReport),
     /// A step whose retry may be due.
@@ -51,12 +55,12 @@ impl Work {
     /// Whether a batch of such items may be decided from kept tasks: those that need
     /// nothing but the steps they name and these steps' children.
     fn decidable_from_kept(&self) -> bool {
-        matches!(self, Work::Report(_) | Work::Retry(_))
+        matches!(self, Work::Report(_) | Work::Retry(_) | Work::Evaluate | Work::Start(_))
     }
 
     fn step_id(&self) -> Option<Uuid> {
         match self {
-            Work::Evaluate => None,
+            Work::Evaluate | Work::Start(_) => None,
             Work::Report(r) => r.step_id.parse().ok(),
             Work::Retry(step) | Work::Republish { step, .. } | Work::Overdue { step, .. } => Some(*step),
         }
@@ -131,7 +135,11 @@ impl Named {
                     _ => None,
                 })
                 .collect(),
-            evaluate: items.iter().filter(|(_, w)| matches!(w, Work::Evaluate)).map(|(task, _)| *task).collect(),
+            evaluate: items
+                .iter()
+                .filter(|(_, w)| matches!(w, Work::Evaluate | Work::Start(_)))
+                .map(|(task, _)| *task)
+                .collect(),
         }
     }
 }
@@ -153,9 +161,16 @@ impl Engine {
         let clock = Instant::now();
         let named = Named::of(items);
         let busy = self.kept.busy(&named.tasks);
+        for (_, work) in items {
+            if let Work::Start(created) = work {
+                self.kept.offer(created);
+            }
+        }
         let mut stale = false;
         let from_kept = !busy.shared && items.iter().all(|(_, w)| w.decidable_from_kept());
-        if let Some(from) = from_kept.then(|| self.kept.load(&named.tasks, &named.steps, &named.completed)).flatten() {
+        if let Some(from) =
+            from_kept.then(|| self.kept.load(&named.tasks, &named.steps, &named.completed, &named.evaluate)).flatten()
+        {
             match self.decide_from_kept(items, from, clock).await {
                 Err(error) if error.is_stale_kept() => stale = true,
                 Ok(outcome) => return Ok(outcome),
@@ -296,7 +311,7 @@ impl Batch<'_> {
         let in_progress = task.status == TaskState::InProgress;
         self.touched.insert(task_id);
         match work {
-            Work::Evaluate => self.evaluate(task_id),
+            Work::Evaluate | Work::Start(_) => self.evaluate(task_id),
             Work::Report(report) => self.report(task_id, report),
             Work::Retry(step) if in_progress => self.retry(*step),
             Work::Republish { step, older_than } if in_progress => self.republish(*step, *older_than),

@@ -20,11 +20,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use tasker_store::{Loaded, Standing, StepRow, TaskHead, WholeTask};
+use tasker_domain::{StepState, TraceContext};
+use tasker_proto::messages::CreatedTask;
+use tasker_store::{CreatedStep, Loaded, Standing, StepRow, TaskHead, WholeTask};
 use uuid::Uuid;
 
 /// Most steps a task may have to be kept.
-pub(crate) const MAX_STEPS_PER_TASK: i64 = 64;
+pub(crate) const MAX_STEPS_PER_TASK: i64 = tasker_store::MAX_KEPT_STEPS as i64;
 /// Most steps kept in all (each a row of a few hundred bytes).
 const MAX_STEPS: usize = 100_000;
 /// Most tasks remembered as not to keep (so their batches do not read them in whole
@@ -52,6 +54,44 @@ struct Kept {
     head: TaskHead,
     whole: WholeTask,
     used: u64,
+}
+
+/// A task as its creator wrote it, from a task request's `created`.
+#[derive(Debug)]
+pub struct Created {
+    head: TaskHead,
+    whole: WholeTask,
+}
+
+impl Created {
+    /// The task `id` as the request tells it was created; `None` when what it tells is not
+    /// a task that could be kept (too many steps, an id or a parent that is not one).
+    pub fn from_request(id: Uuid, created: CreatedTask) -> Option<Created> {
+        if created.steps.is_empty() || created.steps.len() as i64 > MAX_STEPS_PER_TASK {
+            return None;
+        }
+        let at = chrono::DateTime::from_timestamp_micros(created.created_at_unix_us)?;
+        let steps = created
+            .steps
+            .into_iter()
+            .map(|s| {
+                Some(CreatedStep {
+                    id: s.id.parse().ok()?,
+                    name: s.name,
+                    handler: s.handler,
+                    config: s.config_json,
+                    max_attempts: i32::try_from(s.max_attempts).ok()?,
+                    retryable: s.retryable,
+                    timeout_ms: i64::try_from(s.timeout_ms).ok()?,
+                    parents: s.parents.into_iter().map(|p| p as usize).collect(),
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let whole = WholeTask::created(id, steps)?;
+        let trace = TraceContext::from_headers(&created.task_trace_context);
+        let head = TaskHead::created(id, created.namespace, created.name, created.version, at, trace);
+        Some(Created { head, whole })
+    }
 }
 
 /// A task's version: the sum of its own and its steps' sort keys, which every change
@@ -124,9 +164,16 @@ impl Keeper {
         ids
     }
 
-    /// What a batch naming `steps` (reported complete: `completed`) of these tasks starts
-    /// from, if every task is kept: as the first round trip would read it.
-    pub(crate) fn load(&self, tasks: &[Uuid], steps: &[Uuid], completed: &[Uuid]) -> Option<FromKept> {
+    /// What a batch naming `steps` (reported complete: `completed`) of these tasks, and
+    /// evaluating those of `evaluate`, starts from, if every task is kept: as the first
+    /// round trip would read it.
+    pub(crate) fn load(
+        &self,
+        tasks: &[Uuid],
+        steps: &[Uuid],
+        completed: &[Uuid],
+        evaluate: &[Uuid],
+    ) -> Option<FromKept> {
         let mut inner = self.lock();
         if !tasks.iter().all(|id| inner.tasks.contains_key(id)) {
             return None;
@@ -156,6 +203,23 @@ impl Keeper {
                 }
             }
             loaded.children.insert(*id, children);
+        }
+        // the ready steps of the tasks to evaluate, by task, then as created (ids are
+        // ordered, and a template lists its steps in topological order)
+        let mut evaluate = evaluate.to_vec();
+        evaluate.sort_unstable();
+        evaluate.dedup();
+        for id in &evaluate {
+            let mut ready: Vec<&StepRow> = from.wholes[id]
+                .steps
+                .values()
+                .filter(|s| s.status == StepState::Pending && s.pending_parents == 0)
+                .collect();
+            ready.sort_unstable_by_key(|s| s.id);
+            for step in ready {
+                loaded.ready.push(step.id);
+                loaded.steps.entry(step.id).or_insert_with(|| step.clone());
+            }
         }
         // how each task's steps that no item names stand, as the first round trip reads it
         for (id, whole) in &from.wholes {
@@ -202,6 +266,22 @@ impl Keeper {
             inner.steps += whole.steps.len();
             inner.tasks.insert(*id, Kept { head: head.clone(), whole, used: now });
         }
+        inner.make_room();
+    }
+
+    /// Keeps a task as its creator says it created it, unless it is kept already (a later
+    /// state) or not to be kept. Nothing is trusted: the fence of the batch that uses it
+    /// checks it against the database, as for any kept task.
+    pub(crate) fn offer(&self, created: &Created) {
+        let id = created.head.id;
+        let mut inner = self.lock();
+        if inner.tasks.contains_key(&id) || inner.unkept.contains(&id) {
+            return;
+        }
+        inner.clock += 1;
+        let used = inner.clock;
+        inner.steps += created.whole.steps.len();
+        inner.tasks.insert(id, Kept { head: created.head.clone(), whole: created.whole.clone(), used });
         inner.make_room();
     }
 
@@ -352,7 +432,7 @@ mod tests {
     }
 
     fn is_kept(keeper: &Keeper, id: Uuid) -> bool {
-        keeper.load(&[id], &[], &[]).is_some()
+        keeper.load(&[id], &[], &[], &[]).is_some()
     }
 
     /// Whether a batch that reads would read the task in whole (to keep it).
@@ -367,7 +447,7 @@ mod tests {
         let keeper = Keeper::default();
         let id = head.id;
         keep(&keeper, &[(head.clone(), whole.clone())]);
-        let from = keeper.load(&[id], &[], &[]).expect("kept");
+        let from = keeper.load(&[id], &[], &[], &[]).expect("kept");
         assert_eq!(from.wholes[&id].steps.len(), 3);
         assert_eq!(from.loaded.standing[&id], {
             let mut standing = Standing::default();
@@ -427,7 +507,7 @@ mod tests {
         let keeper = Keeper::default();
         keep(&keeper, &[(started.clone(), whole.clone())]);
         keep(&keeper, &[(head.clone(), whole.clone())]);
-        let from = keeper.load(&[head.id], &[], &[]).unwrap();
+        let from = keeper.load(&[head.id], &[], &[], &[]).unwrap();
         assert_eq!(from.loaded.tasks[&head.id].status, TaskState::InProgress, "the newer state stays");
         env.cleanup().await;
     }

@@ -25,6 +25,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 pub use engine::{Decided, Engine, Outcome, Work};
+pub use kept::Created;
 
 use crate::{dispatch::Dispatcher, metrics::Metrics};
 
@@ -146,8 +147,12 @@ async fn orchestrate(
     result
 }
 
+/// A task request's work: a task as its creator tells it was created is started from
+/// that (kept from its first batch), any other evaluated.
 fn task_work(request: TaskRequest) -> Option<(Uuid, Work)> {
-    Some((request.task_id.parse().ok()?, Work::Evaluate))
+    let id = request.task_id.parse().ok()?;
+    let created = request.created.and_then(|created| kept::Created::from_request(id, created));
+    Some((id, created.map_or(Work::Evaluate, |created| Work::Start(Arc::new(created)))))
 }
 
 /// The report that stands for one the database refused: the same attempt, failed

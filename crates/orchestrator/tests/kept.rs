@@ -1,9 +1,9 @@
 //! Batches decided from the tasks the orchestrator keeps in memory (one round trip), and
 //! what happens when another writer changed a kept task meanwhile.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use orchestrator::{Decided, Engine, Outcome, Work};
+use orchestrator::{Created, Decided, Engine, Outcome, Work};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use tasker_domain::{Backoff, Limits, StepState, TaskState, Template};
 use tasker_proto::messages::{Completed, Failed, FailureKind, Started, StepReport, step_report};
@@ -76,6 +76,63 @@ async fn a_kept_task_an_operator_changed_is_decided_again_from_the_database() {
         statuses(&env, task_id).await,
         ("cancelled".into(), vec!["complete".into(), "cancelled".into(), "cancelled".into()])
     );
+    env.cleanup().await;
+}
+
+/// A task's request as task-api sends it for a task it has just created.
+async fn start(store: &Store, task_id: Uuid) -> (Uuid, Work) {
+    let view = store.task(task_id, false).await.unwrap();
+    let created = task_api::created(&view).expect("a small task is told as created");
+    (task_id, Work::Start(Arc::new(Created::from_request(task_id, created).expect("a task as created"))))
+}
+
+/// A task started from its request as task-api created it is kept from its first batch:
+/// every batch, the first too, is decided from memory in one round trip (and, in the
+/// tests' debug builds, checked against the database before it goes on).
+#[tokio::test]
+async fn a_task_started_as_created_is_decided_from_memory_from_its_first_batch() {
+    let env = TestEnv::new().await;
+    let (store, engine, task_id) = setup(&env).await;
+    let first = engine.apply(&[start(&store, task_id).await]).await.unwrap();
+    assert_eq!((first.decided, dispatched(&first)), (Decided::FromKept, "a"));
+    let second = engine.apply(&[completed(&first.dispatches[0])]).await.unwrap();
+    assert_eq!((second.decided, dispatched(&second)), (Decided::FromKept, "b"));
+    let third = engine.apply(&[completed(&second.dispatches[0])]).await.unwrap();
+    let last = engine.apply(&[completed(&third.dispatches[0])]).await.unwrap();
+    assert_eq!((third.decided, last.decided), (Decided::FromKept, Decided::FromKept));
+    assert_eq!(statuses(&env, task_id).await, ("complete".into(), vec!["complete".into(); 3]));
+    env.cleanup().await;
+}
+
+/// A task changed between its creation and its first batch (an operator cancelled it) is
+/// not started from what its request told: the fence finds it changed, and the batch,
+/// decided again from the database, dispatches nothing. A request naming a task that does
+/// not exist changes nothing either.
+#[tokio::test]
+async fn a_task_changed_before_its_first_batch_is_read_instead() {
+    let env = TestEnv::new().await;
+    let (store, engine, task_id) = setup(&env).await;
+    let request = start(&store, task_id).await;
+    let actor = Actor { who: "operator".into(), reason: "test".into() };
+    store.cancel_task(task_id, &actor).await.unwrap();
+    let first = engine.apply(&[request]).await.unwrap();
+    assert_eq!(first.decided, Decided::AgainFromReads);
+    assert!(first.dispatches.is_empty(), "{:?}", first.dispatches);
+    assert_eq!(statuses(&env, task_id).await, ("cancelled".into(), vec!["cancelled".into(); 3]));
+
+    let view = store.task(task_id, false).await.unwrap();
+    let mut told = task_api::created(&view).unwrap();
+    told.steps.iter_mut().for_each(|s| s.id = tasker_domain::new_id().to_string());
+    let nobody = tasker_domain::new_id();
+    let made_up = Created::from_request(nobody, told).unwrap();
+    let outcome = engine.apply(&[(nobody, Work::Start(Arc::new(made_up)))]).await.unwrap();
+    assert_eq!(outcome.decided, Decided::AgainFromReads);
+    assert!(outcome.dispatches.is_empty(), "{:?}", outcome.dispatches);
+    let db = env.database().await;
+    for sql in ["SELECT count(*) FROM tasks WHERE id = $1", "SELECT count(*) FROM task_transitions WHERE task_id = $1"]
+    {
+        assert_eq!(db.query_one(sql, &[&nobody]).await.unwrap().get::<_, i64>(0), 0, "{sql}");
+    }
     env.cleanup().await;
 }
 
@@ -291,7 +348,12 @@ async fn interleave(faults: bool) {
     let mut queues = Queues::default();
     for _ in 0..TASKS {
         let task_id = store.create_task(&tasker_test_support::new_task(&record)).await.unwrap().task_id;
-        queues.waiting.push((task_id, Work::Evaluate));
+        // half as task-api requests a task it created, half as a sweeper's or a replica's
+        queues.waiting.push(if rng.random_bool(0.5) {
+            start(&store, task_id).await
+        } else {
+            (task_id, Work::Evaluate)
+        });
     }
     let db = env.database().await;
     let operator = Actor { who: "operator".into(), reason: "test".into() };

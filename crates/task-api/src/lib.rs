@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 
 pub use error::ApiError;
+pub use link::created;
 
 use crate::{
     auth::Gate,

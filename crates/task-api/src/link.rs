@@ -19,8 +19,9 @@ use std::{
 };
 
 use tasker_messaging::{Broker, Command, Publisher};
-use tasker_proto::messages::TaskRequest;
+use tasker_proto::messages::{CreatedStep, CreatedTask, TaskRequest};
 use tasker_runtime::{AmqpConfig, BrokerSlot};
+use tasker_store::TaskView;
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
@@ -78,16 +79,17 @@ impl Link {
         self.current.lock().expect("link lock").as_ref().map(|(_, publisher)| publisher.clone())
     }
 
-    /// Asks the orchestrator to look at a committed task, and returns once the request is
-    /// on its way, not confirmed: the confirm is awaited here in the background, and a
-    /// request that fails is kept for the next connection like any other. Waits only
-    /// while [`MAX_SENDING`] requests await their confirms.
-    pub(crate) async fn request_soon(&self, task_id: Uuid) {
-        let trace = span_trace();
+    /// Asks the orchestrator to look at a committed task (`created`: as this process has
+    /// just created it), and returns once the request is on its way, not confirmed: the
+    /// confirm is awaited here in the background, and a request that fails is kept for
+    /// the next connection like any other (by its task's id alone). Waits only while
+    /// [`MAX_SENDING`] requests await their confirms.
+    pub(crate) async fn request_soon(&self, task_id: Uuid, created: Option<CreatedTask>) {
+        let request = TaskRequest { task_id: task_id.to_string(), trace_context: span_trace(), created };
         let permit = self.room.clone().acquire_owned().await.expect("the room for requests is never closed");
         let link = self.clone();
         self.sending.spawn(async move {
-            link.send(&[task_id], trace).await;
+            link.send(&[task_id], vec![request]).await;
             drop(permit);
         });
     }
@@ -104,18 +106,15 @@ impl Link {
         }
     }
 
-    /// Asks the orchestrator to look at these tasks and awaits the broker's confirm; what
-    /// cannot be sent now is kept for the next connection. Never fails: the tasks are
-    /// committed either way.
-    async fn send(&self, task_ids: &[Uuid], trace: HashMap<String, String>) {
+    /// Sends the requests of these tasks and awaits the broker's confirm; what cannot be
+    /// sent now is kept for the next connection. Never fails: the tasks are committed
+    /// either way.
+    async fn send(&self, task_ids: &[Uuid], requests: Vec<TaskRequest>) {
         let Some(publisher) = self.publisher() else {
             tracing::warn!(tasks = task_ids.len(), "broker unavailable; task requests kept until it is back");
             return self.keep(task_ids);
         };
-        let commands: Vec<Command> = task_ids
-            .iter()
-            .map(|id| Command::Task(TaskRequest { task_id: id.to_string(), trace_context: trace.clone() }))
-            .collect();
+        let commands: Vec<Command> = requests.into_iter().map(Command::Task).collect();
         if let Err(error) = publisher.send(&commands).await {
             tracing::warn!(%error, tasks = task_ids.len(), "task requests not published; kept until the broker is back");
             self.keep(task_ids);
@@ -148,8 +147,13 @@ impl Link {
         let kept: Vec<Uuid> = std::mem::take(&mut *self.unsent.lock().expect("link lock")).into_iter().collect();
         if !kept.is_empty() {
             tracing::info!(tasks = kept.len(), "sending the task requests kept while the broker was away");
+            let trace = span_trace();
             for chunk in kept.chunks(500) {
-                self.send(chunk, span_trace()).await;
+                let requests = chunk
+                    .iter()
+                    .map(|id| TaskRequest { task_id: id.to_string(), trace_context: trace.clone(), created: None })
+                    .collect();
+                self.send(chunk, requests).await;
             }
         }
         let lost = tokio::select! {
@@ -163,6 +167,42 @@ impl Link {
         anyhow::ensure!(!lost, "the broker connection was lost");
         Ok(())
     }
+}
+
+/// The task as this process has just created it, for its request: lets the orchestrator
+/// start a task small enough to keep without reading it first.
+pub fn created(view: &TaskView) -> Option<CreatedTask> {
+    if view.steps.len() > tasker_store::MAX_KEPT_STEPS {
+        return None;
+    }
+    let index: HashMap<&str, u32> = view.steps.iter().enumerate().map(|(i, s)| (s.name.as_str(), i as u32)).collect();
+    let mut parents: Vec<Vec<u32>> = vec![Vec::new(); view.steps.len()];
+    for edge in &view.edges {
+        parents[*index.get(edge.to_step.as_str())? as usize].push(*index.get(edge.from_step.as_str())?);
+    }
+    let steps = view
+        .steps
+        .iter()
+        .zip(parents)
+        .map(|(s, parents)| CreatedStep {
+            id: s.id.to_string(),
+            name: s.name.clone(),
+            handler: s.handler.clone(),
+            config_json: s.config.clone(),
+            max_attempts: s.max_attempts as u32,
+            retryable: s.retryable,
+            timeout_ms: s.timeout_ms as u64,
+            parents,
+        })
+        .collect();
+    Some(CreatedTask {
+        namespace: view.task.namespace.clone(),
+        name: view.task.name.clone(),
+        version: view.task.version.clone(),
+        created_at_unix_us: view.task.created_at.timestamp_micros(),
+        task_trace_context: view.task.trace.to_headers(),
+        steps,
+    })
 }
 
 /// The trace context of the span a request is sent from (CreateTask, an operator action),

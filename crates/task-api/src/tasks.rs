@@ -103,7 +103,7 @@ impl Tasks {
     /// sent again once the broker is back, and the sweeper re-requests tasks left pending
     /// whatever happens to this process.
     pub(crate) async fn request(&self, task_id: Uuid) {
-        self.link.request_soon(task_id).await;
+        self.link.request_soon(task_id, None).await;
     }
 
     /// Creates a task for `caller` (who holds `tasks:create`; the namespace is checked once
@@ -163,7 +163,7 @@ impl Tasks {
         let view = match outcome.view {
             Some(view) => {
                 self.metrics.created(&view.task.namespace, &view.task.name);
-                self.request(outcome.task_id).await;
+                self.link.request_soon(outcome.task_id, crate::link::created(&view)).await;
                 view
             }
             None => {

@@ -34,7 +34,9 @@ pub use audit::{Audit, AuditedTransition};
 pub use counter::statements_executed;
 pub use error::{Error, Result};
 pub use operator::Actor;
-pub use orchestration::{Dispatch, Loaded, Progress, Standing, StepRow, TaskHead, WholeTask};
+pub use orchestration::{
+    CreatedStep, Dispatch, Loaded, MAX_KEPT_STEPS, Progress, Standing, StepRow, TaskHead, WholeTask,
+};
 pub use outbox::{OutboxBatch, OutboxEvent, OutboxListener};
 pub use rows::{EdgeRow, StepView, TaskRow, TaskView, TransitionRow};
 pub use tasks::{CreateOutcome, NewTask, TaskFilter, TaskPage, TaskRef};

@@ -334,12 +334,95 @@ fn whole_steps_sql() -> String {
     )
 }
 
+/// Most steps a task may have for the orchestrator to keep it (and for its creator to
+/// tell it the task as created).
+pub const MAX_KEPT_STEPS: usize = 64;
+
 /// A task's steps, all of them, and its edges: what the orchestrator keeps in memory.
 #[derive(Debug, Clone, Default)]
 pub struct WholeTask {
     pub steps: HashMap<Uuid, StepRow>,
     /// Each step's children (only steps that have some).
     pub children: HashMap<Uuid, Vec<Uuid>>,
+}
+
+impl WholeTask {
+    /// A task's steps as its creation wrote them (`Store::create_task`): each `pending`,
+    /// waiting for its parents, with no attempt made and no transition of its own. `None`
+    /// when a parent is not among the steps.
+    pub fn created(task_id: Uuid, steps: Vec<CreatedStep>) -> Option<WholeTask> {
+        let ids: Vec<Uuid> = steps.iter().map(|s| s.id).collect();
+        let mut whole = WholeTask::default();
+        for step in steps {
+            for parent in &step.parents {
+                whole.children.entry(*ids.get(*parent)?).or_default().push(step.id);
+            }
+            let row = StepRow {
+                id: step.id,
+                task_id,
+                name: step.name,
+                handler: step.handler,
+                config: step.config,
+                status: StepState::Pending,
+                attempts: 0,
+                attempts_before_retry: 0,
+                max_attempts: step.max_attempts,
+                retryable: step.retryable,
+                timeout_ms: step.timeout_ms,
+                pending_parents: step.parents.len() as i32,
+                next_attempt_at: None,
+                last_error: None,
+                enqueued_at: None,
+                started_at: None,
+                completed_at: None,
+                last_sort_key: 0,
+                last_published_at: None,
+            };
+            whole.steps.insert(row.id, row);
+        }
+        Some(whole)
+    }
+}
+
+/// A step of a task as its creator tells it: what [`WholeTask::created`] takes.
+#[derive(Debug, Clone)]
+pub struct CreatedStep {
+    pub id: Uuid,
+    pub name: String,
+    pub handler: String,
+    /// JSON text.
+    pub config: String,
+    pub max_attempts: i32,
+    pub retryable: bool,
+    pub timeout_ms: i64,
+    /// Its parents, as indexes into the task's steps.
+    pub parents: Vec<usize>,
+}
+
+impl TaskHead {
+    /// A task as its creation wrote it (`Store::create_task`): `pending`, with its first
+    /// transition.
+    pub fn created(
+        id: Uuid,
+        namespace: String,
+        name: String,
+        version: String,
+        created_at: DateTime<Utc>,
+        trace: tasker_domain::TraceContext,
+    ) -> TaskHead {
+        TaskHead {
+            id,
+            status: TaskState::Pending,
+            namespace,
+            name,
+            version,
+            started_at: None,
+            completed_at: None,
+            created_at,
+            trace,
+            last_sort_key: 1,
+        }
+    }
 }
 
 /// What an orchestrator batch reads in its first round trip, under the task locks.

@@ -140,3 +140,31 @@ async fn metrics_count_a_known_workload_by_namespace_task_and_outcome() {
     system.stop().await;
     env.cleanup().await;
 }
+
+/// task-api tells the orchestrator each small task as it created it, so a task's first
+/// batch is decided from memory like the rest: every batch of a task run alone is one
+/// round trip, and none found the task changed (the tests' debug builds also check each
+/// such batch's task against the database before it goes on).
+#[tokio::test]
+async fn every_batch_of_a_created_task_is_decided_from_memory() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![WorkerSpec::new("kept-worker", &["metered"])]).await;
+    system.register(&env, TEMPLATES[0]).await;
+    let task = system.submit("metered", "quick", json!({})).await;
+    let done = system.wait_final(&task.id).await;
+    assert_eq!(done.status(), pb::TaskStatus::Complete);
+    // a start and a report for each of its two steps
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let body = http_get(system.orchestrator_admin, "/metrics").await;
+        if sample(&body, "tasker_orchestrator_batches_total", &[]) == Some(3.0) {
+            break body;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "three batches were not counted:\n{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    expect(&body, "tasker_orchestrator_batches_from_kept_total", &[], 3.0);
+    expect(&body, "tasker_orchestrator_kept_stale_total", &[], 0.0);
+    system.stop().await;
+    env.cleanup().await;
+}

@@ -2,16 +2,15 @@
 //! broker hops a 4-step linear task makes, made by the bench itself with no work in them.
 //!
 //! One skeleton task is: a committed write (the create) and its request through the
-//! orchestrator's tasks queue; five batches, the first a round trip that begins and locks a
-//! row and one that updates it and commits, the other four (decided from the task as the
-//! orchestrator keeps it) one round trip that begins, locks, updates and commits; after
-//! each of the first four, an execution through
-//! a step queue (confirmed) and a report back through the results queue; after the last, a
-//! wake-up (`NOTIFY`, delivered to a listening connection), the relay's claim (a round
-//! trip) and one event through the events exchange to a subscriber. The queues have the
-//! types the services were given. Everything a real task does beyond that (the gRPC call,
-//! the rows and indexes written, the decisions, serialization, other processes' wake-ups)
-//! is what the services add above this floor.
+//! orchestrator's tasks queue; five batches, each (decided from the task as the
+//! orchestrator keeps it, the first from the task as its request tells it) one round trip
+//! that begins, locks, updates and commits; after each of the first four, an execution
+//! through a step queue (confirmed) and a report back through the results queue; after the
+//! last, a wake-up (`NOTIFY`, delivered to a listening connection), the relay's claim (a
+//! round trip) and one event through the events exchange to a subscriber. The queues have
+//! the types the services were given. Everything a real task does beyond that (the gRPC
+//! call, the rows and indexes written, the decisions, serialization, other processes'
+//! wake-ups) is what the services add above this floor.
 
 use std::time::{Duration, Instant};
 
@@ -169,7 +168,7 @@ impl Probe {
         incoming.ack.ack().await?;
         let mut hops = Vec::new();
         for step in 0..4 {
-            let trip = self.batch(step > 0, false).await?;
+            let trip = self.batch(false).await?;
             let committed = Instant::now();
             let execution = Command::Step(StepExecution { namespace: NAMESPACE.into(), ..Default::default() });
             let (confirmed, incoming) = futures::try_join!(
@@ -191,7 +190,7 @@ impl Probe {
             incoming.ack.ack().await?;
             reported.ack.ack().await?;
         }
-        self.batch(true, true).await?;
+        self.batch(true).await?;
         // the relay: woken, claims (one round trip), publishes, the subscriber has it
         self.notified.recv().await.context("the listener stopped")?;
         futures::try_join!(
@@ -209,11 +208,10 @@ impl Probe {
         Ok((took, hops))
     }
 
-    /// An orchestrator batch: begin and lock, then (a round trip later, unless `kept`:
-    /// the orchestrator decides a kept task's batch without reading it first) update and
-    /// commit, and for the last batch wake the relay right behind the commit. How long it
-    /// took.
-    async fn batch(&self, kept: bool, wake: bool) -> anyhow::Result<Duration> {
+    /// An orchestrator batch decided from a kept task, in one round trip: begin, lock,
+    /// update and commit, and for the last batch wake the relay right behind the commit.
+    /// How long it took.
+    async fn batch(&self, wake: bool) -> anyhow::Result<Duration> {
         let start = Instant::now();
         let lock = async {
             futures::try_join!(self.db.execute(&self.begin, &[]), self.db.query_one(&self.lock, &[]))?;
@@ -225,13 +223,8 @@ impl Probe {
             })?;
             Ok::<_, tokio_postgres::Error>(())
         };
-        if kept {
-            // polled in order, so sent in order, in one pipeline
-            futures::try_join!(lock, write)?;
-        } else {
-            lock.await?;
-            write.await?;
-        }
+        // polled in order, so sent in order, in one pipeline
+        futures::try_join!(lock, write)?;
         Ok(start.elapsed())
     }
 

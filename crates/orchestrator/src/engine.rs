@@ -199,6 +199,9 @@ impl Engine {
     ) -> tasker_store::Result<Outcome> {
         let mut tx = self.store.begin().await?;
         tx.fence(from.loaded.tasks.values().map(|task| (task, kept::step_keys(&from.wholes[&task.id].steps))));
+        for id in &from.told {
+            tx.fence_created(&from.loaded.tasks[id], &from.wholes[id]);
+        }
         #[cfg(debug_assertions)]
         kept::check(&mut tx, &from).await?;
         let (mut outcome, after) = self.decide(items, tx, from.loaded, clock).await?;

@@ -54,6 +54,8 @@ struct Kept {
     head: TaskHead,
     whole: WholeTask,
     used: u64,
+    /// Kept from a task request's word, which no committed batch has checked yet.
+    told: bool,
 }
 
 /// A task as its creator wrote it, from a task request's `created`.
@@ -132,6 +134,9 @@ pub(crate) struct FromKept {
     pub(crate) loaded: Loaded,
     /// The kept tasks in whole, to keep again with the batch's changes.
     pub(crate) wholes: HashMap<Uuid, WholeTask>,
+    /// Those kept from a task request's word: the batch checks them against the database
+    /// (`Tx::fence_created`).
+    pub(crate) told: Vec<Uuid>,
 }
 
 impl Keeper {
@@ -180,10 +185,13 @@ impl Keeper {
         }
         inner.clock += 1;
         let now = inner.clock;
-        let mut from = FromKept { loaded: Loaded::default(), wholes: HashMap::new() };
+        let mut from = FromKept { loaded: Loaded::default(), wholes: HashMap::new(), told: Vec::new() };
         for id in tasks {
             let kept = inner.tasks.get_mut(id).expect("kept, checked above");
             kept.used = now;
+            if kept.told && !from.told.contains(id) {
+                from.told.push(*id);
+            }
             from.loaded.tasks.insert(*id, kept.head.clone());
             from.wholes.insert(*id, kept.whole.clone());
         }
@@ -258,20 +266,25 @@ impl Keeper {
                 inner.remove(id);
                 continue;
             };
-            // a batch that began later may have kept a newer state already
-            if inner.tasks.get(id).is_some_and(|k| version(&k.head, &k.whole.steps) >= version(head, &whole.steps)) {
+            // a batch that began later may have kept a newer state already (but the same
+            // state, checked now, replaces a request's word for it)
+            if inner.tasks.get(id).is_some_and(|k| {
+                let (kept, now) = (version(&k.head, &k.whole.steps), version(head, &whole.steps));
+                kept > now || (kept == now && !k.told)
+            }) {
                 continue;
             }
             inner.remove(id);
             inner.steps += whole.steps.len();
-            inner.tasks.insert(*id, Kept { head: head.clone(), whole, used: now });
+            inner.tasks.insert(*id, Kept { head: head.clone(), whole, used: now, told: false });
         }
         inner.make_room();
     }
 
     /// Keeps a task as its creator says it created it, unless it is kept already (a later
-    /// state) or not to be kept. Nothing is trusted: the fence of the batch that uses it
-    /// checks it against the database, as for any kept task.
+    /// state) or not to be kept. Nothing is trusted: the batch that uses it checks, with
+    /// the task locked, that it is unchanged (the fence) and that it is the task stored
+    /// (`Tx::fence_created`), and only once that batch commits is it kept as checked.
     pub(crate) fn offer(&self, created: &Created) {
         let id = created.head.id;
         let mut inner = self.lock();
@@ -281,7 +294,7 @@ impl Keeper {
         inner.clock += 1;
         let used = inner.clock;
         inner.steps += created.whole.steps.len();
-        inner.tasks.insert(id, Kept { head: created.head.clone(), whole: created.whole.clone(), used });
+        inner.tasks.insert(id, Kept { head: created.head.clone(), whole: created.whole.clone(), used, told: true });
         inner.make_room();
     }
 

@@ -136,6 +136,49 @@ async fn a_task_changed_before_its_first_batch_is_read_instead() {
     env.cleanup().await;
 }
 
+/// A request may come from anyone who may publish to the orchestrator's queue, so what it
+/// tells of a task is checked against the task stored before anything is written from it:
+/// a request that names a real task, unchanged since its creation, but tells it otherwise
+/// (another namespace, handler, config, limit, a step left out, an edge moved) is decided
+/// again from the database, and the task runs as it was created.
+#[tokio::test]
+async fn a_task_told_otherwise_than_it_was_created_runs_as_created() {
+    let env = TestEnv::new().await;
+    let (store, engine, _) = setup(&env).await;
+    let template = store.template("kept", "chain", None).await.unwrap();
+    type Lie = fn(&mut tasker_proto::messages::CreatedTask);
+    let lies: [(&str, Lie); 7] = [
+        ("another namespace", |t| t.namespace = "elsewhere".into()),
+        ("another handler", |t| t.steps[0].handler = "http".into()),
+        ("another config", |t| t.steps[0].config_json = r#"{"url": "http://example.invalid"}"#.into()),
+        ("another limit", |t| t.steps[0].max_attempts = 9),
+        ("a step left out", |t| {
+            t.steps.pop();
+        }),
+        ("an edge moved", |t| t.steps[2].parents = vec![0]),
+        ("another trace", |t| {
+            t.task_trace_context.insert("traceparent".into(), format!("00-{:032x}-{:016x}-01", 7, 7));
+        }),
+    ];
+    for (lie, tell) in lies {
+        let task_id = store.create_task(&tasker_test_support::new_task(&template)).await.unwrap().task_id;
+        let view = store.task(task_id, false).await.unwrap();
+        let mut told = task_api::created(&view).unwrap();
+        tell(&mut told);
+        let created = Created::from_request(task_id, told).expect("a lie well formed");
+        let first = engine.apply(&[(task_id, Work::Start(Arc::new(created)))]).await.unwrap();
+        assert_eq!(first.decided, Decided::AgainFromReads, "{lie}");
+        let dispatch = &first.dispatches[..];
+        assert_eq!(dispatch.len(), 1, "{lie}: {dispatch:?}");
+        let d = &dispatch[0];
+        assert_eq!((d.namespace.as_str(), d.step_name.as_str(), d.handler.as_str()), ("kept", "a", "noop"), "{lie}");
+        assert_eq!((d.config.as_str(), d.trace.traceparent.as_str()), ("{}", ""), "{lie}");
+        let step = store.step(d.step_id, false).await.unwrap();
+        assert_eq!(step.max_attempts, 3, "{lie}");
+    }
+    env.cleanup().await;
+}
+
 /// Two replicas share the work: a report applied by one leaves the other's kept task
 /// behind; the other's next batch on it finds that, reads the task again and goes on from
 /// where the first left it. Sharing the task, it no longer keeps it.

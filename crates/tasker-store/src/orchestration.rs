@@ -349,7 +349,7 @@ pub struct WholeTask {
 impl WholeTask {
     /// A task's steps as its creation wrote them (`Store::create_task`): each `pending`,
     /// waiting for its parents, with no attempt made and no transition of its own. `None`
-    /// when a parent is not among the steps.
+    /// when a parent is not among the steps, or a step is told twice.
     pub fn created(task_id: Uuid, steps: Vec<CreatedStep>) -> Option<WholeTask> {
         let ids: Vec<Uuid> = steps.iter().map(|s| s.id).collect();
         let mut whole = WholeTask::default();
@@ -380,7 +380,8 @@ impl WholeTask {
             };
             whole.steps.insert(row.id, row);
         }
-        Some(whole)
+        // an id told twice
+        (whole.steps.len() == ids.len()).then_some(whole)
     }
 }
 

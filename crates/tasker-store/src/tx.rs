@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use crate::{
     Result,
-    orchestration::{StepRow, TaskHead},
+    orchestration::{StepRow, TaskHead, WholeTask},
 };
 
 #[derive(Debug)]
@@ -229,6 +229,48 @@ impl Tx {
             Write {
                 sql: Cow::Borrowed("SELECT tasker_fence($1, $2, $3)"),
                 params: vec![boxed(ids), boxed(task_keys), boxed(step_keys)],
+            },
+        );
+    }
+
+    /// Sends, right behind the fence, the check that a task kept from its request is the
+    /// task stored: its head, every step and every edge as `whole` has them (a request's
+    /// task is the requester's word; `tasker_fence` compares sort keys only). A task that
+    /// differs aborts the transaction as the fence does ([`crate::Error::is_stale_kept`]).
+    pub fn fence_created(&mut self, head: &TaskHead, whole: &WholeTask) {
+        let steps: Vec<&StepRow> = whole.steps.values().collect();
+        let (edge_from, edge_to): (Vec<Uuid>, Vec<Uuid>) = whole
+            .children
+            .iter()
+            .flat_map(|(parent, children)| children.iter().map(move |child| (*parent, *child)))
+            .unzip();
+        let head_text = vec![
+            head.namespace.clone(),
+            head.name.clone(),
+            head.version.clone(),
+            head.trace.traceparent.clone(),
+            head.trace.tracestate.clone(),
+        ];
+        let at =
+            self.writes.iter().position(|w| !w.sql.starts_with("SELECT tasker_fence(")).unwrap_or(self.writes.len());
+        self.writes.insert(
+            at,
+            Write {
+                sql: Cow::Borrowed("SELECT tasker_fence_created($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"),
+                params: vec![
+                    boxed(head.id),
+                    boxed(head_text),
+                    boxed(steps.iter().map(|s| s.id).collect::<Vec<Uuid>>()),
+                    boxed(steps.iter().map(|s| s.name.clone()).collect::<Vec<String>>()),
+                    boxed(steps.iter().map(|s| s.handler.clone()).collect::<Vec<String>>()),
+                    boxed(steps.iter().map(|s| s.config.clone()).collect::<Vec<String>>()),
+                    boxed(steps.iter().map(|s| s.max_attempts).collect::<Vec<i32>>()),
+                    boxed(steps.iter().map(|s| s.retryable).collect::<Vec<bool>>()),
+                    boxed(steps.iter().map(|s| s.timeout_ms).collect::<Vec<i64>>()),
+                    boxed(steps.iter().map(|s| s.pending_parents).collect::<Vec<i32>>()),
+                    boxed(edge_from),
+                    boxed(edge_to),
+                ],
             },
         );
     }

@@ -166,23 +166,25 @@ impl Engine {
                 self.kept.offer(created);
             }
         }
-        let mut stale = false;
+        let mut stale = None;
         let from_kept = !busy.shared && items.iter().all(|(_, w)| w.decidable_from_kept());
         if let Some(from) =
             from_kept.then(|| self.kept.load(&named.tasks, &named.steps, &named.completed, &named.evaluate)).flatten()
         {
             match self.decide_from_kept(items, from, clock).await {
-                Err(error) if error.is_stale_kept() => stale = true,
+                // the fence names the tasks it found changed
+                Err(error) if error.is_stale_kept() => stale = Some(error.stale_tasks()),
                 Ok(outcome) => return Ok(outcome),
                 Err(error) => {
                     self.kept.forget(&named.tasks);
                     return Err(error);
                 }
             }
-            tracing::debug!(tasks = named.tasks.len(), "a kept task changed; deciding the batch again from reads");
-            self.kept.stale(&named.tasks);
+            let changed = stale.clone().flatten().unwrap_or_else(|| named.tasks.clone());
+            tracing::debug!(changed = changed.len(), "a kept task changed; deciding the batch again from reads");
+            self.kept.stale(&changed);
         }
-        let result = self.decide_from_reads(items, &named, clock, stale).await;
+        let result = self.decide_from_reads(items, &named, clock, stale.is_some()).await;
         if result.is_err() {
             self.kept.forget(&named.tasks);
         }

@@ -306,10 +306,11 @@ impl Keeper {
         }
     }
 
-    /// A batch's fence found one of these tasks changed. When another batch of this
-    /// orchestrator holds one of them now, that batch may be the writer: the tasks are
-    /// forgotten, to be read in whole again. Otherwise another writer changed them (an
-    /// operator, a replica), and they are kept no longer.
+    /// A batch's fence found these tasks changed (it names them; the batch's tasks, should
+    /// it not). When another batch of this orchestrator holds one of them now, that batch
+    /// may be the writer: the tasks are forgotten, to be read in whole again. Otherwise
+    /// another writer changed them (an operator, a replica, a made-up request), and they are
+    /// kept no longer. The batch's other tasks stay kept, and are read again with it.
     pub(crate) fn stale(&self, tasks: &[Uuid]) {
         let ours = {
             let inner = self.lock();

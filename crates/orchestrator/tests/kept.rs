@@ -104,6 +104,29 @@ async fn a_task_started_as_created_is_decided_from_memory_from_its_first_batch()
     env.cleanup().await;
 }
 
+/// The fence names the task it found changed: only that one is kept no longer. The other
+/// task of the batch, read again as the batch is decided from reads, goes on being decided
+/// from memory.
+#[tokio::test]
+async fn only_the_changed_task_of_a_batch_is_kept_no_longer() {
+    let env = TestEnv::new().await;
+    let (store, engine, cancelled) = setup(&env).await;
+    let template = store.template("kept", "chain", None).await.unwrap();
+    let going_on = store.create_task(&tasker_test_support::new_task(&template)).await.unwrap().task_id;
+    let first = engine.apply(&[start(&store, cancelled).await, start(&store, going_on).await]).await.unwrap();
+    assert_eq!((first.decided, first.dispatches.len()), (Decided::FromKept, 2));
+    let actor = Actor { who: "operator".into(), reason: "test".into() };
+    store.cancel_task(cancelled, &actor).await.unwrap();
+    let reports: Vec<(Uuid, Work)> = first.dispatches.iter().map(completed).collect();
+    let second = engine.apply(&reports).await.unwrap();
+    assert_eq!(second.decided, Decided::AgainFromReads);
+    assert_eq!(dispatched(&second), "b", "only the task going on dispatches");
+    let third = engine.apply(&[completed(&second.dispatches[0])]).await.unwrap();
+    assert_eq!((third.decided, dispatched(&third)), (Decided::FromKept, "c"), "still kept");
+    assert_eq!(statuses(&env, cancelled).await.0, "cancelled");
+    env.cleanup().await;
+}
+
 /// A task changed between its creation and its first batch (an operator cancelled it) is
 /// not started from what its request told: the fence finds it changed, and the batch,
 /// decided again from the database, dispatches nothing. A request naming a task that does

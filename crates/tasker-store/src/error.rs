@@ -118,6 +118,14 @@ impl Error {
         matches!(self, Error::Database(e) if e.as_db_error().is_some_and(|db| db.code().code() == STALE_KEPT))
     }
 
+    /// The tasks a fence found changed (or told otherwise than stored), when this is its
+    /// error ([`Error::is_stale_kept`]) and it named them.
+    pub fn stale_tasks(&self) -> Option<Vec<uuid::Uuid>> {
+        let Error::Database(e) = self else { return None };
+        let db = e.as_db_error().filter(|db| db.code().code() == STALE_KEPT)?;
+        db.detail()?.split(',').map(|id| id.trim().parse().ok()).collect()
+    }
+
     /// `true` when the database refused a value it was asked to store (SQLSTATE class 22,
     /// data exception: a character it cannot hold, a number out of range): the same
     /// request will fail again, however often it is retried.

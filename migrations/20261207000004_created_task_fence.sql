@@ -7,8 +7,8 @@
 -- a request's task also sends this check, after the fence (the task locked): the task's
 -- namespace, name, version and trace context, each of its steps (handler, config, limits,
 -- parents to wait for) and its edges must be exactly what the request told, else SQLSTATE
--- TK001 aborts the transaction, nothing is written or dispatched, and the batch is decided
--- again from what is read.
+-- TK001 (naming the task as its DETAIL) aborts the transaction, nothing is written or
+-- dispatched, and the batch is decided again from what is read.
 CREATE FUNCTION tasker_fence_created(
     told_task uuid, told_head text[], told_ids uuid[], told_names text[], told_handlers text[],
     told_configs text[], told_max_attempts integer[], told_retryable boolean[], told_timeouts bigint[],
@@ -36,7 +36,8 @@ BEGIN
         WHERE e.task_id = told_task
     ) <> cardinality(told_from)
     THEN
-        RAISE EXCEPTION 'a task as its request told it differs from the stored one' USING ERRCODE = 'TK001';
+        RAISE EXCEPTION 'a task as its request told it differs from the stored one'
+            USING ERRCODE = 'TK001', DETAIL = told_task::text;
     END IF;
 END
 $$;

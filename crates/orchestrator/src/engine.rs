@@ -166,25 +166,30 @@ impl Engine {
                 self.kept.offer(created);
             }
         }
-        let mut stale = None;
+        let mut stale = false;
         let from_kept = !busy.shared && items.iter().all(|(_, w)| w.decidable_from_kept());
         if let Some(from) =
             from_kept.then(|| self.kept.load(&named.tasks, &named.steps, &named.completed, &named.evaluate)).flatten()
         {
             match self.decide_from_kept(items, from, clock).await {
-                // the fence names the tasks it found changed
-                Err(error) if error.is_stale_kept() => stale = Some(error.stale_tasks()),
+                Err(error) if error.is_stale_kept() => {
+                    // the fence names the tasks it found changed
+                    let changed = error.stale_tasks().unwrap_or_else(|| named.tasks.clone());
+                    tracing::debug!(
+                        changed = changed.len(),
+                        "a kept task changed; deciding the batch again from reads"
+                    );
+                    self.kept.stale(&changed);
+                    stale = true;
+                }
                 Ok(outcome) => return Ok(outcome),
                 Err(error) => {
                     self.kept.forget(&named.tasks);
                     return Err(error);
                 }
             }
-            let changed = stale.clone().flatten().unwrap_or_else(|| named.tasks.clone());
-            tracing::debug!(changed = changed.len(), "a kept task changed; deciding the batch again from reads");
-            self.kept.stale(&changed);
         }
-        let result = self.decide_from_reads(items, &named, clock, stale.is_some()).await;
+        let result = self.decide_from_reads(items, &named, clock, stale).await;
         if result.is_err() {
             self.kept.forget(&named.tasks);
         }
@@ -200,10 +205,10 @@ impl Engine {
         clock: Instant,
     ) -> tasker_store::Result<Outcome> {
         let mut tx = self.store.begin().await?;
-        tx.fence(from.loaded.tasks.values().map(|task| (task, kept::step_keys(&from.wholes[&task.id].steps))));
-        for id in &from.told {
-            tx.fence_created(&from.loaded.tasks[id], &from.wholes[id]);
-        }
+        tx.fence(
+            from.loaded.tasks.values().map(|task| (task, kept::step_keys(&from.wholes[&task.id].steps))),
+            from.told.iter().map(|id| (&from.loaded.tasks[id], &from.wholes[id])),
+        );
         #[cfg(debug_assertions)]
         kept::check(&mut tx, &from).await?;
         let (mut outcome, after) = self.decide(items, tx, from.loaded, clock).await?;

@@ -135,7 +135,7 @@ pub(crate) struct FromKept {
     /// The kept tasks in whole, to keep again with the batch's changes.
     pub(crate) wholes: HashMap<Uuid, WholeTask>,
     /// Those kept from a task request's word: the batch checks them against the database
-    /// (`Tx::fence_created`).
+    /// (`Tx::fence`).
     pub(crate) told: Vec<Uuid>,
 }
 
@@ -284,7 +284,7 @@ impl Keeper {
     /// Keeps a task as its creator says it created it, unless it is kept already (a later
     /// state) or not to be kept. Nothing is trusted: the batch that uses it checks, with
     /// the task locked, that it is unchanged (the fence) and that it is the task stored
-    /// (`Tx::fence_created`), and only once that batch commits is it kept as checked.
+    /// (`Tx::fence`), and only once that batch commits is it kept as checked.
     pub(crate) fn offer(&self, created: &Created) {
         let id = created.head.id;
         let mut inner = self.lock();

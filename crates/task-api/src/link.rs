@@ -89,7 +89,7 @@ impl Link {
         let permit = self.room.clone().acquire_owned().await.expect("the room for requests is never closed");
         let link = self.clone();
         self.sending.spawn(async move {
-            link.send(&[task_id], vec![request]).await;
+            link.send(vec![request]).await;
             drop(permit);
         });
     }
@@ -106,18 +106,19 @@ impl Link {
         }
     }
 
-    /// Sends the requests of these tasks and awaits the broker's confirm; what cannot be
-    /// sent now is kept for the next connection. Never fails: the tasks are committed
+    /// Sends these requests and awaits the broker's confirm; the tasks of what cannot be
+    /// sent now are kept for the next connection. Never fails: the tasks are committed
     /// either way.
-    async fn send(&self, task_ids: &[Uuid], requests: Vec<TaskRequest>) {
+    async fn send(&self, requests: Vec<TaskRequest>) {
+        let task_ids: Vec<Uuid> = requests.iter().filter_map(|r| r.task_id.parse().ok()).collect();
         let Some(publisher) = self.publisher() else {
             tracing::warn!(tasks = task_ids.len(), "broker unavailable; task requests kept until it is back");
-            return self.keep(task_ids);
+            return self.keep(&task_ids);
         };
         let commands: Vec<Command> = requests.into_iter().map(Command::Task).collect();
         if let Err(error) = publisher.send(&commands).await {
             tracing::warn!(%error, tasks = task_ids.len(), "task requests not published; kept until the broker is back");
-            self.keep(task_ids);
+            self.keep(&task_ids);
         }
     }
 
@@ -153,7 +154,7 @@ impl Link {
                     .iter()
                     .map(|id| TaskRequest { task_id: id.to_string(), trace_context: trace.clone(), created: None })
                     .collect();
-                self.send(chunk, requests).await;
+                self.send(requests).await;
             }
         }
         let lost = tokio::select! {

@@ -216,63 +216,27 @@ impl Tx {
     /// Sends, ahead of everything else in the next round trip, the fence of a batch decided
     /// from tasks kept in memory: it locks them (in id order) and, with the locks held,
     /// aborts the transaction with [`crate::Error::is_stale_kept`] unless each task's
-    /// `last_sort_key` and the sum of its steps' are still those of `kept`.
-    pub fn fence<'a>(&mut self, kept: impl IntoIterator<Item = (&'a TaskHead, i64)>) {
+    /// `last_sort_key` and the sum of its steps' are still those of `kept`. Right behind
+    /// it goes, for each task of `told` (kept from its request: the requester's word, which
+    /// the keys alone do not check), the check that the task is the one stored: its head,
+    /// every step and every edge as its `WholeTask` has them, aborting likewise.
+    pub fn fence<'a>(
+        &mut self,
+        kept: impl IntoIterator<Item = (&'a TaskHead, i64)>,
+        told: impl IntoIterator<Item = (&'a TaskHead, &'a WholeTask)>,
+    ) {
         let mut kept: Vec<(Uuid, i32, i64)> =
             kept.into_iter().map(|(task, steps)| (task.id, task.last_sort_key, steps)).collect();
         kept.sort_unstable();
         let ids: Vec<Uuid> = kept.iter().map(|k| k.0).collect();
         let task_keys: Vec<i32> = kept.iter().map(|k| k.1).collect();
         let step_keys: Vec<i64> = kept.iter().map(|k| k.2).collect();
-        self.writes.insert(
-            0,
-            Write {
-                sql: Cow::Borrowed("SELECT tasker_fence($1, $2, $3)"),
-                params: vec![boxed(ids), boxed(task_keys), boxed(step_keys)],
-            },
-        );
-    }
-
-    /// Sends, right behind the fence, the check that a task kept from its request is the
-    /// task stored: its head, every step and every edge as `whole` has them (a request's
-    /// task is the requester's word; `tasker_fence` compares sort keys only). A task that
-    /// differs aborts the transaction as the fence does ([`crate::Error::is_stale_kept`]).
-    pub fn fence_created(&mut self, head: &TaskHead, whole: &WholeTask) {
-        let steps: Vec<&StepRow> = whole.steps.values().collect();
-        let (edge_from, edge_to): (Vec<Uuid>, Vec<Uuid>) = whole
-            .children
-            .iter()
-            .flat_map(|(parent, children)| children.iter().map(move |child| (*parent, *child)))
-            .unzip();
-        let head_text = vec![
-            head.namespace.clone(),
-            head.name.clone(),
-            head.version.clone(),
-            head.trace.traceparent.clone(),
-            head.trace.tracestate.clone(),
-        ];
-        let at =
-            self.writes.iter().position(|w| !w.sql.starts_with("SELECT tasker_fence(")).unwrap_or(self.writes.len());
-        self.writes.insert(
-            at,
-            Write {
-                sql: Cow::Borrowed("SELECT tasker_fence_created($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"),
-                params: vec![
-                    boxed(head.id),
-                    boxed(head_text),
-                    boxed(steps.iter().map(|s| s.id).collect::<Vec<Uuid>>()),
-                    boxed(steps.iter().map(|s| s.name.clone()).collect::<Vec<String>>()),
-                    boxed(steps.iter().map(|s| s.handler.clone()).collect::<Vec<String>>()),
-                    boxed(steps.iter().map(|s| s.config.clone()).collect::<Vec<String>>()),
-                    boxed(steps.iter().map(|s| s.max_attempts).collect::<Vec<i32>>()),
-                    boxed(steps.iter().map(|s| s.retryable).collect::<Vec<bool>>()),
-                    boxed(steps.iter().map(|s| s.timeout_ms).collect::<Vec<i64>>()),
-                    boxed(steps.iter().map(|s| s.pending_parents).collect::<Vec<i32>>()),
-                    boxed(edge_from),
-                    boxed(edge_to),
-                ],
-            },
-        );
+        let fence = Write {
+            sql: Cow::Borrowed("SELECT tasker_fence($1, $2, $3)"),
+            params: vec![boxed(ids), boxed(task_keys), boxed(step_keys)],
+        };
+        let checks = told.into_iter().map(|(head, whole)| created_check(head, whole));
+        self.writes.splice(0..0, std::iter::once(fence).chain(checks));
     }
 
     /// Writes what is buffered and runs one read, in one round trip.
@@ -511,6 +475,40 @@ fn renumbered(sql: &str, offset: usize) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// `tasker_fence_created` for a task kept from its request: the task as `whole` has it.
+fn created_check(head: &TaskHead, whole: &WholeTask) -> Write {
+    let steps: Vec<&StepRow> = whole.steps.values().collect();
+    let (edge_from, edge_to): (Vec<Uuid>, Vec<Uuid>) = whole
+        .children
+        .iter()
+        .flat_map(|(parent, children)| children.iter().map(move |child| (*parent, *child)))
+        .unzip();
+    let head_text = vec![
+        head.namespace.clone(),
+        head.name.clone(),
+        head.version.clone(),
+        head.trace.traceparent.clone(),
+        head.trace.tracestate.clone(),
+    ];
+    Write {
+        sql: Cow::Borrowed("SELECT tasker_fence_created($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"),
+        params: vec![
+            boxed(head.id),
+            boxed(head_text),
+            boxed(steps.iter().map(|s| s.id).collect::<Vec<Uuid>>()),
+            boxed(steps.iter().map(|s| s.name.clone()).collect::<Vec<String>>()),
+            boxed(steps.iter().map(|s| s.handler.clone()).collect::<Vec<String>>()),
+            boxed(steps.iter().map(|s| s.config.clone()).collect::<Vec<String>>()),
+            boxed(steps.iter().map(|s| s.max_attempts).collect::<Vec<i32>>()),
+            boxed(steps.iter().map(|s| s.retryable).collect::<Vec<bool>>()),
+            boxed(steps.iter().map(|s| s.timeout_ms).collect::<Vec<i64>>()),
+            boxed(steps.iter().map(|s| s.pending_parents).collect::<Vec<i32>>()),
+            boxed(edge_from),
+            boxed(edge_to),
+        ],
+    }
 }
 
 fn boxed<T: ToSql + Sync + Send + 'static>(value: T) -> Param {

@@ -287,14 +287,14 @@ async fn a_task_read_in_whole_is_fenced_by_its_sort_keys() {
 
     // unchanged: the fence passes and the transaction's writes commit
     let mut tx = store.begin().await.unwrap();
-    tx.fence([(&head, keys(&whole))]);
+    tx.fence([(&head, keys(&whole))], []);
     let mut started = head.clone();
     tx.transition_task(&mut started, TaskState::InProgress, json!({})).unwrap();
     tx.commit().await.unwrap();
 
     // kept as it was before that commit: the fence finds the task changed
     let mut tx = store.begin().await.unwrap();
-    tx.fence([(&head, keys(&whole))]);
+    tx.fence([(&head, keys(&whole))], []);
     let mut again = head.clone();
     tx.transition_task(&mut again, TaskState::InProgress, json!({})).unwrap();
     let error = tx.commit().await.unwrap_err();
@@ -307,7 +307,7 @@ async fn a_task_read_in_whole_is_fenced_by_its_sort_keys() {
     tx.transition_step(&task.subject(), &mut moved, StepState::Enqueued, json!({}), StepChange::default()).unwrap();
     tx.commit().await.unwrap();
     let mut tx = store.begin().await.unwrap();
-    tx.fence([(&started, keys(&whole))]);
+    tx.fence([(&started, keys(&whole))], []);
     let mut cancelled = whole.steps[&c].clone();
     tx.transition_step(&started.subject(), &mut cancelled, StepState::Cancelled, json!({}), StepChange::default())
         .unwrap();

@@ -171,6 +171,7 @@ impl Engine {
         if let Some(from) =
             from_kept.then(|| self.kept.load(&named.tasks, &named.steps, &named.completed, &named.evaluate)).flatten()
         {
+            let told = from.told.clone();
             match self.decide_from_kept(items, from, clock).await {
                 Err(error) if error.is_stale_kept() => {
                     // the fence names the tasks it found changed
@@ -180,6 +181,14 @@ impl Engine {
                         "a kept task changed; deciding the batch again from reads"
                     );
                     self.kept.stale(&changed);
+                    stale = true;
+                }
+                // a request told a value the database cannot even hold (a config that is
+                // not JSON, a NUL in a name): not the stored task either, whichever of the
+                // told ones it was
+                Err(error) if !told.is_empty() && error.is_refused_value() => {
+                    tracing::debug!(told = told.len(), %error, "a task request told a value the database refuses; deciding the batch again from reads");
+                    self.kept.stale(&told);
                     stale = true;
                 }
                 Ok(outcome) => return Ok(outcome),

@@ -162,18 +162,22 @@ async fn a_task_changed_before_its_first_batch_is_read_instead() {
 /// A request may come from anyone who may publish to the orchestrator's queue, so what it
 /// tells of a task is checked against the task stored before anything is written from it:
 /// a request that names a real task, unchanged since its creation, but tells it otherwise
-/// (another namespace, handler, config, limit, a step left out, an edge moved) is decided
-/// again from the database, and the task runs as it was created.
+/// (another namespace, handler, config, limit, a step left out, an edge moved, a value the
+/// database cannot hold) is decided again from the database, and the task runs as it was
+/// created.
 #[tokio::test]
 async fn a_task_told_otherwise_than_it_was_created_runs_as_created() {
     let env = TestEnv::new().await;
     let (store, engine, _) = setup(&env).await;
     let template = store.template("kept", "chain", None).await.unwrap();
     type Lie = fn(&mut tasker_proto::messages::CreatedTask);
-    let lies: [(&str, Lie); 7] = [
+    let lies: [(&str, Lie); 9] = [
         ("another namespace", |t| t.namespace = "elsewhere".into()),
         ("another handler", |t| t.steps[0].handler = "http".into()),
         ("another config", |t| t.steps[0].config_json = r#"{"url": "http://example.invalid"}"#.into()),
+        // values the database cannot hold at all: refused by the check's statement itself
+        ("a config that is not JSON", |t| t.steps[0].config_json = "{not json".into()),
+        ("a NUL in a name", |t| t.steps[1].name = "b\0".into()),
         ("another limit", |t| t.steps[0].max_attempts = 9),
         ("a step left out", |t| {
             t.steps.pop();

@@ -127,7 +127,8 @@ impl Bench {
             bucket_quantile(&histogram_delta(&before, &after, series), q).map_or(f64::NAN, |s| s * 1000.0)
         };
         let hop = |q| ms("tasker_orchestrator_hop_seconds", q);
-        let phase = |name: &str| ms(&format!("tasker_orchestrator_hop_phase_seconds{{phase=\"{name}\"}}"), 0.5);
+        let phase_at = |name: &str, q| ms(&format!("tasker_orchestrator_hop_phase_seconds{{phase=\"{name}\"}}"), q);
+        let phase = |name: &str| phase_at(name, 0.5);
         // in the same minute: the same round trips, commits and hops, with nothing in them
         let floor = crate::floor::measure(&self.floor, n).await.context("B1's floor")?;
         Ok(vec![
@@ -157,6 +158,11 @@ impl Bench {
             ),
             figure("B2", "part p50: executions published, confirmed", "ms", phase("publish"), None),
             figure("B2", "floor part p50: publish, confirmed", "ms", floor.publish.quantile_ms(0.5), None),
+            // and where its tail goes (B1's p99 is its slowest few tasks)
+            figure("B2", "part p99: the writing round trip", "ms", phase_at("write", 0.99), None),
+            figure("B2", "floor part p99: its round trip", "ms", floor.trip.quantile_ms(0.99), None),
+            figure("B2", "part p99: executions published, confirmed", "ms", phase_at("publish", 0.99), None),
+            figure("B2", "floor part p99: publish, confirmed", "ms", floor.publish.quantile_ms(0.99), None),
         ])
     }
 

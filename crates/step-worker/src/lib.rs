@@ -2,10 +2,11 @@
 //!
 //! Implement [`StepHandler`], register it by name in a [`Registry`], and run a [`Worker`]
 //! for the namespaces it serves. The runtime consumes `{prefix}.steps.{namespace}` with a
-//! prefetch equal to its concurrency, reports `started` and then the outcome to the
-//! orchestrator (publisher-confirmed), stops waiting on a handler at the step's timeout,
-//! and acks an execution only once its outcome is confirmed. Workers never touch Postgres:
-//! adding workers adds no database load.
+//! prefetch equal to its concurrency (and runs that many handlers of a namespace at once,
+//! those of a connection lost meanwhile included), reports `started` and then the outcome
+//! to the orchestrator (publisher-confirmed), stops waiting on a handler at the step's
+//! timeout, and acks an execution only once its outcome is confirmed. Workers never touch
+//! Postgres: adding workers adds no database load.
 
 mod builtins;
 mod handler;

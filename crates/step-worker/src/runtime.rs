@@ -13,7 +13,10 @@ use tasker_proto::messages::{
     Completed, Failed, FailureKind, Started, StepExecution, StepReport, step_report::Outcome,
 };
 use tasker_runtime::{Admin, Config};
-use tokio::{sync::watch, task::JoinSet};
+use tokio::{
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
@@ -136,6 +139,8 @@ impl Worker {
             );
         }
         anyhow::ensure!(!config.worker.namespaces.is_empty(), "worker.namespaces: serve at least one namespace");
+        // a prefetch of 0 would be no limit at all to the broker
+        anyhow::ensure!(config.worker.concurrency >= 1, "worker.concurrency: run at least one step at a time");
         let admin = Admin::bind(config.worker.admin_listen).await.context("binding the admin listener")?;
         Ok(Worker { config, registry, admin })
     }
@@ -175,6 +180,12 @@ impl Worker {
             running: Running::default(),
             attempts: Attempts::default(),
             consumers,
+            slots: config
+                .worker
+                .namespaces
+                .iter()
+                .map(|ns| (ns.clone(), Arc::new(Semaphore::new(config.worker.concurrency as usize))))
+                .collect(),
         };
         let result = tasker_runtime::supervise("step-worker", &stop, || {
             consume_all(&config, &registry, &worker_id, &lasting, stop.clone())
@@ -197,6 +208,8 @@ struct Lasting {
     running: Running,
     attempts: Attempts,
     consumers: tasker_runtime::Consumers,
+    /// Each namespace's `worker.concurrency` permits, one held by each handler running.
+    slots: HashMap<String, Arc<Semaphore>>,
 }
 
 /// One connection's life: consume every namespace until `stop` (Ok) or a failure (Err).
@@ -207,7 +220,7 @@ async fn consume_all(
     lasting: &Lasting,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Lasting { metrics, slot, unreported, running, attempts, consumers } = lasting;
+    let Lasting { metrics, slot, unreported, running, attempts, consumers, slots } = lasting;
     let settings = &config.worker;
     let broker = Arc::new(tasker_runtime::connect_broker(&config.amqp, "step-worker").await?);
     slot.set(Some(broker.clone()));
@@ -230,7 +243,7 @@ async fn consume_all(
         let queue = broker.topology().steps_queue(ns);
         let consumer: Consumer<StepExecution> = broker.consume(&queue, settings.concurrency).await?;
         attached.push(consumers.attach());
-        set.spawn(runner.clone().consume(consumer, local.clone()));
+        set.spawn(runner.clone().consume(consumer, slots[ns].clone(), local.clone()));
     }
     tracing::info!(worker_id, "step worker consuming");
     let result = tasker_runtime::join_loops(set, &local, &stop).await;
@@ -257,15 +270,22 @@ fn default_worker_id() -> String {
 }
 
 impl Runner {
-    /// Takes executions as they come (the prefetch bounds how many run at once) until
-    /// `stop`, each attempt in [`Attempts`], where it outlives this connection.
-    async fn consume(self, mut consumer: Consumer<StepExecution>, stop: CancellationToken) -> anyhow::Result<()> {
+    /// Takes executions as they come until `stop`, each attempt in [`Attempts`], where it
+    /// outlives this connection. The prefetch bounds how many this connection holds; the
+    /// namespace's `slots`, how many handlers run at once, those of a connection lost
+    /// meanwhile included: a delivery waits for a slot before its handler starts.
+    async fn consume(
+        self,
+        mut consumer: Consumer<StepExecution>,
+        slots: Arc<Semaphore>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 incoming = consumer.next() => {
                     let incoming = incoming?;
-                    self.attempts.spawn(self.clone().execute(incoming));
+                    self.attempts.spawn(self.clone().execute(incoming, slots.clone()));
                 }
             }
         }
@@ -273,7 +293,7 @@ impl Runner {
         Ok(())
     }
 
-    async fn execute(self, incoming: Incoming<StepExecution>) {
+    async fn execute(self, incoming: Incoming<StepExecution>, slots: Arc<Semaphore>) {
         let Incoming { message, ack, headers, .. } = incoming;
         let Some(exec) = message else {
             tracing::warn!("undecodable step execution rejected to the dead-letter queue");
@@ -304,20 +324,16 @@ impl Runner {
         tasker_runtime::trace::set_parent(&span, &received);
         let trace = tasker_runtime::trace::context_of(&span, &received).to_headers();
         let _in_flight = InFlight::count(&self.metrics.in_flight);
-        self.attempt(exec, ack, trace).instrument(span).await;
+        self.attempt(exec, ack, trace, slots).instrument(span).await;
     }
 
-    async fn attempt(self, exec: StepExecution, ack: tasker_messaging::Ack, trace: HashMap<String, String>) {
-        let started_at_unix_ms = chrono::Utc::now().timestamp_millis();
-        let report = |outcome| StepReport {
-            task_id: exec.task_id.clone(),
-            step_id: exec.step_id.clone(),
-            attempt: exec.attempt,
-            worker_id: self.worker_id.clone(),
-            outcome: Some(outcome),
-            started_at_unix_ms,
-            trace_context: trace.clone(),
-        };
+    async fn attempt(
+        self,
+        exec: StepExecution,
+        ack: tasker_messaging::Ack,
+        trace: HashMap<String, String>,
+        slots: Arc<Semaphore>,
+    ) {
         let key = (exec.step_id.clone(), exec.attempt);
         let kept = self.unreported.lock().expect("unreported lock").remove(&key);
         if let Some(kept) = kept {
@@ -362,6 +378,19 @@ impl Runner {
                 return;
             }
         };
+        // a handler of a connection lost meanwhile may still hold the slot (never closed,
+        // so this waits only for one)
+        let slot = slots.acquire_owned().await.expect("the slots are never closed");
+        let started_at_unix_ms = chrono::Utc::now().timestamp_millis();
+        let report = |outcome| StepReport {
+            task_id: exec.task_id.clone(),
+            step_id: exec.step_id.clone(),
+            attempt: exec.attempt,
+            worker_id: self.worker_id.clone(),
+            outcome: Some(outcome),
+            started_at_unix_ms,
+            trace_context: trace.clone(),
+        };
         // A quick step's start travels with its outcome; a longer one is reported started
         // once it has run for `started_report_after`, while it goes on running.
         let run = self.run_handler(&exec);
@@ -382,6 +411,7 @@ impl Runner {
                 outcome
             }
         };
+        drop(slot);
         self.metrics.executed.inc();
         let outcome_name = match &outcome {
             Outcome::Completed(_) => "complete",

@@ -259,6 +259,90 @@ async fn a_step_running_through_its_workers_lost_connection_runs_once() {
     env.cleanup().await;
 }
 
+/// Sleeps `config.ms`, keeping the most calls it saw running at once.
+#[derive(Clone, Default)]
+struct AtOnce {
+    running: Arc<Mutex<(u32, u32)>>,
+}
+
+#[async_trait::async_trait]
+impl StepHandler for AtOnce {
+    async fn call(&self, input: StepInput) -> Result<Value, StepError> {
+        {
+            let mut guard = self.running.lock().unwrap();
+            guard.0 += 1;
+            guard.1 = guard.1.max(guard.0);
+        }
+        tokio::time::sleep(Duration::from_millis(input.config["ms"].as_u64().unwrap_or(0))).await;
+        self.running.lock().unwrap().0 -= 1;
+        Ok(json!({}))
+    }
+}
+
+/// `worker.concurrency` bounds the steps a worker runs at once, those still running from
+/// a connection it lost included. While the worker was away, the execution of the step it
+/// was running went elsewhere (here: purged from the queue, as another worker would have
+/// taken it); back, the worker is sent new work at once, and that waits for the old run
+/// to end before its handler starts.
+#[tokio::test]
+async fn concurrency_counts_the_steps_still_running_from_a_lost_connection() {
+    let env = TestEnv::new().await;
+    let amqp = FaultProxy::for_url(&env.config.amqp.url).await;
+    let at_once = AtOnce::default();
+    let mut registry = Registry::with_builtins();
+    registry.register("at_once", at_once.clone());
+    let worker = WorkerSpec::new("w1", &["faults"]).registry(registry).concurrency(1);
+    let system = System::start_each(
+        &env,
+        |service| {
+            let mut config = env.config.clone();
+            if service == "step-worker" {
+                config.amqp.url = amqp.url(&config.amqp.url);
+            }
+            config
+        },
+        vec![worker],
+    )
+    .await;
+    let one_step = |name: &str, ms: u64| {
+        format!(
+            "namespace: faults\nname: {name}\nversion: 1.0.0\ndefaults: {{ timeout: 60s }}\nsteps:\n  \
+             - {{ name: only, handler: at_once, config: {{ ms: {ms} }} }}\n"
+        )
+    };
+    system.register(&env, &one_step("slow", 4000)).await;
+    system.register(&env, &one_step("quick", 50)).await;
+    let slow = system.submit("faults", "slow", json!({})).await;
+    system.wait_for(&slow.id, |t| t.steps[0].status() == pb::StepStatus::InProgress).await;
+
+    amqp.down();
+    let broker = env.broker().await;
+    let queue = broker.topology().steps_queue("faults");
+    // the broker gives the lost connection's execution back to the queue
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while broker.queue_state(&queue).await.unwrap().is_none_or(|q| q.ready == 0) {
+        assert!(tokio::time::Instant::now() < deadline, "the execution never went back to its queue");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.purge(&queue).await.unwrap();
+    broker.close().await.unwrap();
+    amqp.heal();
+    wait_status(system.worker_admins[0], "/health/ready", 200).await;
+
+    let quick = system.submit("faults", "quick", json!({})).await;
+    let quick = system.wait_final(&quick.id).await;
+    assert_eq!(quick.status(), pb::TaskStatus::Complete, "{quick:#?}");
+    assert_eq!(at_once.running.lock().unwrap().1, 1, "one step at a time, as configured");
+    let slow = system.tasks().get_task(pb::GetTaskRequest { task_id: slow.id, ..Default::default() }).await;
+    let slow = slow.unwrap().into_inner();
+    assert!(
+        ts(&quick.steps[0].started_at) >= ts(&slow.steps[0].started_at) + chrono::Duration::milliseconds(3900),
+        "the new step started once the old run had ended: {quick:#?} {slow:#?}"
+    );
+    system.stop().await;
+    env.cleanup().await;
+}
+
 /// A step that runs long without reporting its start (`worker.started_report_after`
 /// longer than its run) stays `enqueued`, so the sweeper publishes its execution again,
 /// with the same attempt, every `enqueued_step_timeout`. The copies reach the worker

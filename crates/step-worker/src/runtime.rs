@@ -378,8 +378,8 @@ impl Runner {
                 return;
             }
         };
-        // a handler of a connection lost meanwhile may still hold the slot (never closed,
-        // so this waits only for one)
+        // waits while the namespace's handlers fill `worker.concurrency`, those still running
+        // from a connection lost meanwhile included; the step starts once it has a slot
         let slot = slots.acquire_owned().await.expect("the slots are never closed");
         let started_at_unix_ms = chrono::Utc::now().timestamp_millis();
         let report = |outcome| StepReport {

@@ -176,6 +176,17 @@ async fn services_reconnect_after_the_broker_closes_their_connections() {
     env.cleanup().await;
 }
 
+/// Each service's configuration: `env`'s, `service` reaching the broker through `proxy`.
+fn broker_through<'a>(env: &'a TestEnv, proxy: &'a FaultProxy, service: &'static str) -> impl Fn(&str) -> Config + 'a {
+    move |name| {
+        let mut config = env.config.clone();
+        if name == service {
+            config.amqp.url = proxy.url(&config.amqp.url);
+        }
+        config
+    }
+}
+
 /// Sleeps `config.ms`, counting its calls per step.
 #[derive(Clone, Default)]
 struct Counted(Arc<Mutex<HashMap<String, u32>>>);
@@ -292,18 +303,7 @@ async fn concurrency_counts_the_steps_still_running_from_a_lost_connection() {
     let mut registry = Registry::with_builtins();
     registry.register("at_once", at_once.clone());
     let worker = WorkerSpec::new("w1", &["faults"]).registry(registry).concurrency(1);
-    let system = System::start_each(
-        &env,
-        |service| {
-            let mut config = env.config.clone();
-            if service == "step-worker" {
-                config.amqp.url = amqp.url(&config.amqp.url);
-            }
-            config
-        },
-        vec![worker],
-    )
-    .await;
+    let system = System::start_each(&env, broker_through(&env, &amqp, "step-worker"), vec![worker]).await;
     let one_step = |name: &str, ms: u64| {
         format!(
             "namespace: faults\nname: {name}\nversion: 1.0.0\ndefaults: {{ timeout: 60s }}\nsteps:\n  \
@@ -517,18 +517,9 @@ async fn a_broken_relay_replica_steps_aside_and_recovers() {
 async fn watches_end_unavailable_when_task_api_loses_the_broker_and_can_be_opened_again() {
     let env = TestEnv::new().await;
     let amqp = FaultProxy::for_url(&env.config.amqp.url).await;
-    let system = System::start_each(
-        &env,
-        |service| {
-            let mut config = env.config.clone();
-            if service == "task-api" {
-                config.amqp.url = amqp.url(&config.amqp.url);
-            }
-            config
-        },
-        vec![WorkerSpec::new("w1", &["faults"])],
-    )
-    .await;
+    let system =
+        System::start_each(&env, broker_through(&env, &amqp, "task-api"), vec![WorkerSpec::new("w1", &["faults"])])
+            .await;
     system
         .register(
             &env,

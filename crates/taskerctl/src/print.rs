@@ -78,7 +78,7 @@ pub fn step_line(s: &pb::Step) {
 
 pub fn task(t: &pb::Task, transitions: bool) {
     println!("task {}  {}/{} {}  {}", t.id, t.namespace, t.name, t.version, task_status(t.status));
-    println!("  created {}  started {}  completed {}", time(&t.created_at), time(&t.started_at), time(&t.completed_at));
+    println!("  created {}  started {}  finished {}", time(&t.created_at), time(&t.started_at), time(&t.completed_at));
     for s in &t.steps {
         step_line(s);
         if transitions {

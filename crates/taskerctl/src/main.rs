@@ -70,7 +70,9 @@ enum Command {
     /// Stream a task's lifecycle events until it is final.
     ///
     /// If task-api goes away meanwhile (a restart, a lost connection), the task is watched
-    /// again, for up to 2 minutes of trying, and each event is printed once.
+    /// again, for up to 2 minutes of trying, and each event is printed once. Exits 0 when
+    /// the task completed, 3 when it ended `error` or `cancelled`, 1 on any other failure
+    /// (2: bad arguments).
     Watch { task_id: String },
     /// Development tokens.
     #[command(subcommand)]
@@ -159,7 +161,8 @@ enum TaskCommand {
         reason: Option<String>,
         #[arg(long = "tag")]
         tags: Vec<String>,
-        /// Stream the task's events until it is final, then show it (as `watch` does).
+        /// Stream the task's events until it is final, then show it (as `watch` does); exit
+        /// 3 when it ended `error` or `cancelled`.
         #[arg(long)]
         wait: bool,
     },
@@ -213,6 +216,10 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) if error.is::<NotCompleted>() => {
+            eprintln!("{error}");
+            std::process::ExitCode::from(NotCompleted::EXIT_CODE)
+        }
         Err(error) => {
             match error.downcast_ref::<tonic::Status>() {
                 Some(status) => eprintln!("error: {:?}: {}", status.code(), status.message()),
@@ -362,7 +369,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Watch { task_id } => {
             let mut client = TaskServiceClient::new(channel(&cli).await?);
-            watch(&mut client, task_id).await?;
+            watch(&mut client, task_id).await?.into_result()?;
         }
         Command::Token(TokenCommand::Mint { secret, subject, permissions, namespaces, ttl, issuer, audience }) => {
             let token = tasker_auth::mint(&tasker_auth::Mint {
@@ -415,7 +422,7 @@ async fn task(cli: &Cli, cmd: &TaskCommand) -> anyhow::Result<()> {
             let note = if response.deduplicated { " (deduplicated: the original task)" } else { "" };
             println!("task {} {}/{} {}{note}", task.id, task.namespace, task.name, task.version);
             if *wait {
-                watch(&mut client, &task.id).await?;
+                let ended = watch(&mut client, &task.id).await?;
                 // the final state, asked again if task-api went away meanwhile (it was
                 // reached: the watch just ended there)
                 let mut outage = Outage { reached: true, ..Outage::default() };
@@ -430,6 +437,7 @@ async fn task(cli: &Cli, cmd: &TaskCommand) -> anyhow::Result<()> {
                     }
                 };
                 print::task(&task, false);
+                ended.into_result()?;
             }
         }
         TaskCommand::Get { task_id, transitions } => {
@@ -498,16 +506,60 @@ impl Outage {
     }
 }
 
+/// A watched task that ended otherwise than `complete`: taskerctl exits with
+/// [`NotCompleted::EXIT_CODE`], so that a script tells it from taskerctl's own failure (1)
+/// and from bad arguments (2, as clap exits).
+#[derive(Debug)]
+struct NotCompleted {
+    task_id: String,
+    /// The event that ended the watch (`task.failed`, `task.cancelled`).
+    event: String,
+}
+
+impl NotCompleted {
+    const EXIT_CODE: u8 = 3;
+}
+
+impl std::fmt::Display for NotCompleted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = match self.event.as_str() {
+            "task.failed" => "error",
+            "task.cancelled" => "cancelled",
+            other => other,
+        };
+        write!(f, "task {} ended {status} ({}), not complete", self.task_id, self.event)
+    }
+}
+
+impl std::error::Error for NotCompleted {}
+
+/// How a watch ended: the task's last event, whose routing key ends with the task's final
+/// transition.
+struct Ended {
+    task_id: String,
+    last_routing_key: String,
+}
+
+impl Ended {
+    /// Ok for a task that completed; [`NotCompleted`] otherwise.
+    fn into_result(self) -> Result<(), NotCompleted> {
+        // `{namespace}.{task_name}.task.{event}`: neither name holds a dot
+        let event = self.last_routing_key.splitn(3, '.').nth(2).unwrap_or_default().to_owned();
+        if event == "task.completed" { Ok(()) } else { Err(NotCompleted { task_id: self.task_id, event }) }
+    }
+}
+
 /// Prints a task's events until it is final. When the stream breaks because task-api went
 /// away (it stopped, or the connection was lost), the task is watched again, through
 /// another replica or the same one back, for up to [`OUTLAST`]. The history each new
 /// stream replays is skipped by event id, so every event is printed once and none is
 /// missed.
-async fn watch(client: &mut TaskServiceClient<Api>, task_id: &str) -> anyhow::Result<()> {
+async fn watch(client: &mut TaskServiceClient<Api>, task_id: &str) -> anyhow::Result<Ended> {
     let (mut seen, mut outage) = (HashSet::new(), Outage::default());
+    let mut ended = Ended { task_id: task_id.to_owned(), last_routing_key: String::new() };
     loop {
-        match watch_once(client, task_id, &mut seen, &mut outage).await {
-            Ok(()) => return Ok(()),
+        match watch_once(client, task_id, &mut seen, &mut ended.last_routing_key, &mut outage).await {
+            Ok(()) => return Ok(ended),
             Err(status) if lost_task_api(&status) => outage.wait("task-api", status.into(), "watching again").await?,
             Err(status) => return Err(status.into()),
         }
@@ -558,11 +610,13 @@ fn lost_task_api(status: &tonic::Status) -> bool {
     }
 }
 
-/// One WatchTask stream, printing the events not `seen` before.
+/// One WatchTask stream, printing the events not `seen` before and keeping the routing key
+/// of the `last` one streamed (a replayed one included).
 async fn watch_once(
     client: &mut TaskServiceClient<Api>,
     task_id: &str,
     seen: &mut HashSet<String>,
+    last: &mut String,
     outage: &mut Outage,
 ) -> Result<(), tonic::Status> {
     let mut stream = client.watch_task(pb::WatchTaskRequest { task_id: task_id.to_owned() }).await?.into_inner();
@@ -571,6 +625,7 @@ async fn watch_once(
         if seen.insert(event.id.clone()) {
             print::event_line(&event.routing_key, &event.data_json);
         }
+        *last = event.routing_key;
     }
     Ok(())
 }

@@ -7,6 +7,9 @@ const SECRET: &str = "a-cli-test-secret-of-at-least-32-bytes";
 
 const QUICK: &str = "namespace: rewatch\nname: quick\nversion: 1.0.0\nsteps:\n  - { name: a, handler: echo }\n";
 
+/// One step that fails for good on its first attempt.
+const FAILING: &str = "namespace: rewatch\nname: failing\nversion: 1.0.0\nsteps:\n  - { name: a, handler: fail, config: { permanent: true, message: refused } }\n";
+
 /// Two steps, one after the other: 1.5 s, then 3 s.
 const SLOW: &str = "namespace: rewatch\nname: slow\nversion: 1.0.0\nsteps:\n  - { name: a, handler: sleep, config: { ms: 1500 } }\n  - { name: b, handler: sleep, config: { ms: 3000 }, depends_on: [a] }\n";
 
@@ -191,6 +194,48 @@ async fn submit_wait_prints_the_events_then_the_final_task() {
     let id = out.split_whitespace().nth(1).expect("task <id> first");
     let final_line = out.lines().find(|l| l.starts_with(&format!("task {id}")) && l.ends_with("complete"));
     assert!(final_line.is_some_and(|l| out.find(l).unwrap() > completed), "the final task after the events: {out}");
+    system.stop().await;
+    env.cleanup().await;
+}
+
+/// `task submit --wait` and `watch` exit 3 for a task that ended `error` or `cancelled`
+/// (after printing it), so a script tells it from a completed task (0), from
+/// taskerctl's own failure (1) and from bad arguments (2, clap's).
+#[tokio::test]
+async fn waiting_exits_3_for_a_task_that_did_not_complete() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![WorkerSpec::new("w1", &["rewatch"])]).await;
+    system.register(&env, FAILING).await;
+    system.register(&env, SLOW).await;
+    let api = format!("http://{}", system.api_addr);
+
+    let failed = taskerctl(&["--api", &api, "task", "submit", "rewatch", "failing", "--wait"]).await;
+    let (out, err) = (String::from_utf8_lossy(&failed.stdout), String::from_utf8_lossy(&failed.stderr));
+    assert_eq!(failed.status.code(), Some(3), "{out}{err}");
+    let id = out.split_whitespace().nth(1).expect("task <id> first");
+    assert!(out.lines().any(|l| l.starts_with(&format!("task {id}")) && l.ends_with("error")), "{out}");
+    assert!(err.contains(&format!("task {id} ended error (task.failed)")), "{err}");
+    // watching it afterwards: the replayed history, and the same answer
+    let watched = taskerctl(&["--api", &api, "watch", id]).await;
+    assert_eq!(watched.status.code(), Some(3), "{}", String::from_utf8_lossy(&watched.stderr));
+    assert!(String::from_utf8_lossy(&watched.stdout).contains("rewatch.failing.task.failed"));
+
+    let slow = system.submit("rewatch", "slow", serde_json::json!({})).await;
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskerctl"));
+    command.args(["--api", &api, "watch", &slow.id]);
+    let watch = Service::spawn(command, "task.created").await;
+    let cancelled = taskerctl(&["--api", &api, "task", "cancel", &slow.id]).await;
+    assert!(cancelled.status.success(), "{}", String::from_utf8_lossy(&cancelled.stderr));
+    let (status, lines) = watch.exited().await;
+    assert_eq!(status.code(), Some(3), "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.contains(&format!("task {} ended cancelled (task.cancelled)", slow.id))),
+        "{lines:#?}"
+    );
+
+    // a task that does not exist is taskerctl's own failure
+    let unknown = taskerctl(&["--api", &api, "watch", "00000000-0000-0000-0000-000000000000"]).await;
+    assert_eq!(unknown.status.code(), Some(1), "{}", String::from_utf8_lossy(&unknown.stderr));
     system.stop().await;
     env.cleanup().await;
 }

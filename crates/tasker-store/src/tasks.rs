@@ -281,10 +281,11 @@ impl Store {
         }
     }
 
-    /// A task with its steps and edges, and transitions when asked for, in one round trip.
-    /// The edges and the step transitions are read by the keys of the task's steps
-    /// (`STEPS_OF_TASK`), an index probe each whatever the statistics say: as a join, a
-    /// planner that misjudged a task's size hashed the whole edges table instead.
+    /// A task with its steps and edges, and transitions when asked for, in one round trip
+    /// and one snapshot (the task's status is that of its last transition, its steps'
+    /// those of theirs). The edges and the step transitions are read by the keys of the
+    /// task's steps (`STEPS_OF_TASK`), an index probe each whatever the statistics say: as
+    /// a join, a planner that misjudged a task's size hashed the whole edges table instead.
     pub async fn task(&self, id: Uuid, include_transitions: bool) -> Result<TaskView> {
         let client = self.client().await?;
         let task_stmt = client.statement(&format!("SELECT {TASK_COLUMNS} FROM tasks t WHERE t.id = $1")).await?;
@@ -316,12 +317,16 @@ impl Store {
                 .await?;
             futures::try_join!(client.query(&own, &params), client.query(&of_steps, &params)).map(Some)
         };
-        let (task, steps, edges, history) = futures::try_join!(
-            client.query_opt(&task_stmt, &params),
-            client.query(&steps_stmt, &params),
-            client.query(&edges_stmt, &params),
-            history,
-        )?;
+        let reads = async {
+            futures::try_join!(
+                client.query_opt(&task_stmt, &params),
+                client.query(&steps_stmt, &params),
+                client.query(&edges_stmt, &params),
+                history,
+            )
+        };
+        let read = one_snapshot(&client, reads).await;
+        let (task, steps, edges, history) = closed_on_error(client, read)?;
         let task = task_row(&task.ok_or_else(|| Error::NotFound(format!("task {id} not found")))?)?;
         let mut steps: Vec<StepView> = steps.iter().map(step_view).collect::<Result<_>>()?;
         let edges = edge_rows(&steps, edges.iter().map(|row| (row.get(0), row.get(1))))?;
@@ -344,14 +349,18 @@ impl Store {
     pub async fn step(&self, id: Uuid, include_transitions: bool) -> Result<StepView> {
         let client = self.client().await?;
         let stmt = client.statement(&step_view_by_id()).await?;
-        let row =
-            client.query_opt(&stmt, &[&id]).await?.ok_or_else(|| Error::NotFound(format!("step {id} not found")))?;
-        let mut step = step_view(&row)?;
-        if include_transitions {
-            let stmt =
-                client.statement(&format!("{STEP_TRANSITIONS} WHERE workflow_step_id = $1 ORDER BY sort_key")).await?;
-            step.transitions = client.query(&stmt, &[&id]).await?.iter().map(transition_row).collect();
+        if !include_transitions {
+            let row = client.query_opt(&stmt, &[&id]).await?;
+            return step_view(&row.ok_or_else(|| Error::NotFound(format!("step {id} not found")))?);
         }
+        let history =
+            client.statement(&format!("{STEP_TRANSITIONS} WHERE workflow_step_id = $1 ORDER BY sort_key")).await?;
+        let params: [&(dyn ToSql + Sync); 1] = [&id];
+        let reads = async { futures::try_join!(client.query_opt(&stmt, &params), client.query(&history, &params)) };
+        let read = one_snapshot(&client, reads).await;
+        let (row, transitions) = closed_on_error(client, read)?;
+        let mut step = step_view(&row.ok_or_else(|| Error::NotFound(format!("step {id} not found")))?)?;
+        step.transitions = transitions.iter().map(transition_row).collect();
         Ok(step)
     }
 
@@ -437,4 +446,35 @@ fn edge_rows(steps: &[StepView], edges: impl IntoIterator<Item = (Uuid, Uuid)>) 
         (f1.dependency_level, &f1.name, &t1.name).cmp(&(f2.dependency_level, &f2.name, &t2.name))
     });
     Ok(edges.into_iter().map(|(f, t)| EdgeRow { from_step: f.name.clone(), to_step: t.name.clone() }).collect())
+}
+
+/// Runs `reads`, statements of `client` that must agree with each other, in one pipeline
+/// between `BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY` and `COMMIT`: every one of
+/// them sees the database as of one instant. On their own each would see what had
+/// committed when it ran, and a commit between two of them would show in one and not the
+/// other (a task's history ending in a transition its status does not have yet).
+async fn one_snapshot<T>(
+    client: &deadpool_postgres::Object,
+    reads: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+) -> std::result::Result<T, tokio_postgres::Error> {
+    crate::counter::count(2);
+    // futures are first polled, and so sent, in the order they are listed
+    let (_, read, _) = futures::try_join!(
+        client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
+        reads,
+        client.batch_execute("COMMIT"),
+    )?;
+    Ok(read)
+}
+
+/// The outcome of [`one_snapshot`]; after a failure its connection, which may still be
+/// inside the transaction, is closed rather than pooled.
+fn closed_on_error<T>(
+    client: deadpool_postgres::Object,
+    read: std::result::Result<T, tokio_postgres::Error>,
+) -> Result<T> {
+    if read.is_err() {
+        drop(deadpool_postgres::Object::take(client));
+    }
+    Ok(read?)
 }

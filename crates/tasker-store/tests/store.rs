@@ -484,6 +484,101 @@ async fn a_task_reads_back_with_its_own_steps_edges_and_history() {
     env.cleanup().await;
 }
 
+/// GetTask's and GetStep's reads see one instant: a change committed while they are under
+/// way shows in none of their statements (each statement on its own would see what had
+/// committed when it ran: a history ending in a transition the status does not have). The
+/// history is held back by a lock while the change commits, so the interleaving is certain.
+#[tokio::test]
+async fn a_task_and_a_step_read_back_as_of_one_instant() {
+    let env = TestEnv::new().await;
+    let (_, task_id) = setup(&env).await;
+    // one connection, so that every statement is already prepared when the lock is taken
+    let store = Store::connect(&env.config.database.url, 1, tasker_store::Workload::General).await.unwrap();
+    let before = store.task(task_id, true).await.unwrap();
+    assert_eq!(before.task.status, TaskState::Pending);
+    let step_id = before.steps[0].id;
+    store.step(step_id, true).await.unwrap();
+    let mut db = env.database().await;
+
+    // the task: its transitions held back while it goes in_progress
+    let lock = db.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE task_transitions IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let reading = tokio::spawn({
+        let store = store.clone();
+        async move { store.task(task_id, true).await }
+    });
+    wait_for_a_lock_wait(&env).await;
+    lock.execute(
+        "INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, metadata) \
+         SELECT gen_random_uuid(), id, 'pending', 'in_progress', last_sort_key + 1, '{}' FROM tasks WHERE id = $1",
+        &[&task_id],
+    )
+    .await
+    .unwrap();
+    lock.execute(
+        "UPDATE tasks SET status = 'in_progress', last_sort_key = last_sort_key + 1 WHERE id = $1",
+        &[&task_id],
+    )
+    .await
+    .unwrap();
+    lock.commit().await.unwrap();
+    let view = reading.await.unwrap().unwrap();
+    let path: Vec<&str> = view.transitions.iter().map(|t| t.to_state.as_str()).collect();
+    assert_eq!((view.task.status, path), (TaskState::Pending, vec!["pending"]), "as of the read's start");
+    let now = store.task(task_id, true).await.unwrap();
+    assert_eq!(now.task.status, TaskState::InProgress);
+    assert_eq!(now.transitions.last().unwrap().to_state, "in_progress");
+
+    // a step: its transitions held back while it is enqueued
+    let lock = db.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE workflow_step_transitions IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let reading = tokio::spawn({
+        let store = store.clone();
+        async move { store.step(step_id, true).await }
+    });
+    wait_for_a_lock_wait(&env).await;
+    lock.execute(
+        "INSERT INTO workflow_step_transitions (id, workflow_step_id, task_id, from_state, to_state, sort_key, metadata) \
+         SELECT gen_random_uuid(), id, task_id, 'pending', 'enqueued', last_sort_key + 1, '{}' \
+         FROM workflow_steps WHERE id = $1",
+        &[&step_id],
+    )
+    .await
+    .unwrap();
+    lock.execute(
+        "UPDATE workflow_steps SET status = 'enqueued', attempts = 1, last_sort_key = last_sort_key + 1 WHERE id = $1",
+        &[&step_id],
+    )
+    .await
+    .unwrap();
+    lock.commit().await.unwrap();
+    let step = reading.await.unwrap().unwrap();
+    assert_eq!((step.status, step.transitions.len()), (StepState::Pending, 0), "as of the read's start");
+    let now = store.step(step_id, true).await.unwrap();
+    assert_eq!((now.status, now.transitions.len()), (StepState::Enqueued, 1));
+    drop(db);
+    env.cleanup().await;
+}
+
+/// Waits until a statement of the test's database waits for a lock.
+async fn wait_for_a_lock_wait(env: &TestEnv) {
+    let db = env.database().await;
+    for _ in 0..200 {
+        let row = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("no statement waited for the lock");
+}
+
 /// While a deployment rolls, a replica of the previous version (which kept `most_recent`,
 /// turning it off on the previous row) may write a task's history beside this version: its
 /// statements still run on this schema, and the history reads back whole either way.

@@ -247,7 +247,12 @@ impl Tasks {
     }
 }
 
-/// The events a task's transitions announced, rebuilt from the audit tables, in order.
+/// The events a task's transitions announced, rebuilt from the audit tables, in order:
+/// each owner's (the task's, each step's) in the order of its sort keys, as they happened
+/// under the task's lock, and the owners' merged by time. Only the merge trusts the
+/// clocks: transitions written by different processes (task-api's operator actions, the
+/// orchestrator's replicas) carry each its own host's time, and a clock behind another's
+/// must not put a step's `enqueued` before the `reset` it follows.
 fn history(view: &TaskView) -> Vec<CloudEvent> {
     let t = &view.task;
     let subject = tasker_domain::event::EventSubject {
@@ -258,31 +263,64 @@ fn history(view: &TaskView) -> Vec<CloudEvent> {
         trace: t.trace.clone(),
     };
     let metadata = |text: &str| serde_json::from_str::<Value>(text).unwrap_or(Value::Null);
-    let mut events: Vec<CloudEvent> = view
-        .transitions
+    let mut owners: Vec<Vec<CloudEvent>> = Vec::with_capacity(view.steps.len() + 1);
+    owners.push(
+        view.transitions
+            .iter()
+            .filter_map(|tr| {
+                let to = tr.to_state.parse::<TaskState>().ok()?;
+                let from = tr.from_state.as_deref().and_then(|s| s.parse().ok());
+                Some(CloudEvent::task(tr.id, &subject, from, to, &metadata(&tr.metadata), tr.created_at))
+            })
+            .collect(),
+    );
+    for step in &view.steps {
+        owners.push(
+            step.transitions
+                .iter()
+                .filter_map(|tr| {
+                    let from = tr.from_state.as_deref().and_then(|s| s.parse::<StepState>().ok())?;
+                    let to = tr.to_state.parse::<StepState>().ok()?;
+                    let meta = metadata(&tr.metadata);
+                    let attempt = meta.get("attempt").and_then(Value::as_u64).unwrap_or(step.attempts as u64) as u32;
+                    let step_ref = StepRef { id: step.id, name: &step.name, attempt };
+                    Some(CloudEvent::step(tr.id, &subject, step_ref, from, to, &meta, tr.created_at))
+                })
+                .collect(),
+        );
+    }
+    merge_by_time(owners)
+}
+
+/// Merges lists each already in its own order into one, taking at each turn the earliest
+/// (by time, then id: UUIDv7, in creation order within a process) of the lists' first
+/// events, so no list's order is ever changed.
+fn merge_by_time(owners: Vec<Vec<CloudEvent>>) -> Vec<CloudEvent> {
+    use std::{cmp::Reverse, collections::BinaryHeap};
+    let total = owners.iter().map(Vec::len).sum();
+    let mut lists: Vec<std::vec::IntoIter<CloudEvent>> = owners.into_iter().map(Vec::into_iter).collect();
+    let mut heads: Vec<Option<CloudEvent>> = lists.iter_mut().map(Iterator::next).collect();
+    let key = |e: &CloudEvent| (e.time.clone(), e.id);
+    let mut next: BinaryHeap<Reverse<(String, Uuid, usize)>> = heads
         .iter()
-        .filter_map(|tr| {
-            let to = tr.to_state.parse::<TaskState>().ok()?;
-            let from = tr.from_state.as_deref().and_then(|s| s.parse().ok());
-            Some(CloudEvent::task(tr.id, &subject, from, to, &metadata(&tr.metadata), tr.created_at))
+        .enumerate()
+        .filter_map(|(i, head)| {
+            head.as_ref().map(|e| {
+                let (time, id) = key(e);
+                Reverse((time, id, i))
+            })
         })
         .collect();
-    for step in &view.steps {
-        for tr in &step.transitions {
-            let (Some(from), Ok(to)) =
-                (tr.from_state.as_deref().and_then(|s| s.parse::<StepState>().ok()), tr.to_state.parse::<StepState>())
-            else {
-                continue;
-            };
-            let meta = metadata(&tr.metadata);
-            let attempt = meta.get("attempt").and_then(Value::as_u64).unwrap_or(step.attempts as u64) as u32;
-            let step_ref = StepRef { id: step.id, name: &step.name, attempt };
-            events.push(CloudEvent::step(tr.id, &subject, step_ref, from, to, &meta, tr.created_at));
+    let mut merged = Vec::with_capacity(total);
+    while let Some(Reverse((_, _, i))) = next.pop() {
+        merged.extend(heads[i].take());
+        heads[i] = lists[i].next();
+        if let Some(e) = &heads[i] {
+            let (time, id) = key(e);
+            next.push(Reverse((time, id, i)));
         }
     }
-    // transition ids are UUIDv7: time-ordered, and in creation order within one process
-    events.sort_by_key(|e| (e.time.clone(), e.id));
-    events
+    merged
 }
 
 fn event_message(event: &CloudEvent) -> pb::Event {
@@ -416,5 +454,72 @@ impl TaskService for Tasks {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Duration, Utc};
+    use serde_json::json;
+    use tasker_domain::{CloudEvent, StepState as S, TaskState as T, event::EventSubject, event::StepRef};
+
+    use super::merge_by_time;
+
+    /// An operator's retry, written by task-api on a host whose clock runs 10 ms ahead of
+    /// the orchestrator's: the replayed history still has each owner's events in the order
+    /// they happened (the step's `reset` before its new `enqueued`, the task's `resumed`
+    /// after its `failed`), and the owners' merged by time.
+    #[test]
+    fn a_clock_behind_another_never_reorders_an_owners_events() {
+        let subject = EventSubject {
+            task_id: tasker_domain::new_id(),
+            namespace: "ns".into(),
+            task_name: "t".into(),
+            task_version: "1.0.0".into(),
+            trace: Default::default(),
+        };
+        let base: DateTime<Utc> = "2026-12-07T19:00:00Z".parse().unwrap();
+        let at = |ms: i64| base + Duration::milliseconds(ms);
+        let task = |from: Option<T>, to: T, ms: i64| {
+            CloudEvent::task(tasker_domain::new_id(), &subject, from, to, &json!({}), at(ms))
+        };
+        let step_id = tasker_domain::new_id();
+        let step = |from: S, to: S, ms: i64| {
+            let step = StepRef { id: step_id, name: "a", attempt: 1 };
+            CloudEvent::step(tasker_domain::new_id(), &subject, step, from, to, &json!({}), at(ms))
+        };
+        let task_events = vec![
+            task(None, T::Pending, 0),
+            task(Some(T::Pending), T::InProgress, 1),
+            task(Some(T::InProgress), T::Error, 5),
+            task(Some(T::Error), T::InProgress, 20), // task-api's clock
+        ];
+        let step_events = vec![
+            step(S::Pending, S::Enqueued, 2),
+            step(S::Enqueued, S::InProgress, 3),
+            step(S::InProgress, S::Error, 4),
+            step(S::Error, S::Pending, 19),    // task-api's clock
+            step(S::Pending, S::Enqueued, 12), // the orchestrator's, 10 ms behind
+            step(S::Enqueued, S::InProgress, 13),
+        ];
+        let merged = merge_by_time(vec![task_events, step_events]);
+        let order: Vec<&str> = merged.iter().map(|e| e.routingkey.trim_start_matches("ns.t.")).collect();
+        assert_eq!(
+            order,
+            [
+                "task.created",
+                "task.started",
+                "step.enqueued",
+                "step.started",
+                "step.failed",
+                "task.failed",
+                "step.reset",
+                // sorted by time alone, these two would come before the reset
+                "step.enqueued",
+                "step.started",
+                // across owners the clocks decide: written with the reset, stamped later
+                "task.resumed",
+            ]
+        );
     }
 }

@@ -315,12 +315,17 @@ impl Store {
         );
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&namespaces];
         let step_params = if namespaces.is_some() { &params[..] } else { &[] };
-        let (tasks, steps, oldest, backlog) = tokio::try_join!(
-            client.query(&tasks, &params),
-            client.query(&steps, step_params),
-            client.query_opt(&oldest, &params),
-            client.query_one(&backlog, &params),
-        )?;
+        // one snapshot: no task counted complete while a step of it is counted running
+        let reads = async {
+            tokio::try_join!(
+                client.query(&tasks, &params),
+                client.query(&steps, step_params),
+                client.query_opt(&oldest, &params),
+                client.query_one(&backlog, &params),
+            )
+        };
+        let read = crate::one_snapshot(&client, reads).await;
+        let (tasks, steps, oldest, backlog) = crate::closed_on_error(client, read)?;
         let by_state =
             |rows: &[Row]| rows.iter().map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1) as u64)).collect();
         let oldest_unfinished = match oldest {

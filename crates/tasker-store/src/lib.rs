@@ -275,6 +275,37 @@ impl Store {
     }
 }
 
+/// Runs `reads`, statements of `client` that must agree with each other, in one pipeline
+/// between `BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY` and `COMMIT`: every one of
+/// them sees the database as of one instant. On their own each would see what had
+/// committed when it ran, and a commit between two of them would show in one and not the
+/// other (a task's history ending in a transition its status does not have yet).
+pub(crate) async fn one_snapshot<T>(
+    client: &deadpool_postgres::Object,
+    reads: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+) -> std::result::Result<T, tokio_postgres::Error> {
+    crate::counter::count(2);
+    // futures are first polled, and so sent, in the order they are listed
+    let (_, read, _) = futures::try_join!(
+        client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
+        reads,
+        client.batch_execute("COMMIT"),
+    )?;
+    Ok(read)
+}
+
+/// The outcome of [`one_snapshot`]; after a failure its connection, which may still be
+/// inside the transaction, is closed rather than pooled.
+pub(crate) fn closed_on_error<T>(
+    client: deadpool_postgres::Object,
+    read: std::result::Result<T, tokio_postgres::Error>,
+) -> Result<T> {
+    if read.is_err() {
+        drop(deadpool_postgres::Object::take(client));
+    }
+    Ok(read?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

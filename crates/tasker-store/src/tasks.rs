@@ -325,8 +325,8 @@ impl Store {
                 history,
             )
         };
-        let read = one_snapshot(&client, reads).await;
-        let (task, steps, edges, history) = closed_on_error(client, read)?;
+        let read = crate::one_snapshot(&client, reads).await;
+        let (task, steps, edges, history) = crate::closed_on_error(client, read)?;
         let task = task_row(&task.ok_or_else(|| Error::NotFound(format!("task {id} not found")))?)?;
         let mut steps: Vec<StepView> = steps.iter().map(step_view).collect::<Result<_>>()?;
         let edges = edge_rows(&steps, edges.iter().map(|row| (row.get(0), row.get(1))))?;
@@ -357,8 +357,8 @@ impl Store {
             client.statement(&format!("{STEP_TRANSITIONS} WHERE workflow_step_id = $1 ORDER BY sort_key")).await?;
         let params: [&(dyn ToSql + Sync); 1] = [&id];
         let reads = async { futures::try_join!(client.query_opt(&stmt, &params), client.query(&history, &params)) };
-        let read = one_snapshot(&client, reads).await;
-        let (row, transitions) = closed_on_error(client, read)?;
+        let read = crate::one_snapshot(&client, reads).await;
+        let (row, transitions) = crate::closed_on_error(client, read)?;
         let mut step = step_view(&row.ok_or_else(|| Error::NotFound(format!("step {id} not found")))?)?;
         step.transitions = transitions.iter().map(transition_row).collect();
         Ok(step)
@@ -446,35 +446,4 @@ fn edge_rows(steps: &[StepView], edges: impl IntoIterator<Item = (Uuid, Uuid)>) 
         (f1.dependency_level, &f1.name, &t1.name).cmp(&(f2.dependency_level, &f2.name, &t2.name))
     });
     Ok(edges.into_iter().map(|(f, t)| EdgeRow { from_step: f.name.clone(), to_step: t.name.clone() }).collect())
-}
-
-/// Runs `reads`, statements of `client` that must agree with each other, in one pipeline
-/// between `BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY` and `COMMIT`: every one of
-/// them sees the database as of one instant. On their own each would see what had
-/// committed when it ran, and a commit between two of them would show in one and not the
-/// other (a task's history ending in a transition its status does not have yet).
-async fn one_snapshot<T>(
-    client: &deadpool_postgres::Object,
-    reads: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
-) -> std::result::Result<T, tokio_postgres::Error> {
-    crate::counter::count(2);
-    // futures are first polled, and so sent, in the order they are listed
-    let (_, read, _) = futures::try_join!(
-        client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
-        reads,
-        client.batch_execute("COMMIT"),
-    )?;
-    Ok(read)
-}
-
-/// The outcome of [`one_snapshot`]; after a failure its connection, which may still be
-/// inside the transaction, is closed rather than pooled.
-fn closed_on_error<T>(
-    client: deadpool_postgres::Object,
-    read: std::result::Result<T, tokio_postgres::Error>,
-) -> Result<T> {
-    if read.is_err() {
-        drop(deadpool_postgres::Object::take(client));
-    }
-    Ok(read?)
 }

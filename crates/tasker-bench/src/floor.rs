@@ -56,6 +56,10 @@ pub struct Floor {
     /// execution published and confirmed.
     pub trip: Latencies,
     pub publish: Latencies,
+    /// Each of the four executions of each task, from its batch's start to its delivery
+    /// to the step queue's consumer: the part of a step's queue wait that is the
+    /// database's and the broker's.
+    pub wait: Latencies,
 }
 
 /// Runs `tasks` skeleton tasks one after another and times them.
@@ -66,11 +70,19 @@ pub async fn measure(setup: &Setup, tasks: usize) -> anyhow::Result<Floor> {
         let mut probe = Probe::open(&setup.database_url, &broker).await?;
         // warm up: connections, plans, queues
         probe.task().await?;
-        let mut floor =
-            Floor { task: Latencies::new(), hop: Latencies::new(), trip: Latencies::new(), publish: Latencies::new() };
+        let mut floor = Floor {
+            task: Latencies::new(),
+            hop: Latencies::new(),
+            trip: Latencies::new(),
+            publish: Latencies::new(),
+            wait: Latencies::new(),
+        };
         for _ in 0..tasks {
-            let (took, hops) = probe.task().await?;
+            let (took, hops, waits) = probe.task().await?;
             floor.task.record(took);
+            for wait in waits {
+                floor.wait.record(wait);
+            }
             for hop in hops {
                 floor.hop.record(hop.trip + hop.publish);
                 floor.trip.record(hop.trip);
@@ -155,8 +167,9 @@ impl Probe {
         Ok(probe)
     }
 
-    /// One skeleton task: how long it took, and its report→dispatch hops.
-    async fn task(&mut self) -> anyhow::Result<(Duration, Vec<Hop>)> {
+    /// One skeleton task: how long it took, its report→dispatch hops, and each execution's
+    /// wait from its batch's start to its delivery.
+    async fn task(&mut self) -> anyhow::Result<(Duration, Vec<Hop>, Vec<Duration>)> {
         let start = Instant::now();
         // the create: one statement, committed
         self.db.execute(&self.update, &[]).await?;
@@ -166,18 +179,20 @@ impl Probe {
             self.tasks.next().map_err(anyhow::Error::from),
         )?;
         incoming.ack.ack().await?;
-        let mut hops = Vec::new();
+        let (mut hops, mut waits) = (Vec::new(), Vec::new());
         for step in 0..4 {
+            let batch_start = Instant::now();
             let trip = self.batch(false).await?;
             let committed = Instant::now();
             let execution = Command::Step(StepExecution { namespace: NAMESPACE.into(), ..Default::default() });
-            let (confirmed, incoming) = futures::try_join!(
+            let (confirmed, (incoming, delivered)) = futures::try_join!(
                 self.publisher
                     .send(std::slice::from_ref(&execution))
                     .map_ok(|()| Instant::now())
                     .map_err(anyhow::Error::from),
-                self.steps.next().map_err(anyhow::Error::from),
+                self.steps.next().map_ok(|incoming| (incoming, Instant::now())).map_err(anyhow::Error::from),
             )?;
+            waits.push(delivered - batch_start);
             if step > 0 {
                 hops.push(Hop { trip, publish: confirmed - committed });
             }
@@ -205,7 +220,7 @@ impl Probe {
         },)?;
         let took = start.elapsed();
         self.relay.execute(&self.claim_end, &[]).await?;
-        Ok((took, hops))
+        Ok((took, hops, waits))
     }
 
     /// An orchestrator batch decided from a kept task, in one round trip: begin, lock,

@@ -117,11 +117,14 @@ impl Bench {
         }
         let before = services::metrics(ADMIN[1].1).await?;
         let mut latencies = Latencies::new();
+        let mut ids = Vec::with_capacity(n);
         for _ in 0..n {
             let (id, start, _) = self.submit(create("bench", "linear4")).await?;
             latencies.record(self.completions.wait(&id).await? - start);
+            ids.push(id);
         }
         let after = services::metrics(ADMIN[1].1).await?;
+        let waits = self.queue_waits(&ids).await?;
         // a quantile of a histogram the orchestrator kept over the run, in ms
         let ms = |series: &str, q| {
             bucket_quantile(&histogram_delta(&before, &after, series), q).map_or(f64::NAN, |s| s * 1000.0)
@@ -163,7 +166,38 @@ impl Bench {
             figure("B2", "floor part p99: its round trip", "ms", floor.trip.quantile_ms(0.99), None),
             figure("B2", "part p99: executions published, confirmed", "ms", phase_at("publish", 0.99), None),
             figure("B2", "floor part p99: publish, confirmed", "ms", floor.publish.quantile_ms(0.99), None),
+            // where B1's slowest tasks lose their time: a step's wait, beside the floor's
+            figure("B1", "a step's wait, enqueued → its worker's start, p50", "ms", waits.quantile_ms(0.5), None),
+            figure("B1", "a step's wait, enqueued → its worker's start, p99", "ms", waits.quantile_ms(0.99), None),
+            figure("B1", "floor: an execution's wait, batch → delivered, p50", "ms", floor.wait.quantile_ms(0.5), None),
+            figure(
+                "B1",
+                "floor: an execution's wait, batch → delivered, p99",
+                "ms",
+                floor.wait.quantile_ms(0.99),
+                None,
+            ),
         ])
+    }
+
+    /// Each step's wait in these tasks, from the recorded time of its `enqueued`
+    /// transition (the orchestrator's clock as its batch wrote it) to its start as the
+    /// worker reported it: the batch's writing round trip, the publish, the quorum queue's
+    /// delivery and the worker's wake-up. Read after the run, outside its timing.
+    async fn queue_waits(&self, ids: &[String]) -> anyhow::Result<Latencies> {
+        let mut waits = Latencies::new();
+        for id in ids {
+            let request = pb::GetTaskRequest { task_id: id.clone(), include_transitions: true };
+            let task = self.client.clone().get_task(request).await?.into_inner();
+            for step in &task.steps {
+                let enqueued = step.transitions.iter().rev().find(|t| t.to_state == "enqueued");
+                if let (Some(from), Some(to)) = (enqueued.and_then(|t| t.created_at), step.started_at) {
+                    let micros = |t: prost_types::Timestamp| t.seconds * 1_000_000 + i64::from(t.nanos) / 1_000;
+                    waits.record(Duration::from_micros(micros(to).saturating_sub(micros(from)).max(0) as u64));
+                }
+            }
+        }
+        Ok(waits)
     }
 
     /// Submits `total` tasks from `clients` concurrent clients; returns each task's id,

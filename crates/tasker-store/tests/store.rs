@@ -498,31 +498,24 @@ async fn a_task_and_a_step_read_back_as_of_one_instant() {
     assert_eq!(before.task.status, TaskState::Pending);
     let step_id = before.steps[0].id;
     store.step(step_id, true).await.unwrap();
-    let mut db = env.database().await;
 
     // the task: its transitions held back while it goes in_progress
-    let lock = db.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE task_transitions IN ACCESS EXCLUSIVE MODE").await.unwrap();
-    let reading = tokio::spawn({
+    let read = {
         let store = store.clone();
-        async move { store.task(task_id, true).await }
-    });
-    wait_for_a_lock_wait(&env).await;
-    lock.execute(
-        "INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, metadata) \
-         SELECT gen_random_uuid(), id, 'pending', 'in_progress', last_sort_key + 1, '{}' FROM tasks WHERE id = $1",
-        &[&task_id],
+        async move { store.task(task_id, true).await.unwrap() }
+    };
+    let view = read_across_a_commit(
+        &env,
+        "task_transitions",
+        task_id,
+        &[
+            "INSERT INTO task_transitions (id, task_id, from_state, to_state, sort_key, metadata) \
+             SELECT gen_random_uuid(), id, 'pending', 'in_progress', last_sort_key + 1, '{}' FROM tasks WHERE id = $1",
+            "UPDATE tasks SET status = 'in_progress', last_sort_key = last_sort_key + 1 WHERE id = $1",
+        ],
+        read,
     )
-    .await
-    .unwrap();
-    lock.execute(
-        "UPDATE tasks SET status = 'in_progress', last_sort_key = last_sort_key + 1 WHERE id = $1",
-        &[&task_id],
-    )
-    .await
-    .unwrap();
-    lock.commit().await.unwrap();
-    let view = reading.await.unwrap().unwrap();
+    .await;
     let path: Vec<&str> = view.transitions.iter().map(|t| t.to_state.as_str()).collect();
     assert_eq!((view.task.status, path), (TaskState::Pending, vec!["pending"]), "as of the read's start");
     let now = store.task(task_id, true).await.unwrap();
@@ -530,34 +523,50 @@ async fn a_task_and_a_step_read_back_as_of_one_instant() {
     assert_eq!(now.transitions.last().unwrap().to_state, "in_progress");
 
     // a step: its transitions held back while it is enqueued
-    let lock = db.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE workflow_step_transitions IN ACCESS EXCLUSIVE MODE").await.unwrap();
-    let reading = tokio::spawn({
+    let read = {
         let store = store.clone();
-        async move { store.step(step_id, true).await }
-    });
-    wait_for_a_lock_wait(&env).await;
-    lock.execute(
-        "INSERT INTO workflow_step_transitions (id, workflow_step_id, task_id, from_state, to_state, sort_key, metadata) \
-         SELECT gen_random_uuid(), id, task_id, 'pending', 'enqueued', last_sort_key + 1, '{}' \
-         FROM workflow_steps WHERE id = $1",
-        &[&step_id],
+        async move { store.step(step_id, true).await.unwrap() }
+    };
+    let step = read_across_a_commit(
+        &env,
+        "workflow_step_transitions",
+        step_id,
+        &[
+            "INSERT INTO workflow_step_transitions \
+             (id, workflow_step_id, task_id, from_state, to_state, sort_key, metadata) \
+             SELECT gen_random_uuid(), id, task_id, 'pending', 'enqueued', last_sort_key + 1, '{}' \
+             FROM workflow_steps WHERE id = $1",
+            "UPDATE workflow_steps SET status = 'enqueued', attempts = 1, last_sort_key = last_sort_key + 1 WHERE id = $1",
+        ],
+        read,
     )
-    .await
-    .unwrap();
-    lock.execute(
-        "UPDATE workflow_steps SET status = 'enqueued', attempts = 1, last_sort_key = last_sort_key + 1 WHERE id = $1",
-        &[&step_id],
-    )
-    .await
-    .unwrap();
-    lock.commit().await.unwrap();
-    let step = reading.await.unwrap().unwrap();
+    .await;
     assert_eq!((step.status, step.transitions.len()), (StepState::Pending, 0), "as of the read's start");
     let now = store.step(step_id, true).await.unwrap();
     assert_eq!((now.status, now.transitions.len()), (StepState::Enqueued, 1));
-    drop(db);
     env.cleanup().await;
+}
+
+/// Runs `read` while `table` is locked, and once the read waits for the lock commits
+/// `changes` (statements of `id`, as `$1`) in the locking transaction: what the read
+/// returns was read across that commit.
+async fn read_across_a_commit<T: Send + 'static>(
+    env: &TestEnv,
+    table: &str,
+    id: uuid::Uuid,
+    changes: &[&str],
+    read: impl Future<Output = T> + Send + 'static,
+) -> T {
+    let mut db = env.database().await;
+    let lock = db.transaction().await.unwrap();
+    lock.batch_execute(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")).await.unwrap();
+    let reading = tokio::spawn(read);
+    wait_for_a_lock_wait(env).await;
+    for change in changes {
+        lock.execute(*change, &[&id]).await.unwrap();
+    }
+    lock.commit().await.unwrap();
+    reading.await.unwrap()
 }
 
 /// Waits until a statement of the test's database waits for a lock.

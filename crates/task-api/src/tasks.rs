@@ -7,6 +7,7 @@ use std::{
 };
 
 use futures::Stream;
+use itertools::Itertools;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tasker_auth::Principal;
@@ -296,31 +297,7 @@ fn history(view: &TaskView) -> Vec<CloudEvent> {
 /// (by time, then id: UUIDv7, in creation order within a process) of the lists' first
 /// events, so no list's order is ever changed.
 fn merge_by_time(owners: Vec<Vec<CloudEvent>>) -> Vec<CloudEvent> {
-    use std::{cmp::Reverse, collections::BinaryHeap};
-    let total = owners.iter().map(Vec::len).sum();
-    let mut lists: Vec<std::vec::IntoIter<CloudEvent>> = owners.into_iter().map(Vec::into_iter).collect();
-    let mut heads: Vec<Option<CloudEvent>> = lists.iter_mut().map(Iterator::next).collect();
-    let key = |e: &CloudEvent| (e.time.clone(), e.id);
-    let mut next: BinaryHeap<Reverse<(String, Uuid, usize)>> = heads
-        .iter()
-        .enumerate()
-        .filter_map(|(i, head)| {
-            head.as_ref().map(|e| {
-                let (time, id) = key(e);
-                Reverse((time, id, i))
-            })
-        })
-        .collect();
-    let mut merged = Vec::with_capacity(total);
-    while let Some(Reverse((_, _, i))) = next.pop() {
-        merged.extend(heads[i].take());
-        heads[i] = lists[i].next();
-        if let Some(e) = &heads[i] {
-            let (time, id) = key(e);
-            next.push(Reverse((time, id, i)));
-        }
-    }
-    merged
+    owners.into_iter().kmerge_by(|a, b| (&a.time, a.id) < (&b.time, b.id)).collect()
 }
 
 fn event_message(event: &CloudEvent) -> pb::Event {

@@ -206,11 +206,16 @@ impl Store {
             client.statement(&attempts()).await?,
         );
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&scope.start, &scope.end, &scope.namespaces];
-        let (created, finished, attempts) = tokio::try_join!(
-            client.query(&created, &params),
-            client.query(&finished, &params),
-            client.query(&attempts, &params),
-        )?;
+        // one snapshot: a task is counted by all three or by none
+        let reads = async {
+            tokio::try_join!(
+                client.query(&created, &params),
+                client.query(&finished, &params),
+                client.query(&attempts, &params),
+            )
+        };
+        let read = crate::one_snapshot(&client, reads).await;
+        let (created, finished, attempts) = crate::closed_on_error(client, read)?;
         let mut rows: BTreeMap<(String, String), PerformanceRow> = BTreeMap::new();
         rows.entry(Default::default()).or_default();
         fn entry<'a>(rows: &'a mut BTreeMap<(String, String), PerformanceRow>, row: &Row) -> &'a mut PerformanceRow {
@@ -253,11 +258,15 @@ impl Store {
         let limit_param = limit as i64;
         let error_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
             [&scope.start, &scope.end, &scope.namespaces, &limit_param];
-        let (finished, steps, errors) = tokio::try_join!(
-            client.query(&finished, &params),
-            client.query(&steps, &params),
-            client.query(&errors, &error_params),
-        )?;
+        let reads = async {
+            tokio::try_join!(
+                client.query(&finished, &params),
+                client.query(&steps, &params),
+                client.query(&errors, &error_params),
+            )
+        };
+        let read = crate::one_snapshot(&client, reads).await;
+        let (finished, steps, errors) = crate::closed_on_error(client, read)?;
         let mut slowest_tasks: Vec<TaskFigures> = finished
             .iter()
             .filter(|row| row.get::<_, i32>(2) == 0)

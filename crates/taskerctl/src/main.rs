@@ -369,7 +369,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Watch { task_id } => {
             let mut client = TaskServiceClient::new(channel(&cli).await?);
-            watch(&mut client, task_id).await?.into_result()?;
+            let last = watch(&mut client, task_id).await?;
+            NotCompleted::check(task_id, &last)?;
         }
         Command::Token(TokenCommand::Mint { secret, subject, permissions, namespaces, ttl, issuer, audience }) => {
             let token = tasker_auth::mint(&tasker_auth::Mint {
@@ -422,7 +423,7 @@ async fn task(cli: &Cli, cmd: &TaskCommand) -> anyhow::Result<()> {
             let note = if response.deduplicated { " (deduplicated: the original task)" } else { "" };
             println!("task {} {}/{} {}{note}", task.id, task.namespace, task.name, task.version);
             if *wait {
-                let ended = watch(&mut client, &task.id).await?;
+                let last = watch(&mut client, &task.id).await?;
                 // the final state, asked again if task-api went away meanwhile (it was
                 // reached: the watch just ended there)
                 let mut outage = Outage { reached: true, ..Outage::default() };
@@ -437,7 +438,7 @@ async fn task(cli: &Cli, cmd: &TaskCommand) -> anyhow::Result<()> {
                     }
                 };
                 print::task(&task, false);
-                ended.into_result()?;
+                NotCompleted::check(&task.id, &last)?;
             }
         }
         TaskCommand::Get { task_id, transitions } => {
@@ -516,10 +517,6 @@ struct NotCompleted {
     event: String,
 }
 
-impl NotCompleted {
-    const EXIT_CODE: u8 = 3;
-}
-
 impl std::fmt::Display for NotCompleted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let status = match self.event.as_str() {
@@ -533,19 +530,18 @@ impl std::fmt::Display for NotCompleted {
 
 impl std::error::Error for NotCompleted {}
 
-/// How a watch ended: the task's last event, whose routing key ends with the task's final
-/// transition.
-struct Ended {
-    task_id: String,
-    last_routing_key: String,
-}
+impl NotCompleted {
+    const EXIT_CODE: u8 = 3;
 
-impl Ended {
-    /// Ok for a task that completed; [`NotCompleted`] otherwise.
-    fn into_result(self) -> Result<(), NotCompleted> {
-        // `{namespace}.{task_name}.task.{event}`: neither name holds a dot
-        let event = self.last_routing_key.splitn(3, '.').nth(2).unwrap_or_default().to_owned();
-        if event == "task.completed" { Ok(()) } else { Err(NotCompleted { task_id: self.task_id, event }) }
+    /// Ok when the watch of `task_id` ended with `task.completed` (`last_routing_key`,
+    /// `{namespace}.{task_name}.task.{event}`: neither name holds a dot).
+    fn check(task_id: &str, last_routing_key: &str) -> Result<(), NotCompleted> {
+        let event = last_routing_key.splitn(3, '.').nth(2).unwrap_or_default();
+        if event == "task.completed" {
+            Ok(())
+        } else {
+            Err(NotCompleted { task_id: task_id.to_owned(), event: event.to_owned() })
+        }
     }
 }
 
@@ -553,13 +549,12 @@ impl Ended {
 /// away (it stopped, or the connection was lost), the task is watched again, through
 /// another replica or the same one back, for up to [`OUTLAST`]. The history each new
 /// stream replays is skipped by event id, so every event is printed once and none is
-/// missed.
-async fn watch(client: &mut TaskServiceClient<Api>, task_id: &str) -> anyhow::Result<Ended> {
-    let (mut seen, mut outage) = (HashSet::new(), Outage::default());
-    let mut ended = Ended { task_id: task_id.to_owned(), last_routing_key: String::new() };
+/// missed. Returns the routing key of the task's last event, which ended the watch.
+async fn watch(client: &mut TaskServiceClient<Api>, task_id: &str) -> anyhow::Result<String> {
+    let (mut seen, mut outage, mut last) = (HashSet::new(), Outage::default(), String::new());
     loop {
-        match watch_once(client, task_id, &mut seen, &mut ended.last_routing_key, &mut outage).await {
-            Ok(()) => return Ok(ended),
+        match watch_once(client, task_id, &mut seen, &mut last, &mut outage).await {
+            Ok(()) => return Ok(last),
             Err(status) if lost_task_api(&status) => outage.wait("task-api", status.into(), "watching again").await?,
             Err(status) => return Err(status.into()),
         }

@@ -158,7 +158,7 @@ pub fn stats(performance: &pb::Performance, bottlenecks: &pb::Bottlenecks, healt
     println!("\nMOST RETRIED STEPS");
     for s in &bottlenecks.most_retried_steps {
         println!(
-            "  {}/{}/{:<24} {} retries, {} failed for good",
+            "  {}/{}/{:<24} {} retried, {} failed for good",
             s.namespace, s.task_name, s.step_name, s.retries, s.failures
         );
     }

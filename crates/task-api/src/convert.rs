@@ -9,10 +9,6 @@ pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 }
 }
 
-pub fn datetime(ts: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(ts.seconds, ts.nanos.max(0) as u32)
-}
-
 pub fn task_status(s: TaskState) -> pb::TaskStatus {
     match s {
         TaskState::Pending => pb::TaskStatus::Pending,

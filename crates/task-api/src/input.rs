@@ -2,6 +2,7 @@
 //! refused with INVALID_ARGUMENT (or RESOURCE_EXHAUSTED when too large) naming it, or can
 //! be stored as given. Messages quote at most a short prefix of the input.
 
+use chrono::{DateTime, Utc};
 use tasker_domain::{PayloadError, payload, quote, template::is_valid_name};
 
 use crate::error::{ApiError, ApiResult};
@@ -66,4 +67,47 @@ pub fn tags(tags: &[String]) -> ApiResult<()> {
         text(&format!("tags[{i}]"), tag, MAX_TAG_BYTES)?;
     }
     Ok(())
+}
+
+/// An optional instant: a protobuf `Timestamp` as its definition bounds it (0001-01-01 to
+/// 9999-12-31, UTC; nanoseconds 0 to 999,999,999), which Postgres can hold too.
+pub fn instant(field: &str, value: Option<&prost_types::Timestamp>) -> ApiResult<Option<DateTime<Utc>>> {
+    const FIRST: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
+    const LAST: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let Some(ts) = value else { return Ok(None) };
+    let within = (FIRST..=LAST).contains(&ts.seconds) && (0..1_000_000_000).contains(&ts.nanos);
+    match DateTime::from_timestamp(ts.seconds, ts.nanos.max(0) as u32).filter(|_| within) {
+        Some(at) => Ok(Some(at)),
+        None => Err(ApiError::invalid(
+            field,
+            format!(
+                "seconds {} and nanos {} are not an instant between 0001-01-01 and 9999-12-31",
+                ts.seconds, ts.nanos
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost_types::Timestamp;
+
+    use super::*;
+
+    #[test]
+    fn instants_within_a_timestamps_bounds_pass_and_others_are_refused_by_name() {
+        let at = |seconds, nanos| Timestamp { seconds, nanos };
+        assert_eq!(instant("created_after", None).unwrap(), None);
+        let ok = instant("created_after", Some(&at(1_796_681_842, 5))).unwrap().unwrap();
+        assert_eq!((ok.timestamp(), ok.timestamp_subsec_nanos()), (1_796_681_842, 5));
+        assert!(instant("x", Some(&at(-62_135_596_800, 0))).is_ok(), "the first instant");
+        assert!(instant("x", Some(&at(253_402_300_799, 999_999_999))).is_ok(), "the last");
+        for (seconds, nanos) in [(-62_135_596_801, 0), (253_402_300_800, 0), (0, -1), (0, 1_000_000_000), (i64::MAX, 0)]
+        {
+            let error = instant("created_before", Some(&at(seconds, nanos))).unwrap_err();
+            let status = tonic::Status::from(error);
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{seconds} {nanos}");
+            assert!(status.message().starts_with("created_before: "), "{}", status.message());
+        }
+    }
 }

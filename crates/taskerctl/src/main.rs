@@ -180,8 +180,18 @@ enum TaskCommand {
         /// pending, in_progress, complete, error or cancelled.
         #[arg(long)]
         status: Option<String>,
+        /// Only tasks created at or after this instant (RFC 3339, e.g. `2026-12-07T10:00:00Z`).
+        #[arg(long, value_parser = instant)]
+        created_after: Option<prost_types::Timestamp>,
+        /// Only tasks created before this instant (RFC 3339).
+        #[arg(long, value_parser = instant)]
+        created_before: Option<prost_types::Timestamp>,
+        /// Tasks per page (task-api gives at most 500).
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        /// The page after the one that printed this token (on stderr: `next page: --page-token …`).
+        #[arg(long)]
+        page_token: Option<String>,
     },
     /// Cancel a task and its unfinished steps.
     Cancel {
@@ -226,6 +236,12 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// An RFC 3339 instant, as a protobuf timestamp.
+fn instant(text: &str) -> Result<prost_types::Timestamp, String> {
+    let at = chrono::DateTime::parse_from_rfc3339(text).map_err(|e| format!("not an RFC 3339 instant: {e}"))?;
+    Ok(prost_types::Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 })
 }
 
 fn config(cli: &Cli) -> anyhow::Result<Config> {
@@ -428,7 +444,7 @@ async fn task(cli: &Cli, cmd: &TaskCommand) -> anyhow::Result<()> {
             let request = pb::GetTaskRequest { task_id: task_id.clone(), include_transitions: *transitions };
             print::task(&client.get_task(request).await?.into_inner(), *transitions);
         }
-        TaskCommand::List { namespace, name, status, limit } => {
+        TaskCommand::List { namespace, name, status, created_after, created_before, limit, page_token } => {
             let status = match status.as_deref() {
                 None => pb::TaskStatus::Unspecified,
                 Some(s) => pb::TaskStatus::from_str_name(&format!("TASK_STATUS_{}", s.to_uppercase()))
@@ -438,10 +454,16 @@ async fn task(cli: &Cli, cmd: &TaskCommand) -> anyhow::Result<()> {
                 namespace: namespace.clone().unwrap_or_default(),
                 name: name.clone().unwrap_or_default(),
                 status: status as i32,
+                created_after: *created_after,
+                created_before: *created_before,
                 page_size: *limit,
-                ..Default::default()
+                page_token: page_token.clone().unwrap_or_default(),
             };
-            print::task_list(&client.list_tasks(request).await?.into_inner().tasks);
+            let page = client.list_tasks(request).await?.into_inner();
+            print::task_list(&page.tasks);
+            if !page.next_page_token.is_empty() {
+                eprintln!("next page: --page-token {}", page.next_page_token);
+            }
         }
         TaskCommand::Cancel { task_id, reason } => {
             let request = pb::CancelTaskRequest { task_id: task_id.clone(), reason: reason.clone() };

@@ -15,10 +15,21 @@ fn step_status(code: i32) -> String {
     pb::StepStatus::try_from(code).map(|s| status_name(s.as_str_name(), "STEP_STATUS_")).unwrap_or_default()
 }
 
+/// The time of day (UTC), to the millisecond.
 fn time(ts: &Option<prost_types::Timestamp>) -> String {
+    formatted(ts, "%H:%M:%S%.3f")
+}
+
+/// The whole instant, to the microsecond the database keeps, as `--created-after` and
+/// `--created-before` take it (RFC 3339, UTC).
+fn instant(ts: &Option<prost_types::Timestamp>) -> String {
+    formatted(ts, "%Y-%m-%dT%H:%M:%S%.6fZ")
+}
+
+fn formatted(ts: &Option<prost_types::Timestamp>, format: &str) -> String {
     ts.as_ref()
         .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
-        .map(|t| t.format("%H:%M:%S%.3f").to_string())
+        .map(|t| t.format(format).to_string())
         .unwrap_or_else(|| "-".into())
 }
 
@@ -45,7 +56,7 @@ pub fn task_list(tasks: &[pb::Task]) {
             t.namespace,
             t.name,
             t.version,
-            time(&t.created_at)
+            instant(&t.created_at)
         );
     }
 }

@@ -239,3 +239,52 @@ async fn waiting_exits_3_for_a_task_that_did_not_complete() {
     system.stop().await;
     env.cleanup().await;
 }
+
+/// `task list` pages with the token it prints on stderr, and filters by creation time with
+/// the instants it prints.
+#[tokio::test]
+async fn task_list_pages_with_the_token_it_prints() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![]).await;
+    system.register(&env, QUICK).await;
+    let api = format!("http://{}", system.api_addr);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(system.submit("rewatch", "quick", serde_json::json!({})).await.id);
+    }
+    ids.reverse(); // newest first, as listed
+    let list = |extra: &[&str]| {
+        let mut args = vec!["--api", api.as_str(), "task", "list", "--namespace", "rewatch", "--limit", "2"];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        async move {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = taskerctl(&refs).await;
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            (out.status.code(), stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+    let listed_ids =
+        |stdout: &str| stdout.lines().map(|l| l.split_whitespace().next().unwrap().to_owned()).collect::<Vec<_>>();
+
+    let (code, first, err) = list(&[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(listed_ids(&first), ids[..2]);
+    let token = err.trim().strip_prefix("next page: --page-token ").expect("the next page's token on stderr");
+    let (code, second, err) = list(&["--page-token", token]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(listed_ids(&second), ids[2..], "the rest");
+    assert!(err.is_empty(), "no page after the last: {err}");
+
+    // each line ends with its creation instant, which the filters take back
+    let second_newest = first.lines().nth(1).unwrap().rsplit(' ').next().unwrap().to_owned();
+    let (code, after, err) = list(&["--created-after", &second_newest]).await;
+    assert_eq!((code, listed_ids(&after)), (Some(0), ids[..2].to_vec()), "{err}");
+    let (code, before, err) = list(&["--created-before", &second_newest]).await;
+    assert_eq!((code, listed_ids(&before)), (Some(0), ids[2..].to_vec()), "{err}");
+    let (code, _, err) = list(&["--created-after", "yesterday"]).await;
+    assert_eq!(code, Some(2), "a bad argument, clap's exit: {err}");
+    assert!(err.contains("RFC 3339"), "{err}");
+    system.stop().await;
+    env.cleanup().await;
+}

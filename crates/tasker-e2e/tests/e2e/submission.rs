@@ -207,14 +207,33 @@ async fn list_tasks_pages_through_everything_newest_first() {
         let request = pb::ListTasksRequest { page_size: 3, page_token: token.clone(), ..Default::default() };
         let page = system.tasks().list_tasks(request).await.unwrap().into_inner();
         assert!(page.tasks.len() <= 3);
-        seen.extend(page.tasks.into_iter().map(|t| t.id));
+        seen.extend(page.tasks);
         if page.next_page_token.is_empty() {
             break;
         }
         token = page.next_page_token;
     }
     created.reverse();
-    assert_eq!(seen, created);
+    let ids = |tasks: &[pb::Task]| tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&seen), created);
+
+    // by creation time: at or after an instant, before it, and both (nothing)
+    let boundary = seen[3].created_at;
+    let between =
+        |created_after, created_before| pb::ListTasksRequest { created_after, created_before, ..Default::default() };
+    let list = |request| async { system.tasks().list_tasks(request).await.unwrap().into_inner().tasks };
+    assert_eq!(ids(&list(between(boundary, None)).await), created[..4]);
+    assert_eq!(ids(&list(between(None, boundary)).await), created[4..]);
+    assert!(list(between(boundary, boundary)).await.is_empty());
+    // an instant a Timestamp cannot be is refused by name, not read as no filter at all
+    for (field, request) in [
+        ("created_after", between(Some(prost_types::Timestamp { seconds: 0, nanos: 1_000_000_000 }), None)),
+        ("created_before", between(None, Some(prost_types::Timestamp { seconds: i64::MAX, nanos: 0 }))),
+    ] {
+        let error = system.tasks().list_tasks(request).await.unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{field}");
+        assert!(error.message().starts_with(&format!("{field}: ")), "{}", error.message());
+    }
     let bad = pb::ListTasksRequest { page_token: "garbage".into(), ..Default::default() };
     let error = system.tasks().list_tasks(bad).await.unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument);

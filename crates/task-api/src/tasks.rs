@@ -185,7 +185,8 @@ impl Tasks {
     async fn list(&self, r: pb::ListTasksRequest, only: Option<Vec<String>>) -> ApiResult<pb::ListTasksResponse> {
         input::optional_name("namespace", &r.namespace)?;
         input::optional_name("name", &r.name)?;
-        let status = r.status();
+        let status = pb::TaskStatus::try_from(r.status)
+            .map_err(|_| ApiError::invalid("status", format!("{} is not a TaskStatus", r.status)))?;
         let page_size = if r.page_size == 0 { DEFAULT_PAGE } else { r.page_size.min(MAX_PAGE) };
         let filter = TaskFilter {
             namespace: Some(r.namespace).filter(|s| !s.is_empty()),

@@ -225,10 +225,12 @@ async fn list_tasks_pages_through_everything_newest_first() {
     assert_eq!(ids(&list(between(boundary, None)).await), created[..4]);
     assert_eq!(ids(&list(between(None, boundary)).await), created[4..]);
     assert!(list(between(boundary, boundary)).await.is_empty());
-    // an instant a Timestamp cannot be is refused by name, not read as no filter at all
+    // an instant a Timestamp cannot be, or a status that is none, is refused by name, not
+    // read as no filter at all
     for (field, request) in [
         ("created_after", between(Some(prost_types::Timestamp { seconds: 0, nanos: 1_000_000_000 }), None)),
         ("created_before", between(None, Some(prost_types::Timestamp { seconds: i64::MAX, nanos: 0 }))),
+        ("status", pb::ListTasksRequest { status: 99, ..Default::default() }),
     ] {
         let error = system.tasks().list_tasks(request).await.unwrap_err();
         assert_eq!(error.code(), Code::InvalidArgument, "{field}");

@@ -1,5 +1,5 @@
-//! The edges: fencing across operator retries, reports the database cannot store,
-//! hostile client input, payload depth and number precision end to end, transition ids
+//! The edges: fencing across operator retries, reports the database cannot store, odd
+//! reports of a hand-made worker, hostile client input, payload depth and number precision end to end, transition ids
 //! that join to event ids, and server reflection in both protocol versions.
 
 use std::{
@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use step_worker::{Registry, StepError, StepHandler, StepInput};
 use tasker_messaging::Command;
 use tasker_proto::{
-    messages::{Failed, FailureKind, StepReport, step_report::Outcome},
+    messages::{Completed, Failed, FailureKind, StepReport, step_report::Outcome},
     v1 as pb,
 };
 use tasker_test_support::{System, TestEnv, WorkerSpec};
@@ -95,6 +95,80 @@ async fn a_duplicate_report_of_an_earlier_round_cannot_touch_the_retried_step() 
     assert_eq!(states, ["enqueued", "in_progress", "error", "pending", "enqueued", "in_progress", "complete"]);
     let results: Value = serde_json::from_str(&step.results_json).unwrap();
     assert_eq!(results["attempt"], 2, "the handler saw the attempt's number");
+    broker.close().await.unwrap();
+    system.stop().await;
+    env.cleanup().await;
+}
+
+/// A worker in another language is read as the README's wire protocol says: a report
+/// without an outcome is dropped (and counted), a failure whose `kind` is unspecified or
+/// not one listed is retryable, and a long message and worker id are cut where it says.
+/// The test is the worker: the step's executions wait in its queue, unconsumed.
+#[tokio::test]
+async fn odd_reports_of_a_hand_made_worker_are_read_as_the_protocol_says() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![]).await;
+    system
+        .register(
+            &env,
+            "namespace: odd\nname: one\nversion: 1.0.0\nsteps:\n  - { name: a, handler: noop, max_attempts: 3 }\n",
+        )
+        .await;
+    let task = system.submit("odd", "one", json!({})).await;
+    let enqueued = |attempts| {
+        move |t: &pb::Task| t.steps[0].status() == pb::StepStatus::Enqueued && t.steps[0].attempts == attempts
+    };
+    let step_id = system.wait_for(&task.id, enqueued(1)).await.steps[0].id.clone();
+    let report = |attempt, worker_id: String, outcome| StepReport {
+        task_id: task.id.clone(),
+        step_id: step_id.clone(),
+        attempt,
+        worker_id,
+        outcome: Some(outcome),
+        started_at_unix_ms: 0,
+        trace_context: Default::default(),
+    };
+    let failed = |message: String, kind| Outcome::Failed(Failed { message, kind, retry_after_ms: Some(0) });
+    let broker = env.broker().await;
+    let publisher = broker.publisher().await.unwrap();
+
+    let empty = StepReport { outcome: None, ..report(1, "hand".into(), Outcome::Started(Default::default())) };
+    publisher.send(&[Command::Report(empty)]).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let counted = |body: &str| {
+        body.lines().any(|l| {
+            l.starts_with("tasker_orchestrator_reports_dropped_total")
+                && l.contains(r#"reason="report without an outcome""#)
+                && l.ends_with(" 1")
+        })
+    };
+    while !counted(&tasker_test_support::http_get(system.orchestrator_admin, "/metrics").await) {
+        assert!(tokio::time::Instant::now() < deadline, "the report without an outcome was not counted as dropped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let get = pb::GetStepRequest { step_id: step_id.clone(), ..Default::default() };
+    let untouched = system.steps().get_step(get).await.unwrap().into_inner();
+    assert_eq!((untouched.status(), untouched.attempts), (pb::StepStatus::Enqueued, 1), "dropped, nothing applied");
+
+    // unspecified: retried; the message cut at 16,384 characters, the worker id at 256
+    let unspecified = failed("m".repeat(20_000), FailureKind::Unspecified as i32);
+    publisher.send(&[Command::Report(report(1, "w".repeat(300), unspecified))]).await.unwrap();
+    let retried = system.wait_for(&task.id, enqueued(2)).await;
+    let error: Value = serde_json::from_str(&retried.steps[0].last_error_json).unwrap();
+    let cut = "… (cut at 16384 characters)";
+    assert_eq!(error["message"].as_str(), Some(format!("{}{cut}", "m".repeat(16_384)).as_str()));
+    let failure = retried.steps[0].transitions.iter().find(|t| t.to_state == "waiting_for_retry").expect("retried");
+    let metadata: Value = serde_json::from_str(&failure.metadata_json).unwrap();
+    assert_eq!(metadata["worker"].as_str(), Some(format!("{}… (cut at 256 characters)", "w".repeat(256)).as_str()));
+
+    // a kind no version of the protocol lists: retried too
+    publisher.send(&[Command::Report(report(2, "hand".into(), failed("odd".into(), 7)))]).await.unwrap();
+    system.wait_for(&task.id, enqueued(3)).await;
+    let completed = Outcome::Completed(Completed { results_json: r#"{"by": "hand"}"#.into() });
+    publisher.send(&[Command::Report(report(3, "hand".into(), completed))]).await.unwrap();
+    let done = system.wait_final(&task.id).await;
+    assert_eq!(done.status(), pb::TaskStatus::Complete);
+    assert_eq!(serde_json::from_str::<Value>(&done.steps[0].results_json).unwrap(), json!({ "by": "hand" }));
     broker.close().await.unwrap();
     system.stop().await;
     env.cleanup().await;

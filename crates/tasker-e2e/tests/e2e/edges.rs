@@ -164,11 +164,19 @@ async fn odd_reports_of_a_hand_made_worker_are_read_as_the_protocol_says() {
     // a kind no version of the protocol lists: retried too
     publisher.send(&[Command::Report(report(2, "hand".into(), failed("odd".into(), 7)))]).await.unwrap();
     system.wait_for(&task.id, enqueued(3)).await;
+    // a start an hour ahead (a worker's clock) is kept between the enqueue and the report
     let completed = Outcome::Completed(Completed { results_json: r#"{"by": "hand"}"#.into() });
-    publisher.send(&[Command::Report(report(3, "hand".into(), completed))]).await.unwrap();
+    let ahead = chrono::Utc::now().timestamp_millis() + 3_600_000;
+    let last = StepReport { started_at_unix_ms: ahead, ..report(3, "hand".into(), completed) };
+    publisher.send(&[Command::Report(last)]).await.unwrap();
     let done = system.wait_final(&task.id).await;
     assert_eq!(done.status(), pb::TaskStatus::Complete);
-    assert_eq!(serde_json::from_str::<Value>(&done.steps[0].results_json).unwrap(), json!({ "by": "hand" }));
+    let step = &done.steps[0];
+    assert_eq!(serde_json::from_str::<Value>(&step.results_json).unwrap(), json!({ "by": "hand" }));
+    let micros = |t: &Option<prost_types::Timestamp>| t.map(|t| t.seconds * 1_000_000 + i64::from(t.nanos / 1_000));
+    let enqueued = step.transitions.iter().rev().find(|t| t.to_state == "enqueued").unwrap();
+    let (start, end) = (micros(&step.started_at).unwrap(), micros(&step.completed_at).unwrap());
+    assert!(micros(&enqueued.created_at).unwrap() <= start && start <= end, "{step:#?}");
     broker.close().await.unwrap();
     system.stop().await;
     env.cleanup().await;

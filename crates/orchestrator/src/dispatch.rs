@@ -7,11 +7,12 @@ use std::{
     time::Duration,
 };
 
+use prost::Message;
 use tasker_messaging::{Broker, Command, Publisher};
+use tasker_proto::messages::{Failed, FailureKind, StepExecution, StepReport, step_report::Outcome};
+use tasker_store::Dispatch;
 
 use crate::metrics::Metrics;
-use tasker_proto::messages::StepExecution;
-use tasker_store::Dispatch;
 
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -19,12 +20,18 @@ pub struct Dispatcher {
     publisher: Publisher,
     declared: Arc<Mutex<HashSet<String>>>,
     metrics: Metrics,
+    /// `limits.max_execution_bytes`.
+    max_execution_bytes: usize,
 }
 
 impl Dispatcher {
-    pub async fn new(broker: Arc<Broker>, metrics: Metrics) -> tasker_messaging::Result<Dispatcher> {
+    pub async fn new(
+        broker: Arc<Broker>,
+        metrics: Metrics,
+        max_execution_bytes: usize,
+    ) -> tasker_messaging::Result<Dispatcher> {
         let publisher = broker.publisher().await?;
-        Ok(Dispatcher { broker, publisher, declared: Default::default(), metrics })
+        Ok(Dispatcher { broker, publisher, declared: Default::default(), metrics, max_execution_bytes })
     }
 
     /// Whether the broker connection is open.
@@ -45,6 +52,11 @@ impl Dispatcher {
 
     /// Publishes the executions and awaits their confirms, retrying a few times; the
     /// sweeper re-publishes whatever still fails.
+    ///
+    /// An execution larger than `limits.max_execution_bytes` is not published: the broker
+    /// would close the channel on it (past its own largest message), and every try after
+    /// every reconnection would fail the same way. Its attempt fails for good instead,
+    /// through the orchestrator's own results queue, like any worker's report.
     pub async fn send(&self, dispatches: Vec<Dispatch>) -> tasker_messaging::Result<()> {
         if dispatches.is_empty() {
             return Ok(());
@@ -58,7 +70,11 @@ impl Dispatcher {
             .zip(&spans)
             .map(|(d, span)| {
                 let trace = tasker_runtime::trace::context_of(span, &d.trace).to_headers();
-                Command::Step(execution(d, trace))
+                let execution = execution(d, trace);
+                match execution.encoded_len() {
+                    size if size > self.max_execution_bytes => self.refusal(execution, size),
+                    _ => Command::Step(execution),
+                }
             })
             .collect();
         let mut attempt = 0;
@@ -73,6 +89,29 @@ impl Dispatcher {
                 Err(error) => return Err(error),
             }
         }
+    }
+
+    /// The permanent failure of an execution too large to publish.
+    fn refusal(&self, execution: StepExecution, size: usize) -> Command {
+        let message = format!(
+            "execution refused: {size} bytes, more than limits.max_execution_bytes ({}): the task's context \
+             and the parents' results it carries are too large to send",
+            self.max_execution_bytes
+        );
+        tracing::warn!(step_id = execution.step_id, step = execution.step_name, size, "{message}");
+        Command::Report(StepReport {
+            task_id: execution.task_id,
+            step_id: execution.step_id,
+            attempt: execution.attempt,
+            worker_id: "orchestrator".into(),
+            outcome: Some(Outcome::Failed(Failed {
+                message,
+                kind: FailureKind::Permanent as i32,
+                retry_after_ms: None,
+            })),
+            started_at_unix_ms: 0,
+            trace_context: execution.trace_context,
+        })
     }
 
     /// Whether the executions of a namespace's stale steps should be published again: only

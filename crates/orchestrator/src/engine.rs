@@ -23,7 +23,11 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use tasker_domain::{Backoff, FailureDecision, FailureKind, Limits, StepState, TaskState, backoff::decide};
+use tasker_domain::{
+    Backoff, FailureDecision, FailureKind, Limits, StepState, TaskState,
+    backoff::decide,
+    payload::{self, recordable},
+};
 use tasker_proto::messages::{StepReport, step_report::Outcome as Reported};
 use tasker_store::{Dispatch, Loaded, Standing, StepChange, StepRow, Store, TaskHead, Tx};
 use uuid::Uuid;
@@ -504,7 +508,13 @@ impl Batch<'_> {
                     _ => FailureKind::Retryable,
                 };
                 let retry_after = failed.retry_after_ms.map(std::time::Duration::from_millis);
-                self.fail(&mut step, kind, &recordable(&failed.message, MAX_ERROR_MESSAGE), retry_after, worker)
+                self.fail(
+                    &mut step,
+                    kind,
+                    &recordable(&failed.message, payload::MAX_ERROR_MESSAGE),
+                    retry_after,
+                    worker,
+                )
             }
             None => {
                 self.drop_stale(task_id, step_id, report.attempt, "report without an outcome");
@@ -672,17 +682,6 @@ impl Batch<'_> {
 
 /// Longest worker id recorded (characters).
 const MAX_WORKER_ID: usize = 256;
-/// Longest error message recorded (characters).
-const MAX_ERROR_MESSAGE: usize = 16 * 1024;
-
-/// A worker's text as it can be recorded: U+0000 replaced, at most `max` characters.
-fn recordable(text: &str, max: usize) -> String {
-    let text = tasker_domain::payload::scrub(text);
-    match text.char_indices().nth(max) {
-        Some((cut, _)) => format!("{}… (cut at {max} characters)", &text[..cut]),
-        None => text.into_owned(),
-    }
-}
 
 /// The start a worker reported (by its clock), kept between the step's enqueue and now,
 /// so clock skew can never order a start before its enqueue or after its report.

@@ -95,7 +95,7 @@ async fn orchestrate(
     slot.set(Some(broker.clone()));
     broker.declare_orchestrator().await.context("declaring the orchestrator's queues")?;
     let engine = Engine::new(store.clone(), settings.backoff, config.limits);
-    let dispatcher = Dispatcher::new(broker.clone(), metrics.clone()).await?;
+    let dispatcher = Dispatcher::new(broker.clone(), metrics.clone(), config.limits.max_execution_bytes).await?;
     let own_dispatcher = dispatcher.clone();
     if carried.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
         // back from a broker outage: workers are only now reporting what they kept

@@ -7,7 +7,10 @@ use prometheus_client::{
     registry::Registry as MetricsRegistry,
 };
 use serde_json::Value;
-use tasker_domain::TraceContext;
+use tasker_domain::{
+    TraceContext,
+    payload::{self, PayloadError},
+};
 use tasker_messaging::{Command, Consumer, Incoming, Publisher};
 use tasker_proto::messages::{
     Completed, Failed, FailureKind, Started, StepExecution, StepReport, step_report::Outcome,
@@ -128,6 +131,8 @@ struct Runner {
     unreported: Unreported,
     running: Running,
     attempts: Attempts,
+    /// `limits.max_results_bytes`: larger results are not sent (see [`sendable`]).
+    max_results_bytes: usize,
 }
 
 impl Worker {
@@ -233,6 +238,7 @@ async fn consume_all(
         unreported: unreported.clone(),
         running: running.clone(),
         attempts: attempts.clone(),
+        max_results_bytes: config.limits.max_results_bytes,
     };
     let local = stop.child_token();
     let mut set = JoinSet::new();
@@ -480,7 +486,7 @@ impl Runner {
         // left to unwind, the panic would end the attempt with its delivery never settled,
         // holding one of the worker's prefetch slots until its connection closed
         let call = std::panic::AssertUnwindSafe(handler.call(input)).catch_unwind();
-        match tokio::time::timeout(timeout, call).await {
+        let outcome = match tokio::time::timeout(timeout, call).await {
             Ok(Ok(Ok(results))) => Outcome::Completed(Completed { results_json: results.to_string() }),
             Ok(Ok(Err(StepError::Retryable(message)))) => failed(message, FailureKind::Retryable, None),
             Ok(Ok(Err(StepError::Permanent(message)))) => failed(message, FailureKind::Permanent, None),
@@ -502,7 +508,8 @@ impl Runner {
                 failed(format!("the handler panicked: {what}"), FailureKind::Retryable, None)
             }
             Err(_) => failed(format!("timed out after {} ms", timeout.as_millis()), FailureKind::TimedOut, None),
-        }
+        };
+        sendable(outcome, self.max_results_bytes)
     }
 
     fn input(&self, exec: &StepExecution, deadline: tokio::time::Instant) -> Result<StepInput, String> {
@@ -534,6 +541,48 @@ impl Runner {
     }
 }
 
+/// An outcome whose report the broker takes: results over `max_results_bytes` (which the
+/// orchestrator would refuse anyway) fail the attempt for good, with the orchestrator's
+/// words, and a failure message is cut as the orchestrator records it. A report past the
+/// broker's largest message would close the channel at every try, and the execution,
+/// never acked, would come back to run again and again.
+fn sendable(outcome: Outcome, max_results_bytes: usize) -> Outcome {
+    match outcome {
+        Outcome::Completed(done) if done.results_json.len() > max_results_bytes => {
+            let problem = PayloadError::TooLarge { size: done.results_json.len(), max: max_results_bytes };
+            failed(format!("results refused: {problem}"), FailureKind::Permanent, None)
+        }
+        Outcome::Failed(mut failure) => {
+            failure.message = payload::recordable(&failure.message, payload::MAX_ERROR_MESSAGE);
+            Outcome::Failed(failure)
+        }
+        outcome => outcome,
+    }
+}
+
 fn failed(message: String, kind: FailureKind, retry_after_ms: Option<u64>) -> Outcome {
     Outcome::Failed(Failed { message, kind: kind as i32, retry_after_ms })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_is_kept_small_enough_to_send() {
+        let completed = |text: &str| Outcome::Completed(Completed { results_json: text.into() });
+        // within the limit: as it was
+        assert_eq!(sendable(completed(r#"{"a": 1}"#), 8), completed(r#"{"a": 1}"#));
+        // over it: a permanent failure in the orchestrator's words, not the results
+        let Outcome::Failed(refused) = sendable(completed(r#"{"a": 12}"#), 8) else { panic!("not refused") };
+        assert_eq!(refused.message, "results refused: 9 bytes, more than the limit of 8");
+        assert_eq!(refused.kind(), FailureKind::Permanent);
+        // a long failure message is cut as the orchestrator records it; the rest is kept
+        let long = failed("x".repeat(20_000), FailureKind::Retryable, Some(5));
+        let Outcome::Failed(cut) = sendable(long, 8) else { panic!("not a failure") };
+        assert_eq!(cut.message, format!("{}… (cut at 16384 characters)", "x".repeat(16_384)));
+        assert_eq!((cut.kind(), cut.retry_after_ms), (FailureKind::Retryable, Some(5)));
+        let short = failed("no".into(), FailureKind::Permanent, None);
+        assert_eq!(sendable(short.clone(), 8), short);
+    }
 }

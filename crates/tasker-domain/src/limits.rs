@@ -13,10 +13,21 @@ pub struct Limits {
     pub max_template_bytes: usize,
     /// Most steps in one template.
     pub max_steps: usize,
+    /// Largest step execution the orchestrator publishes, in bytes of its encoded message:
+    /// it carries the task's context and its parents' results. Keep it, and the context and
+    /// results limits, within the broker's own largest message (RabbitMQ's
+    /// `max_message_size`: 16 MiB by default from 4.0, 128 MiB before).
+    pub max_execution_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_context_bytes: 1 << 20, max_results_bytes: 1 << 20, max_template_bytes: 256 << 10, max_steps: 2_000 }
+        Self {
+            max_context_bytes: 1 << 20,
+            max_results_bytes: 1 << 20,
+            max_template_bytes: 256 << 10,
+            max_steps: 2_000,
+            max_execution_bytes: 16 << 20,
+        }
     }
 }

@@ -20,6 +20,9 @@ pub const MAX_DEPTH: usize = 64;
 /// How much of a client's or handler's input an error message quotes.
 pub const QUOTE_CHARS: usize = 64;
 
+/// Longest failure message recorded from a worker, in characters.
+pub const MAX_ERROR_MESSAGE: usize = 16 * 1024;
+
 /// Why a payload was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PayloadError {
@@ -99,6 +102,16 @@ pub fn storable(text: &str) -> bool {
 /// refused (a worker's error message).
 pub fn scrub(text: &str) -> std::borrow::Cow<'_, str> {
     if storable(text) { text.into() } else { text.replace('\0', "\u{FFFD}").into() }
+}
+
+/// A worker's text as it can be recorded: U+0000 replaced, at most `max` characters, the
+/// rest cut and `… (cut at {max} characters)` put in its place.
+pub fn recordable(text: &str, max: usize) -> String {
+    let text = scrub(text);
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}… (cut at {max} characters)", &text[..cut]),
+        None => text.into_owned(),
+    }
 }
 
 /// Quotes at most [`QUOTE_CHARS`] characters of untrusted input in an error message:

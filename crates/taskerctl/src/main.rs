@@ -269,6 +269,11 @@ impl Interceptor for Credentials {
     }
 }
 
+/// The largest answer taskerctl reads: any. task-api's own limits bound an answer (a task's
+/// context and each step's results up to 1 MiB), and gRPC's default of 4 MiB would refuse
+/// a task of a few large steps.
+const ANSWERS: usize = usize::MAX;
+
 pub(crate) type Api = InterceptedService<Channel, Credentials>;
 
 async fn channel(cli: &Cli) -> anyhow::Result<Api> {
@@ -311,7 +316,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("migrations applied");
         }
         Command::Template(cmd) => {
-            let mut client = TemplateServiceClient::new(channel(&cli).await?);
+            let mut client = TemplateServiceClient::new(channel(&cli).await?).max_decoding_message_size(ANSWERS);
             match cmd {
                 TemplateCommand::Register { files } => {
                     if files.is_empty() {
@@ -343,14 +348,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Namespaces => {
-            let mut client = TemplateServiceClient::new(channel(&cli).await?);
+            let mut client = TemplateServiceClient::new(channel(&cli).await?).max_decoding_message_size(ANSWERS);
             for ns in client.list_namespaces(pb::ListNamespacesRequest {}).await?.into_inner().namespaces {
                 println!("{:<24} {} templates", ns.name, ns.template_count);
             }
         }
         Command::Task(cmd) => task(&cli, cmd).await?,
         Command::Stats { window, namespace, limit } => {
-            let mut client = AnalyticsServiceClient::new(channel(&cli).await?);
+            let mut client = AnalyticsServiceClient::new(channel(&cli).await?).max_decoding_message_size(ANSWERS);
             let window_seconds = u32::try_from(window.as_secs()).context("--window is too long")?;
             let namespace = namespace.clone().unwrap_or_default();
             let performance = client
@@ -365,7 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print::stats(&performance, &bottlenecks, &health);
         }
         Command::Step(cmd) => {
-            let mut client = StepServiceClient::new(channel(&cli).await?);
+            let mut client = StepServiceClient::new(channel(&cli).await?).max_decoding_message_size(ANSWERS);
             let step = match cmd {
                 StepCommand::Retry { step_id, reason } => {
                     client.retry_step(pb::RetryStepRequest { step_id: step_id.clone(), reason: reason.clone() }).await?
@@ -382,7 +387,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print::step_line(&step.into_inner());
         }
         Command::Watch { task_id } => {
-            let mut client = TaskServiceClient::new(channel(&cli).await?);
+            let mut client = TaskServiceClient::new(channel(&cli).await?).max_decoding_message_size(ANSWERS);
             let last = follow::watch(&mut client, task_id).await?;
             NotCompleted::check(task_id, &last)?;
         }
@@ -410,7 +415,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn task(cli: &Cli, cmd: &TaskCommand) -> anyhow::Result<()> {
-    let mut client = TaskServiceClient::new(channel(cli).await?);
+    let mut client = TaskServiceClient::new(channel(cli).await?).max_decoding_message_size(ANSWERS);
     match cmd {
         TaskCommand::Submit { namespace, name, version, context, idempotency_key, reason, tags, wait } => {
             let context_json = match context.strip_prefix('@') {

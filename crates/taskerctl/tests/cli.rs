@@ -288,3 +288,31 @@ async fn task_list_pages_with_the_token_it_prints() {
     system.stop().await;
     env.cleanup().await;
 }
+
+/// A task's context and each step's results may each be up to 1 MiB, so GetTask's answer
+/// can pass the 4 MiB that gRPC clients accept by default: `task get` and `--wait` read
+/// it all the same.
+#[tokio::test]
+async fn task_get_reads_a_task_larger_than_grpcs_default_message_limit() {
+    let env = TestEnv::new().await;
+    let system = System::start(&env, vec![WorkerSpec::new("w1", &["rewatch"])]).await;
+    let steps: String = (1..=5).map(|i| format!("  - {{ name: s{i}, handler: echo }}\n")).collect();
+    system.register(&env, &format!("namespace: rewatch\nname: wide\nversion: 1.0.0\nsteps:\n{steps}")).await;
+    let api = format!("http://{}", system.api_addr);
+    // from a file: one argument may not be that long
+    let file = std::env::temp_dir().join(format!("taskerctl-context-{}", std::process::id()));
+    std::fs::write(&file, serde_json::json!({ "blob": "x".repeat(900_000) }).to_string()).unwrap();
+    let context = format!("@{}", file.display());
+    let submitted =
+        taskerctl(&["--api", &api, "task", "submit", "rewatch", "wide", "--context", &context, "--wait"]).await;
+    std::fs::remove_file(&file).unwrap();
+    let (out, err) = (String::from_utf8_lossy(&submitted.stdout), String::from_utf8_lossy(&submitted.stderr));
+    assert_eq!(submitted.status.code(), Some(0), "{err}");
+    let id = out.split_whitespace().nth(1).expect("task <id> first").to_owned();
+    let got = taskerctl(&["--api", &api, "task", "get", &id, "--transitions"]).await;
+    let (out, err) = (String::from_utf8_lossy(&got.stdout), String::from_utf8_lossy(&got.stderr));
+    assert_eq!(got.status.code(), Some(0), "{err}");
+    assert_eq!(out.lines().filter(|l| l.trim_start().starts_with('s') && l.contains("complete")).count(), 5, "{out}");
+    system.stop().await;
+    env.cleanup().await;
+}

@@ -288,6 +288,53 @@ steps:
     env.cleanup().await;
 }
 
+/// An execution carries the task's context and its parents' results; one larger than
+/// `limits.max_execution_bytes` is never published (past the broker's largest message it
+/// would close the orchestrator's channel at every try): its attempt fails for good, and
+/// the orchestrator keeps its connection.
+#[tokio::test]
+async fn an_execution_over_the_size_limit_fails_its_step_and_is_never_sent() {
+    let mut env = TestEnv::new().await;
+    env.config.limits.max_execution_bytes = 64 * 1024;
+    let system = start(&env).await;
+    system
+        .register(
+            &env,
+            r#"
+namespace: retries
+name: fan_in
+version: 1.0.0
+steps:
+  - { name: left, handler: echo }
+  - { name: right, handler: echo }
+  - { name: join, handler: echo, depends_on: [left, right] }
+"#,
+        )
+        .await;
+    // each parent echoes the 30 KB context: the join's execution carries about 90 KB
+    let task = system.submit("retries", "fan_in", json!({ "blob": "x".repeat(30_000) })).await;
+    let task = system.wait_final(&task.id).await;
+    assert_eq!(task.status(), pb::TaskStatus::Error);
+    let steps = steps_by_name(&task);
+    assert_eq!(steps["left"].status(), pb::StepStatus::Complete);
+    assert_eq!(steps["right"].status(), pb::StepStatus::Complete);
+    let join = &steps["join"];
+    assert_eq!((join.status(), join.attempts), (pb::StepStatus::Error, 1));
+    let error = error_of(join);
+    assert_eq!(error["kind"], "permanent");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("execution refused: ") && message.contains("more than limits.max_execution_bytes (65536)"),
+        "{message}"
+    );
+    let failed = join.transitions.iter().find(|t| t.to_state == "error").expect("failed");
+    assert_eq!(serde_json::from_str::<Value>(&failed.metadata_json).unwrap()["worker"], "orchestrator");
+    let metrics = tasker_test_support::http_get(system.orchestrator_admin, "/metrics").await;
+    assert!(metrics.contains("tasker_broker_reconnects_total 0"), "{metrics}");
+    system.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn results_over_the_size_limit_fail_the_step_permanently() {
     let mut env = TestEnv::new().await;

@@ -76,16 +76,14 @@ pub fn instant(field: &str, value: Option<&prost_types::Timestamp>) -> ApiResult
     const LAST: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
     let Some(ts) = value else { return Ok(None) };
     let within = (FIRST..=LAST).contains(&ts.seconds) && (0..1_000_000_000).contains(&ts.nanos);
-    match DateTime::from_timestamp(ts.seconds, ts.nanos.max(0) as u32).filter(|_| within) {
-        Some(at) => Ok(Some(at)),
-        None => Err(ApiError::invalid(
-            field,
-            format!(
-                "seconds {} and nanos {} are not an instant between 0001-01-01 and 9999-12-31",
-                ts.seconds, ts.nanos
-            ),
-        )),
-    }
+    let at = if within { DateTime::from_timestamp(ts.seconds, ts.nanos as u32) } else { None };
+    at.map(Some).ok_or_else(|| {
+        let problem = format!(
+            "seconds {} and nanos {} are not an instant between 0001-01-01 and 9999-12-31",
+            ts.seconds, ts.nanos
+        );
+        ApiError::invalid(field, problem)
+    })
 }
 
 #[cfg(test)]

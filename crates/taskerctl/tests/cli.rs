@@ -253,16 +253,11 @@ async fn task_list_pages_with_the_token_it_prints() {
         ids.push(system.submit("rewatch", "quick", serde_json::json!({})).await.id);
     }
     ids.reverse(); // newest first, as listed
-    let list = |extra: &[&str]| {
-        let mut args = vec!["--api", api.as_str(), "task", "list", "--namespace", "rewatch", "--limit", "2"];
-        args.extend_from_slice(extra);
-        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
-        async move {
-            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            let out = taskerctl(&refs).await;
-            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-            (out.status.code(), stdout, String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+    let list = async |extra: &[&str]| {
+        let args = [&["--api", api.as_str(), "task", "list", "--namespace", "rewatch", "--limit", "2"], extra].concat();
+        let out = taskerctl(&args).await;
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
     };
     let listed_ids =
         |stdout: &str| stdout.lines().map(|l| l.split_whitespace().next().unwrap().to_owned()).collect::<Vec<_>>();

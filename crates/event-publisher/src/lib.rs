@@ -120,6 +120,14 @@ async fn relay(
     let listener = store.listen_outbox(stop.clone());
     let mut failures = 0u32;
     while !stop.is_cancelled() {
+        // a blocked connection (a resource alarm) sends nothing until it clears: claiming
+        // meanwhile would hold the claim, and its lock, for as long as the alarm lasts
+        if publisher.blocked().is_some() {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => continue,
+            }
+        }
         match relay_batch(store, publisher, config.batch_size, metrics).await {
             // a full batch (of outbox rows) leaves a backlog: take the next one at once; a
             // short one took everything committed before it was read, and whatever committed

@@ -39,6 +39,11 @@ impl Dispatcher {
         self.broker.is_connected()
     }
 
+    /// Whether the broker blocks the connection (a resource alarm).
+    pub fn is_blocked(&self) -> bool {
+        self.broker.blocked().is_some()
+    }
+
     /// Messages waiting in the dead-letter queue, if it exists.
     pub async fn dead_letter_depth(&self) -> tasker_messaging::Result<Option<u32>> {
         let queue = self.broker.topology().dead_letter_queue();

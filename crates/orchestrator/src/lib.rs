@@ -230,9 +230,15 @@ impl Pipeline {
         let dispatched = !outcome.dispatches.is_empty();
         let dispatches = &outcome.dispatches;
         let committed = received.elapsed();
-        let sent = self
-            .holding("publishing step executions", || async { Ok(self.dispatcher.send(dispatches.clone()).await?) })
-            .await;
+        // a broker blocking the connection (a resource alarm) holds the publish as long as
+        // it lasts; a stop meanwhile leaves them enqueued, for the sweeper to publish again
+        let sent = self.holding("publishing step executions", || async {
+            tokio::select! {
+                sent = self.dispatcher.send(dispatches.clone()) => Ok(sent?),
+                _ = self.stop.cancelled() => Err(anyhow::anyhow!("stopping while the executions were being published")),
+            }
+        });
+        let sent = sent.await;
         if let Err(error) = sent {
             self.carried.unpublished.lock().expect("carried lock").extend(outcome.dispatches);
             return Err(error);
@@ -258,7 +264,7 @@ impl Pipeline {
                     if is_infrastructure(&error) && !self.stop.is_cancelled() && self.dispatcher.is_connected() =>
                 {
                     failures += 1;
-                    *self.carried.last_outage.lock().expect("carried lock") = Some(std::time::Instant::now());
+                    self.outage_now();
                     if failures == 1 {
                         self.metrics.paused(1);
                         tracing::warn!(
@@ -282,6 +288,11 @@ impl Pipeline {
             }
         }
         result
+    }
+
+    /// The infrastructure is failing now (see [`Pipeline::outage_within`]).
+    pub(crate) fn outage_now(&self) {
+        *self.carried.last_outage.lock().expect("carried lock") = Some(std::time::Instant::now());
     }
 
     /// Whether the infrastructure has failed within `window`: the sweeper then leaves

@@ -66,7 +66,9 @@ pub(crate) async fn retry_scheduler(
 /// Repairs crash gaps every `sweep_interval`: pending tasks, and tasks in progress with
 /// nothing running or scheduled (an operator's repair whose request was lost), are
 /// evaluated again, steps enqueued too long are published again (same attempt), steps in
-/// progress past their timeout plus grace fail as timed out.
+/// progress past their timeout plus grace fail as timed out (these last two not while the
+/// broker blocks the connection, nor for `timeout_grace` + `sweep_interval` after it or an
+/// outage).
 pub(crate) async fn sweeper(
     pipeline: Pipeline,
     store: Store,
@@ -92,8 +94,17 @@ async fn sweep(pipeline: &Pipeline, store: &Store, config: &OrchestratorConfig) 
     for task in store.stalled_tasks(config.pending_task_timeout, SWEEP_LIMIT).await? {
         items.push((task, Work::Evaluate));
     }
+    // a broker blocking its connections (a resource alarm) holds the executions and the
+    // workers' reports; right after it, or an outage, executions held meanwhile have just
+    // gone out and reports are on their way: what looks stale or overdue is not lost
+    if pipeline.dispatcher.is_blocked() {
+        pipeline.outage_now();
+    }
+    let settled = !pipeline.outage_within(config.timeout_grace + config.sweep_interval);
     let mut checked: HashMap<String, bool> = HashMap::new();
-    for (task, step, namespace) in store.stale_enqueued_steps(config.enqueued_step_timeout, SWEEP_LIMIT).await? {
+    let stale =
+        if settled { store.stale_enqueued_steps(config.enqueued_step_timeout, SWEEP_LIMIT).await? } else { vec![] };
+    for (task, step, namespace) in stale {
         let republish = match checked.get(&namespace) {
             Some(answer) => *answer,
             None => {
@@ -108,8 +119,7 @@ async fn sweep(pipeline: &Pipeline, store: &Store, config: &OrchestratorConfig) 
             items.push((task, Work::Republish { step, older_than: config.enqueued_step_timeout }));
         }
     }
-    // right after an outage, reports held meanwhile may be what these steps wait for
-    if !pipeline.outage_within(config.timeout_grace + config.sweep_interval) {
+    if settled {
         for (task, step) in store.overdue_steps(config.timeout_grace, SWEEP_LIMIT).await? {
             items.push((task, Work::Overdue { step, grace: config.timeout_grace }));
         }

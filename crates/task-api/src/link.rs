@@ -115,10 +115,33 @@ impl Link {
             tracing::warn!(tasks = task_ids.len(), "broker unavailable; task requests kept until it is back");
             return self.keep(&task_ids);
         };
+        // a blocked connection (a resource alarm) sends nothing until it clears: kept, they
+        // go out when it does, and meanwhile hold no room of the requests awaiting confirms
+        if publisher.blocked().is_some() {
+            tracing::debug!(tasks = task_ids.len(), "broker blocked; task requests kept until it clears");
+            return self.keep(&task_ids);
+        }
         let commands: Vec<Command> = requests.into_iter().map(Command::Task).collect();
         if let Err(error) = publisher.send(&commands).await {
             tracing::warn!(%error, tasks = task_ids.len(), "task requests not published; kept until the broker is back");
             self.keep(&task_ids);
+        }
+    }
+
+    /// Sends the requests kept while the broker was away or blocked.
+    async fn send_kept(&self) {
+        let kept: Vec<Uuid> = std::mem::take(&mut *self.unsent.lock().expect("link lock")).into_iter().collect();
+        if kept.is_empty() {
+            return;
+        }
+        tracing::info!(tasks = kept.len(), "sending the task requests kept while the broker was away or blocked");
+        let trace = span_trace();
+        for chunk in kept.chunks(500) {
+            let requests = chunk
+                .iter()
+                .map(|id| TaskRequest { task_id: id.to_string(), trace_context: trace.clone(), created: None })
+                .collect();
+            self.send(requests).await;
         }
     }
 
@@ -131,8 +154,9 @@ impl Link {
         }
     }
 
-    /// One connection's life: connect, declare, send what was kept, then hold until the
-    /// connection is lost (Err, for the supervisor) or `stop` (Ok).
+    /// One connection's life: connect, declare, send what was kept (and again each time
+    /// the broker lifts a block), then hold until the connection is lost (Err, for the
+    /// supervisor) or `stop` (Ok).
     pub(crate) async fn maintain(
         &self,
         config: &AmqpConfig,
@@ -145,21 +169,15 @@ impl Link {
         let publisher = broker.publisher().await?;
         *self.current.lock().expect("link lock") = Some((broker.clone(), publisher.clone()));
         slot.set(Some(broker.clone()));
-        let kept: Vec<Uuid> = std::mem::take(&mut *self.unsent.lock().expect("link lock")).into_iter().collect();
-        if !kept.is_empty() {
-            tracing::info!(tasks = kept.len(), "sending the task requests kept while the broker was away");
-            let trace = span_trace();
-            for chunk in kept.chunks(500) {
-                let requests = chunk
-                    .iter()
-                    .map(|id| TaskRequest { task_id: id.to_string(), trace_context: trace.clone(), created: None })
-                    .collect();
-                self.send(requests).await;
+        let closed = broker.closed();
+        tokio::pin!(closed);
+        self.send_kept().await;
+        let lost = loop {
+            tokio::select! {
+                _ = stop.cancelled() => break false,
+                _ = &mut closed => break true,
+                _ = broker.unblocked() => self.send_kept().await,
             }
-        }
-        let lost = tokio::select! {
-            _ = stop.cancelled() => false,
-            _ = broker.closed() => true,
         };
         *self.current.lock().expect("link lock") = None;
         slot.set(None);

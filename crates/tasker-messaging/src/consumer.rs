@@ -16,7 +16,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 
-use crate::{Error, Result, Topology};
+use crate::{Error, Notice, Result, Topology};
 
 /// The header in which Tasker's consumers of a classic queue count how many times a
 /// message came back to its queue (a quorum queue counts in the broker).
@@ -48,13 +48,14 @@ struct Window {
     channel: Channel,
     /// `true` once acked by its handler (and not sent yet).
     unsettled: Arc<Mutex<BTreeMap<u64, bool>>>,
+    notice: Notice,
 }
 
 type Settling<'a> = Pin<Box<dyn Future<Output = lapin::Result<()>> + Send + 'a>>;
 
 impl Window {
-    fn new(channel: Channel) -> Window {
-        Window { channel, unsettled: Arc::default() }
+    fn new(channel: Channel, notice: Notice) -> Window {
+        Window { channel, unsettled: Arc::default(), notice }
     }
 
     fn unsettled(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, bool>> {
@@ -187,6 +188,7 @@ impl<T: prost::Message + Default> Consumer<T> {
         queue: &str,
         prefetch: u16,
         limit: Option<u32>,
+        notice: Notice,
     ) -> Result<Consumer<T>> {
         let channel = connection.create_channel().await?;
         if limit.is_some() {
@@ -197,12 +199,12 @@ impl<T: prost::Message + Default> Consumer<T> {
         let inner = channel
             .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await?;
-        Ok(Consumer { queue: queue.to_owned(), inner, window: Window::new(channel), limit, _kind: PhantomData })
+        Ok(Consumer { queue: queue.to_owned(), inner, window: Window::new(channel, notice), limit, _kind: PhantomData })
     }
 
     /// Stops consuming: deliveries not acked yet go back to the queue.
     pub async fn close(self) {
-        crate::close_channel(&self.window.channel).await;
+        crate::close_channel(&self.window.channel, &self.window.notice).await;
     }
 
     /// The next delivery; an error when the consumer is gone.
@@ -277,7 +279,8 @@ impl Counted {
         let copy = self.properties.clone().with_headers(headers);
         let options = BasicPublishOptions { mandatory: true, ..Default::default() };
         let confirm = ack.window.channel.basic_publish("".into(), queue.into(), options, &self.data, copy).await?;
-        crate::bounded("a publisher confirm", crate::publisher::confirmed(confirm, queue.to_owned())).await?;
+        let confirmed = crate::publisher::confirmed(confirm, queue.to_owned());
+        ack.window.notice.bounded("a publisher confirm", confirmed).await?;
         ack.ack().await
     }
 }

@@ -12,7 +12,11 @@ mod consumer;
 mod publisher;
 mod topology;
 
-use lapin::{Connection, ConnectionProperties};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use lapin::{Connection, ConnectionProperties, ConnectionStatus};
+use tokio::{sync::watch, task::JoinHandle};
 
 pub use consumer::{Ack, Consumer, EventStream, Incoming, RETURNS_HEADER, ReceivedEvent};
 pub use publisher::{Command, Publisher};
@@ -53,9 +57,92 @@ pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// (`?heartbeat=N`), in seconds.
 pub const DEFAULT_HEARTBEAT: u16 = 5;
 
-/// Bounds a broker round trip by [`TIMEOUT`].
-pub(crate) async fn bounded<T>(what: &'static str, fut: impl Future<Output = Result<T>>) -> Result<T> {
-    tokio::time::timeout(TIMEOUT, fut).await.map_err(|_| Error::Timeout(what))?
+/// How long closing a channel or the connection may take while the broker blocks it:
+/// nothing can be written then, so the close is given up on soon (the socket closes with
+/// the connection).
+const CLOSE_WHILE_BLOCKED: Duration = Duration::from_secs(1);
+
+/// What the broker has told one connection, kept by the one listener of its events.
+#[derive(Debug, Clone, Default)]
+struct Notices {
+    /// Why the broker blocks the connection (`connection.blocked`, a resource alarm: "low
+    /// on disk", "low on memory"), while it does.
+    blocked: Option<String>,
+    /// Errors lapin reported: the connection's, or a channel's the broker closed.
+    errors: u64,
+    /// The connection is lost or closed.
+    lost: bool,
+}
+
+/// A connection's notices, as the round trips made on it read them.
+#[derive(Clone)]
+pub(crate) struct Notice(watch::Receiver<Notices>);
+
+impl Notice {
+    fn blocked(&self) -> Option<String> {
+        self.0.borrow().blocked.clone()
+    }
+
+    /// Bounds a broker round trip by [`TIMEOUT`], not counting the time the broker blocks
+    /// the connection: lapin writes nothing while it does (the broker reads nothing), so
+    /// a round trip waiting then waits for the alarm to clear, as it should, and is not
+    /// taken for a broker that does not answer (which would send its messages again, and
+    /// again, for as long as the alarm lasts). Heartbeats still tell a lost broker.
+    pub(crate) async fn bounded<T>(&self, what: &'static str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        const SLICE: Duration = Duration::from_millis(250);
+        let mut fut = std::pin::pin!(fut);
+        let mut waited = Duration::ZERO;
+        loop {
+            match tokio::time::timeout(SLICE, fut.as_mut()).await {
+                Ok(done) => return done,
+                Err(_) if self.0.borrow().blocked.is_some() => {}
+                Err(_) => {
+                    waited += SLICE;
+                    if waited >= TIMEOUT {
+                        return Err(Error::Timeout(what));
+                    }
+                }
+            }
+        }
+    }
+
+    /// How long a close may take: [`TIMEOUT`], or [`CLOSE_WHILE_BLOCKED`] while blocked.
+    fn close_within(&self) -> Duration {
+        if self.0.borrow().blocked.is_some() { CLOSE_WHILE_BLOCKED } else { TIMEOUT }
+    }
+}
+
+/// Keeps a connection's [`Notices`] from its events until it is lost. The only reader of
+/// the events: lapin hands each event to one of its listeners.
+async fn listen(
+    events: impl Stream<Item = lapin::Event>,
+    status: ConnectionStatus,
+    notices: watch::Sender<Notices>,
+    name: String,
+) {
+    let mut events = std::pin::pin!(events);
+    while status.connected() {
+        tokio::select! {
+            event = events.next() => match event {
+                Some(lapin::Event::ConnectionBlocked(reason)) => {
+                    tracing::warn!(connection = name, reason,
+                        "the broker blocks this connection (a resource alarm); publishing waits until it clears");
+                    notices.send_modify(|n| n.blocked = Some(reason));
+                }
+                Some(lapin::Event::ConnectionUnblocked) => {
+                    tracing::info!(connection = name, "the broker unblocked this connection");
+                    notices.send_modify(|n| n.blocked = None);
+                }
+                // the connection's state tells whether it is the connection's own
+                Some(lapin::Event::Error(_)) => notices.send_modify(|n| n.errors += 1),
+                None => break,
+                Some(_) => {}
+            },
+            // lapin reports not every close as an event
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    notices.send_modify(|n| n.lost = true);
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -64,9 +151,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// closes its long-lived channels this way before its connection: a channel left to close
 /// itself on drop races the connection's close, and lapin then logs a connection error on
 /// a perfectly clean stop.
-pub(crate) async fn close_channel(channel: &lapin::Channel) {
+pub(crate) async fn close_channel(channel: &lapin::Channel, notice: &Notice) {
     if channel.status().connected() {
-        let _ = bounded("a channel close", async { Ok(channel.close(200, "closing".into()).await?) }).await;
+        let _ = tokio::time::timeout(notice.close_within(), channel.close(200, "closing".into())).await;
     }
 }
 
@@ -88,6 +175,14 @@ pub struct QueueState {
 pub struct Broker {
     connection: Connection,
     topology: Topology,
+    notice: Notice,
+    listening: JoinHandle<()>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.listening.abort();
+    }
 }
 
 impl Broker {
@@ -115,7 +210,10 @@ impl Broker {
         let connect = lapin::ConnectionBuilder::new()?.with_uri(uri).with_properties(props).with_tls_config(tls);
         let connection =
             tokio::time::timeout(CONNECT_TIMEOUT, connect.connect()).await.map_err(|_| Error::ConnectTimeout)??;
-        Ok(Broker { connection, topology })
+        let (notices, notice) = watch::channel(Notices::default());
+        let events = connection.events_listener();
+        let listening = tokio::spawn(listen(events, connection.status().clone(), notices, name.to_owned()));
+        Ok(Broker { connection, topology, notice: Notice(notice), listening })
     }
 
     pub fn topology(&self) -> &Topology {
@@ -128,31 +226,45 @@ impl Broker {
     }
 
     /// Resolves once the connection is lost or closed: at once on an error lapin reports
-    /// (the broker closed it, the socket died, heartbeats stopped), and within a quarter
-    /// of a second of any other close. Supervisors race their loops against it, so a lost
-    /// connection is noticed before the next operation fails on it.
+    /// from now on (the broker closed it or one of its channels, the socket died,
+    /// heartbeats stopped), and within a quarter of a second of any other close.
+    /// Supervisors race their loops against it, so a lost connection or a channel the
+    /// broker closed under them is noticed before the next operation fails on it (a
+    /// channel error before the call, such as a declaration refused and handled, is not).
     pub async fn closed(&self) {
-        use futures::StreamExt;
-        let mut events = std::pin::pin!(self.connection.events_listener());
-        while self.is_connected() {
-            tokio::select! {
-                event = events.next() => match event {
-                    Some(lapin::Event::Error(_)) | None => return,
-                    Some(_) => {}
-                },
-                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
-            }
+        let mut notices = self.notice.0.clone();
+        let seen = notices.borrow().errors;
+        let _ = notices.wait_for(|n| n.lost || n.errors > seen).await;
+    }
+
+    /// Why the broker blocks this connection, while it does: a resource alarm (the
+    /// broker's disk or memory past its limit) stops every connection that publishes.
+    /// Nothing is sent meanwhile (lapin holds every frame); deliveries still come.
+    pub fn blocked(&self) -> Option<String> {
+        self.notice.blocked()
+    }
+
+    /// Resolves when the broker lifts a block of this connection (each time it does);
+    /// never on a lost connection.
+    pub async fn unblocked(&self) {
+        let mut notices = self.notice.0.clone();
+        let mut lost = notices.wait_for(|n| n.blocked.is_some() || n.lost).await.map_or(true, |n| n.lost);
+        if !lost {
+            lost = notices.wait_for(|n| n.blocked.is_none() || n.lost).await.map_or(true, |n| n.lost);
+        }
+        if lost {
+            std::future::pending::<()>().await;
         }
     }
 
     /// A channel in confirm mode for publishing.
     pub async fn publisher(&self) -> Result<Publisher> {
-        Publisher::open(&self.connection, self.topology.clone()).await
+        Publisher::open(&self.connection, self.topology.clone(), self.notice.clone()).await
     }
 
     /// Declares the orchestrator's input queues and the dead-letter path.
     pub async fn declare_orchestrator(&self) -> Result<()> {
-        bounded("a queue declaration", self.declare_orchestrator_now()).await
+        self.notice.bounded("a queue declaration", self.declare_orchestrator_now()).await
     }
 
     async fn declare_orchestrator_now(&self) -> Result<()> {
@@ -178,7 +290,7 @@ impl Broker {
 
     /// Declares the step queue of one namespace (idempotent).
     pub async fn declare_steps(&self, namespace: &str) -> Result<()> {
-        bounded("a queue declaration", self.declare_steps_now(namespace)).await
+        self.notice.bounded("a queue declaration", self.declare_steps_now(namespace)).await
     }
 
     async fn declare_steps_now(&self, namespace: &str) -> Result<()> {
@@ -200,7 +312,7 @@ impl Broker {
 
     /// Declares the events exchange (idempotent).
     pub async fn declare_events(&self) -> Result<()> {
-        bounded("an exchange declaration", self.declare_events_now()).await
+        self.notice.bounded("an exchange declaration", self.declare_events_now()).await
     }
 
     async fn declare_events_now(&self) -> Result<()> {
@@ -212,7 +324,8 @@ impl Broker {
 
     /// Consumes a queue with manual acks and at most `prefetch` unacked deliveries.
     pub async fn consume<T: prost::Message + Default>(&self, queue: &str, prefetch: u16) -> Result<Consumer<T>> {
-        Consumer::open(&self.connection, queue, prefetch, self.topology.counted_by_consumer(queue)).await
+        let limit = self.topology.counted_by_consumer(queue);
+        Consumer::open(&self.connection, queue, prefetch, limit, self.notice.clone()).await
     }
 
     /// Binds a private, auto-deleted queue to the events exchange with each pattern
@@ -257,9 +370,13 @@ impl Broker {
         Ok(())
     }
 
+    /// Closes the connection (given up on after [`TIMEOUT`], or at once while blocked).
     pub async fn close(&self) -> Result<()> {
         if self.is_connected() {
-            self.connection.close(200, "bye".into()).await?;
+            let closing = self.connection.close(200, "bye".into());
+            tokio::time::timeout(self.notice.close_within(), closing)
+                .await
+                .map_err(|_| Error::Timeout("a close"))??;
         }
         Ok(())
     }

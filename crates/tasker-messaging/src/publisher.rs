@@ -9,7 +9,7 @@ use lapin::{
 use prost::Message;
 use tasker_proto::messages::{StepExecution, StepReport, TaskRequest};
 
-use crate::{Error, Result, Topology};
+use crate::{Error, Notice, Result, Topology};
 
 const PERSISTENT: u8 = 2;
 
@@ -48,13 +48,14 @@ impl Command {
 pub struct Publisher {
     channel: Channel,
     topology: Topology,
+    notice: Notice,
 }
 
 impl Publisher {
-    pub(crate) async fn open(connection: &Connection, topology: Topology) -> Result<Publisher> {
+    pub(crate) async fn open(connection: &Connection, topology: Topology, notice: Notice) -> Result<Publisher> {
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Publisher { channel, topology })
+        Ok(Publisher { channel, topology, notice })
     }
 
     /// Whether the channel (and so its connection) is open.
@@ -64,12 +65,14 @@ impl Publisher {
 
     /// Closes the channel (every clone's), before the connection closes.
     pub async fn close(&self) {
-        crate::close_channel(&self.channel).await;
+        crate::close_channel(&self.channel, &self.notice).await;
     }
 
     /// Publishes the commands (persistent, mandatory) back to back, then awaits every
     /// confirm together: one round trip for the batch, not one per message. Fails if any
-    /// is nacked or unroutable; the caller then must not ack its input.
+    /// is nacked or unroutable, or unconfirmed after [`crate::TIMEOUT`] not counting the
+    /// time the broker blocks the connection (a resource alarm: it then waits for the
+    /// alarm to clear); the caller then must not ack its input.
     pub async fn send(&self, commands: &[Command]) -> Result<()> {
         let publishes: Vec<_> = commands
             .iter()
@@ -94,7 +97,7 @@ impl Publisher {
                 }
             })
             .collect();
-        pipelined(publishes).await
+        pipelined(publishes, &self.notice).await
     }
 
     /// Publishes CloudEvents (structured JSON) on the events exchange, then awaits every
@@ -120,7 +123,13 @@ impl Publisher {
                 }
             })
             .collect();
-        pipelined(publishes).await
+        pipelined(publishes, &self.notice).await
+    }
+
+    /// Why the broker blocks this channel's connection, while it does (see
+    /// [`crate::Broker::blocked`]).
+    pub fn blocked(&self) -> Option<String> {
+        self.notice.blocked()
     }
 }
 
@@ -132,7 +141,7 @@ impl Publisher {
 /// own. A publish's first poll queues its frames and takes its confirm's delivery tag, so
 /// polling each once, in turn, keeps the messages in this order on the channel while the
 /// I/O thread writes them together.
-async fn pipelined<F: Future<Output = Result<()>>>(publishes: Vec<F>) -> Result<()> {
+async fn pipelined<F: Future<Output = Result<()>>>(publishes: Vec<F>, notice: &Notice) -> Result<()> {
     let mut pending = Vec::with_capacity(publishes.len());
     for publish in publishes {
         let mut publish = Box::pin(publish);
@@ -141,7 +150,7 @@ async fn pipelined<F: Future<Output = Result<()>>>(publishes: Vec<F>) -> Result<
             Poll::Pending => pending.push(publish),
         }
     }
-    crate::bounded("publisher confirms", try_join_all(pending)).await?;
+    notice.bounded("publisher confirms", try_join_all(pending)).await?;
     Ok(())
 }
 

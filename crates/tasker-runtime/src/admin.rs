@@ -21,15 +21,32 @@ use tokio_util::sync::CancellationToken;
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A named readiness check.
-pub type ReadyCheck = (&'static str, Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>);
+pub type ReadyCheck = (&'static str, Arc<dyn Fn() -> BoxFuture<'static, Result<(), Problem>> + Send + Sync>);
+
+/// Why a readiness check fails.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub text: String,
+    /// Whether restarting the service could help. When it could not (the broker blocking
+    /// its connections for a resource alarm), readiness fails and liveness does not,
+    /// however long it lasts.
+    pub restart_helps: bool,
+}
+
+impl From<String> for Problem {
+    fn from(text: String) -> Problem {
+        Problem { text, restart_helps: true }
+    }
+}
 
 /// Builds a [`ReadyCheck`] from an async closure.
-pub fn ready_check<F, Fut>(name: &'static str, check: F) -> ReadyCheck
+pub fn ready_check<F, Fut, P>(name: &'static str, check: F) -> ReadyCheck
 where
     F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), String>> + Send + 'static,
+    Fut: Future<Output = Result<(), P>> + Send + 'static,
+    P: Into<Problem>,
 {
-    (name, Arc::new(move || Box::pin(check())))
+    (name, Arc::new(move || Box::pin(futures::FutureExt::map(check(), |r| r.map_err(Into::into)))))
 }
 
 /// A bound admin listener (bind early, serve from the start, wire once the service is).
@@ -123,19 +140,22 @@ struct Health {
 impl Health {
     /// One check, failing with `problem`, in place of every other.
     fn only_failing(&self, check: &'static str, problem: String) {
-        let failing = ready_check(check, move || std::future::ready(Err(problem.clone())));
+        let failing = ready_check(check, move || std::future::ready(Err::<(), _>(problem.clone())));
         *self.checks.write().expect("checks lock") = vec![failing];
     }
 
     /// Runs every check: each one's name, its problem (if failing) and how long it has
     /// been failing.
-    async fn run_all(&self) -> Vec<(&'static str, Option<String>, Duration)> {
+    async fn run_all(&self) -> Vec<(&'static str, Option<Problem>, Duration)> {
         let checks = self.checks.read().expect("checks lock").clone();
-        let results = join_all(checks.iter().map(|(name, check)| {
-            let fut = tokio::time::timeout(CHECK_TIMEOUT, check());
-            async move { (*name, fut.await.unwrap_or_else(|_| Err(format!("no answer within {CHECK_TIMEOUT:?}")))) }
-        }))
-        .await;
+        let results =
+            join_all(checks.iter().map(|(name, check)| {
+                let fut = tokio::time::timeout(CHECK_TIMEOUT, check());
+                async move {
+                    (*name, fut.await.unwrap_or_else(|_| Err(format!("no answer within {CHECK_TIMEOUT:?}").into())))
+                }
+            }))
+            .await;
         let mut down_since = self.down_since.lock().expect("health lock");
         results
             .into_iter()
@@ -152,13 +172,22 @@ impl Health {
             .collect()
     }
 
-    /// The failing checks, with how long each has been failing.
-    async fn run(&self) -> Vec<(String, Duration)> {
+    /// The failing checks, with how long each has been failing and whether a restart
+    /// could help.
+    async fn run(&self) -> Vec<(String, Duration, bool)> {
         self.run_all()
             .await
             .into_iter()
-            .filter_map(|(name, problem, down)| Some((format!("{name}: {}", problem?), down)))
+            .filter_map(|(name, problem, down)| {
+                let problem = problem?;
+                Some((format!("{name}: {}", problem.text), down, problem.restart_helps))
+            })
             .collect()
+    }
+
+    /// Whether a failing check has lasted `live_timeout` and a restart could help.
+    fn dead(&self, problem: &Option<Problem>, down: Duration) -> bool {
+        problem.as_ref().is_some_and(|p| p.restart_helps) && down >= self.live_timeout
     }
 }
 
@@ -167,7 +196,7 @@ async fn ready(State(health): State<Arc<Health>>) -> (StatusCode, String) {
     if failing.is_empty() {
         (StatusCode::OK, "ready\n".into())
     } else {
-        let lines: Vec<String> = failing.iter().map(|(what, down)| format!("{what} (for {down:.0?})")).collect();
+        let lines: Vec<String> = failing.iter().map(|(what, down, _)| format!("{what} (for {down:.0?})")).collect();
         (StatusCode::SERVICE_UNAVAILABLE, format!("not ready\n{}\n", lines.join("\n")))
     }
 }
@@ -177,7 +206,7 @@ async fn ready(State(health): State<Arc<Health>>) -> (StatusCode, String) {
 async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
     let checks = health.run_all().await;
     let ready = checks.iter().all(|(_, problem, _)| problem.is_none());
-    let live = checks.iter().all(|(_, problem, down)| problem.is_none() || *down < health.live_timeout);
+    let live = !checks.iter().any(|(_, problem, down)| health.dead(problem, *down));
     let body = serde_json::json!({
         "ready": ready,
         "live": live,
@@ -186,7 +215,7 @@ async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
         "checks": checks.iter().map(|(name, problem, down)| serde_json::json!({
             "name": name,
             "ok": problem.is_none(),
-            "problem": problem,
+            "problem": problem.as_ref().map(|p| &p.text),
             "failing_for_seconds": down.as_secs_f64(),
         })).collect::<Vec<_>>(),
     });
@@ -200,8 +229,8 @@ async fn live(State(health): State<Arc<Health>>) -> (StatusCode, String) {
     let failing = health.run().await;
     let dead: Vec<String> = failing
         .iter()
-        .filter(|(_, down)| *down >= health.live_timeout)
-        .map(|(what, down)| format!("{what} (for {down:.0?})"))
+        .filter(|(_, down, restart_helps)| *restart_helps && *down >= health.live_timeout)
+        .map(|(what, down, _)| format!("{what} (for {down:.0?})"))
         .collect();
     if dead.is_empty() {
         (StatusCode::OK, "ok\n".into())

@@ -11,7 +11,7 @@ mod telemetry;
 pub mod tls;
 pub mod trace;
 
-pub use admin::{Admin, ReadyCheck, Serving, ready_check};
+pub use admin::{Admin, Problem, ReadyCheck, Serving, ready_check};
 pub use config::{
     AmqpConfig, ApiConfig, Config, DatabaseConfig, HealthConfig, LogConfig, LogFormat, OrchestratorConfig,
     PublisherConfig, ServerTls, TelemetryConfig, WorkerConfig,

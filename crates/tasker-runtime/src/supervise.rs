@@ -19,7 +19,7 @@ use tasker_messaging::Broker;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ReadyCheck, ready_check};
+use crate::{Problem, ReadyCheck, ready_check};
 
 /// The broker connection a supervised service currently uses (none while reconnecting),
 /// and its history for `/metrics`.
@@ -74,17 +74,25 @@ impl BrokerSlot {
         self.0.lock().expect("broker slot lock").broker.clone()
     }
 
-    /// Readiness check: a broker connection is open.
+    /// Readiness check: a broker connection is open, and the broker does not block it. A
+    /// block (a resource alarm) fails readiness but not liveness: a restart cannot clear
+    /// the broker's alarm, and the work waits for it.
     pub fn check(&self) -> ReadyCheck {
         let slot = self.clone();
         ready_check("broker", move || {
-            let connected = slot.get().is_some_and(|b| b.is_connected());
-            async move { if connected { Ok(()) } else { Err("not connected".to_owned()) } }
+            let problem = match slot.get() {
+                Some(broker) if broker.is_connected() => broker.blocked().map(|reason| Problem {
+                    text: format!("blocked by the broker: {reason} (a resource alarm); work waits until it clears"),
+                    restart_helps: false,
+                }),
+                _ => Some("not connected".to_owned().into()),
+            };
+            std::future::ready(problem.map_or(Ok(()), Err))
         })
     }
 
-    /// Registers `tasker_broker_connected`, `tasker_broker_reconnects_total` and
-    /// `tasker_broker_disconnected_seconds_total`.
+    /// Registers `tasker_broker_connected`, `tasker_broker_blocked`,
+    /// `tasker_broker_reconnects_total` and `tasker_broker_disconnected_seconds_total`.
     pub fn register(&self, registry: &mut Registry) {
         registry.register_collector(Box::new(SlotMetrics(self.clone())));
     }
@@ -101,16 +109,24 @@ impl std::fmt::Debug for SlotMetrics {
 
 impl Collector for SlotMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (connected, reconnects, disconnected) = {
+        let (connected, blocked, reconnects, disconnected) = {
             let state = self.0.0.lock().expect("broker slot lock");
             let current = state.down_since.map(|t| t.elapsed()).unwrap_or_default();
-            let connected = state.broker.as_ref().is_some_and(|b| b.is_connected());
-            (connected, state.reconnects, (state.disconnected + current).as_secs_f64())
+            let open = state.broker.as_ref().filter(|b| b.is_connected());
+            let blocked = open.is_some_and(|b| b.blocked().is_some());
+            (open.is_some(), blocked, state.reconnects, (state.disconnected + current).as_secs_f64())
         };
         let gauge = ConstGauge::new(i64::from(connected));
         gauge.encode(encoder.encode_descriptor(
             "tasker_broker_connected",
             "1 while the service holds an open broker connection",
+            None,
+            gauge.metric_type(),
+        )?)?;
+        let gauge = ConstGauge::new(i64::from(blocked));
+        gauge.encode(encoder.encode_descriptor(
+            "tasker_broker_blocked",
+            "1 while the broker blocks the service's connection (a resource alarm: nothing is published until it clears)",
             None,
             gauge.metric_type(),
         )?)?;

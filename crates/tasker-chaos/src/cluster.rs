@@ -68,7 +68,7 @@ impl Cluster {
     /// workers serving `namespace`, every one through the proxies.
     pub async fn start(bin_dir: PathBuf, env: &TestEnv, apis: usize, workers: usize, namespace: &str) -> Cluster {
         let database = FaultProxy::for_url(&env.config.database.url).await;
-        let broker = FaultProxy::for_url(&env.config.amqp.url).await;
+        let broker = FaultProxy::for_broker(&env.config.amqp.url).await;
         let base = vec![
             ("TASKER_DATABASE__URL".to_owned(), database.url(&env.config.database.url)),
             ("TASKER_AMQP__URL".to_owned(), broker.url(&env.config.amqp.url)),

@@ -169,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(rand::random_range(1000..3000))).await;
         // every kind of fault once per round, in a random order
         if round.is_empty() {
-            round = (0..9).collect();
+            round = (0..10).collect();
             for i in (1..round.len()).rev() {
                 round.swap(i, rand::random_range(0..=i));
             }
@@ -193,6 +193,13 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_secs(rand::random_range(2..5))).await;
                 cluster.database.heal();
                 "restart without the database"
+            }
+            9 => {
+                // a resource alarm of the broker: every connection blocked, then unblocked
+                cluster.broker.block("low on disk");
+                tokio::time::sleep(Duration::from_secs(rand::random_range(2..6))).await;
+                cluster.broker.unblock();
+                "broker alarm"
             }
             _ => {
                 // the broker or the database, taken away or gone silent

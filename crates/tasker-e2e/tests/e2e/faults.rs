@@ -270,6 +270,86 @@ async fn a_step_running_through_its_workers_lost_connection_runs_once() {
     env.cleanup().await;
 }
 
+/// The broker blocks every connection for a resource alarm (its disk or memory past the
+/// limit: `connection.blocked`, nothing read but heartbeats) for longer than a confirm is
+/// awaited (30 s). The services wait for it to clear instead of taking it for a broker that
+/// does not answer and sending again: readiness says why and liveness holds past
+/// `health.live_timeout`; a task created meanwhile is answered; a step running when it
+/// started and one the sweeper dispatched meanwhile go out once. Once it clears, every
+/// handler has run once, on its first attempt, on either of two workers, and no service
+/// connected again.
+#[tokio::test]
+async fn a_broker_blocking_its_connections_is_waited_out_without_sending_twice() {
+    let env = TestEnv::new().await;
+    let amqp = FaultProxy::for_broker(&env.config.amqp.url).await;
+    let mut config = through_broker_proxy(&env, &amqp);
+    config.health.live_timeout = Duration::from_secs(2);
+    // the task created during the block is started by the sweeper, whose executions
+    // then wait on the block too
+    config.orchestrator.pending_task_timeout = Duration::from_secs(2);
+    config.orchestrator.sweep_interval = Duration::from_secs(1);
+    let counted = Counted::default();
+    let workers = ["w1", "w2"].map(|id| {
+        let mut registry = Registry::with_builtins();
+        registry.register("counted", counted.clone());
+        WorkerSpec::new(id, &["faults"]).registry(registry)
+    });
+    let system = System::start_with(&env, config, workers.into()).await;
+    system
+        .register(
+            &env,
+            "namespace: faults\nname: blocked\nversion: 1.0.0\ndefaults: { timeout: 120s }\nsteps:\n  \
+             - { name: first, handler: counted, config: { ms: 2000 } }\n  \
+             - { name: then, handler: counted, depends_on: [first] }\n",
+        )
+        .await;
+    let before = system.submit("faults", "blocked", json!({})).await;
+    system
+        .wait_for(&before.id, |t| t.steps.iter().any(|s| s.name == "first" && s.status() == pb::StepStatus::InProgress))
+        .await;
+    let admins = [system.api_admin, system.orchestrator_admin, system.publisher_admin, system.worker_admins[0]];
+
+    amqp.block("low on disk");
+    for admin in admins {
+        wait_status(admin, "/health/ready", 503).await;
+        let (_, body) = http_request(admin, "/health/ready").await;
+        assert!(body.contains("broker: blocked by the broker: low on disk"), "{admin}: {body}");
+        assert_eq!(metric(admin, "tasker_broker_blocked").await, 1.0, "{admin}");
+    }
+    let during = system.submit("faults", "blocked", json!({ "created": "during the block" })).await;
+    assert_eq!(during.status(), pb::TaskStatus::Pending, "answered once committed");
+    // past the confirm timeout (30 s), and liveness never failing for it
+    let until = tokio::time::Instant::now() + Duration::from_secs(35);
+    while tokio::time::Instant::now() < until {
+        for admin in admins {
+            assert_eq!(status(admin, "/health/live").await, 200, "{admin}: a restart cannot clear the alarm");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    amqp.unblock();
+
+    for task in [&before, &during] {
+        let done = system.wait_final(&task.id).await;
+        assert_eq!(done.status(), pb::TaskStatus::Complete, "{done:#?}");
+        for step in &done.steps {
+            assert_eq!(step.attempts, 1, "{}: the block cost no attempt", step.name);
+            assert_eq!(counted.0.lock().unwrap()[&step.id], 1, "{}: its handler ran once", step.name);
+        }
+    }
+    for admin in admins.into_iter().chain([system.worker_admins[1]]) {
+        wait_status(admin, "/health/ready", 200).await;
+        assert_eq!(metric(admin, "tasker_broker_blocked").await, 0.0, "{admin}");
+        assert_eq!(metric(admin, "tasker_broker_reconnects_total").await, 0.0, "{admin}: no reconnection");
+    }
+    assert_eq!(
+        metric_sum(system.orchestrator_admin, "tasker_orchestrator_reports_dropped_total").await,
+        0.0,
+        "no report sent twice"
+    );
+    system.stop().await;
+    env.cleanup().await;
+}
+
 /// Sleeps `config.ms`, keeping the most calls it saw running at once.
 #[derive(Clone, Default)]
 struct AtOnce {

@@ -128,7 +128,12 @@ async fn relay(
                 _ = tokio::time::sleep(Duration::from_millis(250)) => continue,
             }
         }
-        match relay_batch(store, publisher, config.batch_size, metrics).await {
+        // a stop gives the claim back at once, even while its confirms wait on a block
+        let relayed = tokio::select! {
+            relayed = relay_batch(store, publisher, config.batch_size, metrics) => relayed,
+            _ = stop.cancelled() => break,
+        };
+        match relayed {
             // a full batch (of outbox rows) leaves a backlog: take the next one at once; a
             // short one took everything committed before it was read, and whatever committed
             // since has woken the listener (its wake-up waits below), so no empty claim

@@ -105,10 +105,13 @@ pub fn store_check(store: &Store) -> ReadyCheck {
         let store = store.clone();
         async move {
             let pending = tasker_store::pending_migrations(&store).await.map_err(|e| e.to_string())?;
-            match pending.as_slice() {
-                [] => Ok(()),
-                versions => Err(format!("{} migration(s) not applied: {versions:?}", versions.len())),
+            if let [_, ..] = pending.as_slice() {
+                return Err(format!("{} migration(s) not applied: {pending:?}", pending.len()));
             }
+            if tasker_store::read_only(&store).await.map_err(|e| e.to_string())? {
+                return Err("read-only: the server refuses writes (a standby, or default_transaction_read_only)".into());
+            }
+            Ok(())
         }
     })
 }

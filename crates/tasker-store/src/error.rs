@@ -1,3 +1,5 @@
+use std::{sync::Mutex, time::Instant};
+
 use tasker_domain::{IllegalTransition, state::UnknownState};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -21,7 +23,7 @@ pub enum Error {
     #[error("{0}")]
     Superseded(String),
     #[error("database: {}", describe(.0))]
-    Database(#[from] tokio_postgres::Error),
+    Database(tokio_postgres::Error),
     #[error("database pool: {}", with_causes(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
     /// No host the URL names could be reached.
@@ -39,6 +41,39 @@ pub enum Error {
     Migrate(String),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+}
+
+/// SQLSTATE `read_only_sql_transaction`: the server refuses writes. A standby does (a
+/// failover that left this connection on a node no longer the primary), and so does a
+/// server or database set `default_transaction_read_only` (maintenance).
+pub(crate) const READ_ONLY: &str = "25006";
+
+/// When a statement of this process last met a read-only server.
+static READ_ONLY_SEEN: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// When a statement last found the server refusing writes ([`READ_ONLY`]): the pools then
+/// open new connections in place of those opened before, which may be sessions on a
+/// standby (or read-only ones) that would refuse writes for as long as they live.
+pub(crate) fn read_only_seen() -> Option<Instant> {
+    *READ_ONLY_SEEN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn is_read_only(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| db.code().code() == READ_ONLY)
+}
+
+/// The server was found refusing writes (see [`read_only_seen`]).
+pub(crate) fn note_read_only() {
+    *READ_ONLY_SEEN.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if is_read_only(&e) {
+            note_read_only();
+        }
+        Error::Database(e)
+    }
 }
 
 impl Error {
@@ -61,6 +96,10 @@ impl Error {
         };
         match cause {
             Some(cause) if sqlx_unreachable(cause) => Error::Unreachable(e.to_string()),
+            // a standby, or a database set read-only: it may be promoted, or set back
+            Some(sqlx::Error::Database(db)) if db.code().as_deref() == Some(READ_ONLY) => {
+                Error::Unreachable(format!("the database refuses writes (read-only): {e}"))
+            }
             Some(sqlx::Error::Database(db)) if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
                 Error::Blocked(e.to_string())
             }
@@ -75,14 +114,17 @@ impl Error {
 
     /// `true` when the database could not be reached or failed, rather than the request
     /// being wrong: worth retrying later. (A lost connection, a server shutting down or out
-    /// of resources, a serialization failure or deadlock; not a statement the server
-    /// refused for what it held.)
+    /// of resources, a serialization failure or deadlock, a server refusing writes for now
+    /// (read-only); not a statement the server refused for what it held.)
     pub fn is_unavailable(&self) -> bool {
         match self {
             Error::Pool(_) | Error::Connect(_) | Error::Unreachable(_) | Error::Blocked(_) | Error::Migrate(_) => true,
             Error::Database(e) => match e.as_db_error() {
                 None => true,
-                Some(db) => ["08", "40", "53", "57", "58"].iter().any(|class| db.code().code().starts_with(class)),
+                Some(db) => {
+                    is_read_only(e)
+                        || ["08", "40", "53", "57", "58"].iter().any(|class| db.code().code().starts_with(class))
+                }
             },
             _ => false,
         }

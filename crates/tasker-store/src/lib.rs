@@ -105,6 +105,19 @@ pub async fn migrate_waiting(database_url: &str, lock_timeout: Duration) -> Resu
 
 /// The migrations this build carries that the database has not applied (successfully):
 /// empty when the schema is current.
+/// Whether the server refuses writes now (a standby, or `default_transaction_read_only`):
+/// readiness fails while it does, and the pool opens new connections in place of those
+/// opened before (which may be the read-only sessions).
+pub async fn read_only(store: &Store) -> Result<bool> {
+    let client = store.client().await?;
+    counter::count(1);
+    let read_only: bool = client.query_one("SELECT current_setting('transaction_read_only') = 'on'", &[]).await?.get(0);
+    if read_only {
+        error::note_read_only();
+    }
+    Ok(read_only)
+}
+
 pub async fn pending_migrations(store: &Store) -> Result<Vec<i64>> {
     let client = store.client().await?;
     counter::count(1);
@@ -236,12 +249,17 @@ impl Store {
             .create_timeout(Some(Duration::from_secs(10)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             // a connection opened before the server was last found silent went through
-            // that silence too: open a new one rather than wait out its silence again
-            .pre_recycle(deadpool_postgres::Hook::sync_fn(move |_, metrics| match noticed.last_noticed() {
-                Some(at) if metrics.created <= at => {
-                    Err(deadpool_postgres::HookError::message("opened before the database went silent"))
+            // that silence too: open a new one rather than wait out its silence again; and
+            // one opened before a statement last met a server refusing writes may be a
+            // session on a standby (or a read-only one) for as long as it lives
+            .pre_recycle(deadpool_postgres::Hook::sync_fn(move |_, metrics| {
+                if noticed.last_noticed().is_some_and(|at| metrics.created <= at) {
+                    return Err(deadpool_postgres::HookError::message("opened before the database went silent"));
                 }
-                _ => Ok(()),
+                if error::read_only_seen().is_some_and(|at| metrics.created <= at) {
+                    return Err(deadpool_postgres::HookError::message("opened before the database refused writes"));
+                }
+                Ok(())
             }))
             .build()
             .map_err(Error::config)?;
@@ -395,6 +413,30 @@ mod tests {
         holder.batch_execute("ROLLBACK").await.unwrap();
         migrate_waiting(url, Duration::from_secs(1)).await.expect("the lock is free");
         drop(holder);
+        env.cleanup().await;
+    }
+
+    /// A database that refuses writes (a standby; here one set `default_transaction_read_only`)
+    /// is waited for at start, not taken for a failed migration, and found out by the
+    /// readiness check; once it takes writes again the migrator goes through.
+    #[tokio::test]
+    async fn a_database_refusing_writes_is_waited_for() {
+        let env = tasker_test_support::TestEnv::new().await;
+        let url = &env.config.database.url;
+        let name = url.rsplit('/').next().unwrap().to_owned();
+        let admin = env.database().await;
+        admin
+            .batch_execute(&format!("ALTER DATABASE \"{name}\" SET default_transaction_read_only = on"))
+            .await
+            .unwrap();
+        let error = migrate(url).await.expect_err("writes refused");
+        assert!(error.is_worth_waiting_for() && error.to_string().contains("read-only"), "{error}");
+        let store = Store::connect(url, 1, Workload::General).await.unwrap();
+        assert!(read_only(&store).await.unwrap(), "the readiness check sees it");
+        admin.batch_execute(&format!("ALTER DATABASE \"{name}\" RESET default_transaction_read_only")).await.unwrap();
+        migrate(url).await.expect("writes taken again");
+        assert!(!read_only(&store).await.unwrap(), "the session found read-only was left behind");
+        drop((admin, store));
         env.cleanup().await;
     }
 

@@ -350,6 +350,66 @@ async fn a_broker_blocking_its_connections_is_waited_out_without_sending_twice()
     env.cleanup().await;
 }
 
+/// The database refuses writes for a while, as a standby does when a failover leaves the
+/// services' sessions on a node that is no longer the primary (here: the database set
+/// `default_transaction_read_only` and every session opened again through the proxy).
+/// Readiness says so, CreateTask is `UNAVAILABLE` and writes nothing, and the report of
+/// the step that ends meanwhile is held, not dead-lettered. Once writes are allowed again,
+/// the services leave their read-only sessions behind on their own (nothing cuts them this
+/// time) and the task completes with its one attempt and one run.
+#[tokio::test]
+async fn a_database_refusing_writes_for_a_while_costs_no_attempt() {
+    let env = TestEnv::new().await;
+    let db = FaultProxy::for_url(&env.config.database.url).await;
+    let (system, counted) = with_a_long_step(&env, |_| {
+        let mut config = env.config.clone();
+        config.database.url = db.url(&config.database.url);
+        config
+    })
+    .await;
+    let name = env.config.database.url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
+    let admin = env.database().await;
+    let long = system.submit("faults", "long", json!({})).await;
+    system.wait_for(&long.id, |t| t.steps[0].status() == pb::StepStatus::InProgress).await;
+
+    admin.batch_execute(&format!("ALTER DATABASE \"{name}\" SET default_transaction_read_only = on")).await.unwrap();
+    db.cut();
+    for service in [system.api_admin, system.orchestrator_admin, system.publisher_admin] {
+        wait_status(service, "/health/ready", 503).await;
+        let (_, body) = http_request(service, "/health/ready").await;
+        assert!(body.contains("database: read-only"), "{service}: {body}");
+    }
+    let request = pb::CreateTaskRequest { namespace: "faults".into(), name: "long".into(), ..Default::default() };
+    let refused = system.tasks().create_task(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let listed = system.tasks().list_tasks(pb::ListTasksRequest::default()).await.unwrap().into_inner();
+    assert_eq!(listed.tasks.len(), 1, "nothing written");
+    // the slow step (3 s) ends while writes are refused: its report waits
+    let ran = |counted: &Counted| counted.0.lock().unwrap().values().sum::<u32>();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while ran(&counted) < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the slow step never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    admin.batch_execute(&format!("ALTER DATABASE \"{name}\" RESET default_transaction_read_only")).await.unwrap();
+    let done = system.wait_final(&long.id).await;
+    assert_eq!(done.status(), pb::TaskStatus::Complete, "{done:#?}");
+    for step in &done.steps {
+        assert_eq!(step.attempts, 1, "{}: refused writes cost no attempt", step.name);
+        assert_eq!(counted.0.lock().unwrap()[&step.id], 1, "{}: its handler ran once", step.name);
+    }
+    assert_eq!(metric_sum(system.orchestrator_admin, "tasker_orchestrator_dead_lettered_total").await, 0.0);
+    for service in [system.api_admin, system.orchestrator_admin, system.publisher_admin] {
+        wait_status(service, "/health/ready", 200).await;
+    }
+    let again = system.submit("faults", "long", json!({})).await;
+    assert_eq!(again.status(), pb::TaskStatus::Pending, "created again");
+    system.stop().await;
+    env.cleanup().await;
+}
+
 /// Sleeps `config.ms`, keeping the most calls it saw running at once.
 #[derive(Clone, Default)]
 struct AtOnce {

@@ -169,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(rand::random_range(1000..3000))).await;
         // every kind of fault once per round, in a random order
         if round.is_empty() {
-            round = (0..10).collect();
+            round = (0..11).collect();
             for i in (1..round.len()).rev() {
                 round.swap(i, rand::random_range(0..=i));
             }
@@ -200,6 +200,19 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_secs(rand::random_range(2..6))).await;
                 cluster.broker.unblock();
                 "broker alarm"
+            }
+            10 => {
+                // the database refuses writes, as a standby after a failover does: every
+                // session opened again is read-only, until the setting is reset (the
+                // services leave those sessions behind themselves)
+                let admin = env.database().await;
+                let name = env.config.database.url.rsplit('/').next().unwrap_or_default().to_owned();
+                let set = format!("ALTER DATABASE \"{name}\" SET default_transaction_read_only = on");
+                admin.batch_execute(&set).await?;
+                cluster.database.cut();
+                tokio::time::sleep(Duration::from_secs(rand::random_range(2..6))).await;
+                admin.batch_execute(&format!("ALTER DATABASE \"{name}\" RESET default_transaction_read_only")).await?;
+                "database read-only"
             }
             _ => {
                 // the broker or the database, taken away or gone silent

@@ -288,6 +288,10 @@ async fn a_broker_blocking_its_connections_is_waited_out_without_sending_twice()
     // then wait on the block too
     config.orchestrator.pending_task_timeout = Duration::from_secs(2);
     config.orchestrator.sweep_interval = Duration::from_secs(1);
+    // that execution is committed 30 s before it can go out: the tests' 5 s would have
+    // the sweeper take it for lost as soon as its guard after the block ends (1.5 s here,
+    // 15 s by default), should a loaded machine keep its start unreported that long
+    config.orchestrator.enqueued_step_timeout = Duration::from_secs(60);
     let counted = Counted::default();
     let workers = ["w1", "w2"].map(|id| {
         let mut registry = Registry::with_builtins();

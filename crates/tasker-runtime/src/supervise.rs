@@ -116,20 +116,17 @@ impl Collector for SlotMetrics {
             let blocked = open.is_some_and(|b| b.blocked().is_some());
             (open.is_some(), blocked, state.reconnects, (state.disconnected + current).as_secs_f64())
         };
-        let gauge = ConstGauge::new(i64::from(connected));
-        gauge.encode(encoder.encode_descriptor(
-            "tasker_broker_connected",
-            "1 while the service holds an open broker connection",
-            None,
-            gauge.metric_type(),
-        )?)?;
-        let gauge = ConstGauge::new(i64::from(blocked));
-        gauge.encode(encoder.encode_descriptor(
-            "tasker_broker_blocked",
-            "1 while the broker blocks the service's connection (a resource alarm: nothing is published until it clears)",
-            None,
-            gauge.metric_type(),
-        )?)?;
+        for (name, help, on) in [
+            ("tasker_broker_connected", "1 while the service holds an open broker connection", connected),
+            (
+                "tasker_broker_blocked",
+                "1 while the broker blocks the service's connection (a resource alarm: nothing is published until it clears)",
+                blocked,
+            ),
+        ] {
+            let gauge = ConstGauge::new(i64::from(on));
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
         let counter = ConstCounter::new(reconnects);
         counter.encode(encoder.encode_descriptor(
             "tasker_broker_reconnects",

@@ -103,8 +103,6 @@ pub async fn migrate_waiting(database_url: &str, lock_timeout: Duration) -> Resu
     .map_err(Error::migrate)?
 }
 
-/// The migrations this build carries that the database has not applied (successfully):
-/// empty when the schema is current.
 /// Whether the server refuses writes now (a standby, or `default_transaction_read_only`):
 /// readiness fails while it does, and the pool opens new connections in place of those
 /// opened before (which may be the read-only sessions).
@@ -118,6 +116,8 @@ pub async fn read_only(store: &Store) -> Result<bool> {
     Ok(read_only)
 }
 
+/// The migrations this build carries that the database has not applied (successfully):
+/// empty when the schema is current.
 pub async fn pending_migrations(store: &Store) -> Result<Vec<i64>> {
     let client = store.client().await?;
     counter::count(1);

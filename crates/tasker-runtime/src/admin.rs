@@ -172,15 +172,15 @@ impl Health {
             .collect()
     }
 
-    /// The failing checks, with how long each has been failing and whether a restart
-    /// could help.
+    /// The failing checks, with how long each has been failing and whether that fails
+    /// liveness ([`Health::dead`]).
     async fn run(&self) -> Vec<(String, Duration, bool)> {
         self.run_all()
             .await
             .into_iter()
             .filter_map(|(name, problem, down)| {
-                let problem = problem?;
-                Some((format!("{name}: {}", problem.text), down, problem.restart_helps))
+                let dead = self.dead(&problem, down);
+                Some((format!("{name}: {}", problem?.text), down, dead))
             })
             .collect()
     }
@@ -227,11 +227,8 @@ async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
 /// hope (a stuck connection pool, a wedged client), and the orchestrator should do it.
 async fn live(State(health): State<Arc<Health>>) -> (StatusCode, String) {
     let failing = health.run().await;
-    let dead: Vec<String> = failing
-        .iter()
-        .filter(|(_, down, restart_helps)| *restart_helps && *down >= health.live_timeout)
-        .map(|(what, down, _)| format!("{what} (for {down:.0?})"))
-        .collect();
+    let dead: Vec<String> =
+        failing.iter().filter(|(_, _, dead)| *dead).map(|(what, down, _)| format!("{what} (for {down:.0?})")).collect();
     if dead.is_empty() {
         (StatusCode::OK, "ok\n".into())
     } else {
